@@ -1,0 +1,123 @@
+"""`CometTokenDispatcher`: the reference transport (torch.distributed collectives).
+
+It implements Megatron's `MoETokenDispatcher` protocol, so `MoELayer.forward` drives it stage by
+stage, and works on any torch.distributed backend (gloo on CPU, NCCL on GPUs). It is the fallback
+when the fused kernels cannot run (peers not reachable peer-to-peer, `--no-comet-overlap`) and the
+oracle the fused kernels are tested against: its expert-input order is the fused kernels' receive
+order (local expert, then source rank in ring order from this rank, then source token order).
+
+Layout of one MoE call on EP rank r (EP size W, expert-TP size P, El local experts):
+    dispatch_preprocess  tokens [T, H] -> send buffer sorted by global expert (so by destination)
+    token_dispatch       all-to-all over EP: receive [src rank][local expert][token]
+    dispatch_postprocess all-gather over expert-TP (sequence parallel), then regroup to
+                         [local expert][ring(src)][token]
+    combine_preprocess   inverse regroup, reduce-scatter over expert-TP
+    token_combine        all-to-all back
+    combine_postprocess  scatter-add rows to their tokens (routing weights were applied by the experts)
+
+One host synchronisation remains, as in Megatron's alltoall dispatcher: the split sizes of the
+variable-size all-to-all must be known on the host.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from megatron.core.tensor_parallel import (
+    all_to_all,
+    gather_from_sequence_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from comet_megatron.routing import RoutingPlan, build_routing_plan
+
+
+class CometTokenDispatcher(MoETokenDispatcher):
+    """Reference (collective-based) dispatcher of the comet MoE layer."""
+
+    def __init__(
+        self,
+        num_local_experts: int,
+        local_expert_indices: List[int],
+        config,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.num_local_experts = num_local_experts
+        self.num_experts = config.num_moe_experts
+        self.local_expert_indices = local_expert_indices
+        self.plan: Optional[RoutingPlan] = None
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch_preprocess(self, hidden_states, routing_map, probs):
+        self.hidden_shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, self.hidden_shape[-1])
+        self.plan = build_routing_plan(
+            routing_map,
+            probs,
+            ep_group=self.ep_group,
+            tp_group=self.tp_group,
+            num_local_experts=self.num_local_experts,
+            tp_ep_group=self.tp_ep_group,
+        )
+        plan = self.plan
+        permuted_tokens = hidden_states.index_select(0, plan.send_token_index)
+        return permuted_tokens, plan.send_probs
+
+    def token_dispatch(self, hidden_states, probs):
+        plan = self.plan
+        if self.ep_size > 1:
+            hidden_states = all_to_all(
+                self.ep_group, hidden_states, plan.recv_splits, plan.send_splits
+            )
+            probs = all_to_all(self.ep_group, probs, plan.recv_splits, plan.send_splits)
+        return hidden_states, probs
+
+    def dispatch_postprocess(self, hidden_states, probs):
+        plan = self.plan
+        if self.tp_size > 1:
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, group=self.tp_group, output_split_sizes=plan.tp_recv_splits
+            )
+            probs = gather_from_sequence_parallel_region(
+                probs, group=self.tp_group, output_split_sizes=plan.tp_recv_splits
+            )
+        if plan.regroup_index is not None:
+            hidden_states = hidden_states.index_select(0, plan.regroup_index)
+            probs = probs.index_select(0, plan.regroup_index)
+        return hidden_states, plan.tokens_per_expert, probs
+
+    # ------------------------------------------------------------------ combine
+    def combine_preprocess(self, hidden_states):
+        plan = self.plan
+        if plan.regroup_index is not None:
+            hidden_states = _scatter_rows(hidden_states, plan.regroup_index)
+        if self.tp_size > 1:
+            hidden_states = reduce_scatter_to_sequence_parallel_region(
+                hidden_states, group=self.tp_group, input_split_sizes=plan.tp_recv_splits
+            )
+        return hidden_states
+
+    def token_combine(self, hidden_states):
+        plan = self.plan
+        if self.ep_size > 1:
+            hidden_states = all_to_all(
+                self.ep_group, hidden_states, plan.send_splits, plan.recv_splits
+            )
+        return hidden_states
+
+    def combine_postprocess(self, hidden_states):
+        plan = self.plan
+        num_tokens = plan.num_tokens
+        out = hidden_states.new_zeros((num_tokens, hidden_states.shape[-1]))
+        out = out.index_add(0, plan.send_token_index, hidden_states)
+        self.plan = None
+        return out.view(self.hidden_shape)
+
+
+def _scatter_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Inverse of `rows.index_select(0, index)` for a permutation `index`."""
+    out = torch.empty_like(rows)
+    return out.index_copy(0, index, rows)
