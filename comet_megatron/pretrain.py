@@ -103,15 +103,11 @@ def apply_cpu_shims() -> bool:
     """Apply every CPU shim when no GPU is present; returns whether the run is on CPU."""
     if torch.cuda.is_available():
         return False
+    from comet_megatron.patches import cpu as cpu_moe
     from comet_megatron.patches import cpu_training
 
+    cpu_moe.apply()  # the MoE layer's shims first; the training shims keep what they replaced
     cpu_training.apply()
-    try:
-        from comet_megatron.patches import cpu as cpu_moe
-    except ImportError:
-        cpu_moe = None
-    if cpu_moe is not None and hasattr(cpu_moe, "apply"):
-        cpu_moe.apply()
     return True
 
 
@@ -304,50 +300,62 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     on_cpu = apply_cpu_shims()
     argv = default_argv(argv, cuda=not on_cpu)
 
+    from comet_megatron.patches import megatron_training
+
+    # Megatron parses sys.argv, here and again inside `pretrain` (ft_integration): it holds the
+    # filled-in argv for the whole run.
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "comet_megatron.pretrain", *argv]
+    restores = [
+        megatron_training.reparse_with(extra_args_provider),
+        megatron_training.use_prebuilt_dataset_helpers(),
+    ]
+    try:
+        return _parse_and_pretrain()
+    finally:
+        for restore in reversed(restores):
+            restore()
+        sys.argv = saved_argv
+
+
+def _parse_and_pretrain() -> dict[str, Any]:
     from megatron.core.enums import ModelType
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.arguments import parse_and_validate_args
     from megatron.training.training import pretrain
 
-    saved_argv = sys.argv
-    sys.argv = [saved_argv[0] if saved_argv else "comet_megatron.pretrain", *argv]
-    try:
-        args = parse_and_validate_args(extra_args_provider=extra_args_provider)
-    finally:
-        sys.argv = saved_argv
+    from comet_megatron.patches import megatron_training
 
+    args = parse_and_validate_args(extra_args_provider=extra_args_provider)
     if args.moe_token_dispatcher_type == "comet":
         integration = _integration()
         if integration is None:
             raise SystemExit(
                 "comet-megatron: --moe-token-dispatcher-type comet needs "
-                "comet_megatron.integration, which is not available in this checkout; use "
+                "comet_megatron.integration, which this checkout lacks; use "
                 "--moe-token-dispatcher-type alltoall meanwhile."
             )
         from comet_megatron.config import CometConfig
 
         integration.enable(CometConfig.from_args(args))
 
-    cfg = pretrain_cfg_container_from_args(args)
-    tokens_per_step = args.global_batch_size * args.seq_length
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    progress = Progress(tokens_per_step, args.train_iters or 0, enabled=(rank == world - 1))
-    from comet_megatron.patches import megatron_training
+    # train_step's reduced loss lives on the last pipeline stage, i.e. the last rank
+    progress = Progress(args.global_batch_size * args.seq_length, args.train_iters or 0,
+                        enabled=(rank == world - 1))
 
     def on_step(iteration: int, loss_dict: dict, step_time_s: float) -> None:
         loss = loss_dict.get("lm loss")
         progress.step(iteration, float(loss) if loss is not None else float("nan"), step_time_s)
 
-    restore_helpers = megatron_training.use_prebuilt_dataset_helpers()
     restore_observer = megatron_training.observe_train_steps(on_step)
     try:
-        pretrain(cfg, datasets_provider, ModelType.encoder_or_decoder, forward_step,
-                 model_provider=model_provider)
+        pretrain(pretrain_cfg_container_from_args(args), datasets_provider,
+                 ModelType.encoder_or_decoder, forward_step, model_provider=model_provider)
     finally:
         restore_observer()
-        restore_helpers()
     summary = progress.print_summary()
-    if not math.isfinite(summary["final_loss"]) and rank == world - 1:
+    if progress.enabled and not math.isfinite(summary["final_loss"]):
         logger.warning("final loss is not finite: %s", summary["final_loss"])
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

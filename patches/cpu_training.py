@@ -85,6 +85,10 @@ def _replace(module_path: str, attr: str, replacement: Callable | type, why: str
     owner, original = _resolve(module_path, attr)
     if getattr(original, MARKER, False):
         return
+    if getattr(original, "__comet_shim__", False):
+        # already replaced by the MoE-layer shims of `patches/cpu.py`: keep theirs
+        logger.info("cpu shim: kept %s.%s (patches/cpu.py replaced it)", module_path, attr)
+        return
     setattr(replacement, MARKER, True)
     setattr(replacement, "__wrapped__", original)
     setattr(owner, attr.split(".")[-1], replacement)
