@@ -24,13 +24,10 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
-from megatron.core.tensor_parallel import (
-    all_to_all,
-    gather_from_sequence_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
+from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
+from comet_megatron.collectives import all_gather_uneven, reduce_scatter_uneven
 from comet_megatron.routing import RoutingPlan, build_routing_plan
 
 
@@ -78,12 +75,8 @@ class CometTokenDispatcher(MoETokenDispatcher):
     def dispatch_postprocess(self, hidden_states, probs):
         plan = self.plan
         if self.tp_size > 1:
-            hidden_states = gather_from_sequence_parallel_region(
-                hidden_states, group=self.tp_group, output_split_sizes=plan.tp_recv_splits
-            )
-            probs = gather_from_sequence_parallel_region(
-                probs, group=self.tp_group, output_split_sizes=plan.tp_recv_splits
-            )
+            hidden_states = all_gather_uneven(hidden_states, plan.tp_recv_splits, self.tp_group)
+            probs = all_gather_uneven(probs, plan.tp_recv_splits, self.tp_group)
         if plan.regroup_index is not None:
             hidden_states = hidden_states.index_select(0, plan.regroup_index)
             probs = probs.index_select(0, plan.regroup_index)
@@ -95,9 +88,7 @@ class CometTokenDispatcher(MoETokenDispatcher):
         if plan.regroup_index is not None:
             hidden_states = _scatter_rows(hidden_states, plan.regroup_index)
         if self.tp_size > 1:
-            hidden_states = reduce_scatter_to_sequence_parallel_region(
-                hidden_states, group=self.tp_group, input_split_sizes=plan.tp_recv_splits
-            )
+            hidden_states = reduce_scatter_uneven(hidden_states, plan.tp_recv_splits, self.tp_group)
         return hidden_states
 
     def token_combine(self, hidden_states):
