@@ -94,7 +94,20 @@ def apply() -> bool:
     _replace(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     _replace(torch.cuda, "synchronize", lambda *a, **k: None)
     _patch_megatron_dtoh()
+    _patch_megatron_rng_fork()
     return True
+
+
+def _patch_megatron_rng_fork() -> None:
+    """`CudaRNGStatesTracker.fork()` swaps CUDA generator states (dropout inside TP regions);
+    with no CUDA generator there is nothing to swap: make it a no-op context."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    @contextlib.contextmanager
+    def fork(self, name=None):
+        yield
+
+    _replace(mrandom.CudaRNGStatesTracker, "fork", fork)
 
 
 def _patch_megatron_dtoh() -> None:
