@@ -1,0 +1,318 @@
+"""Layer 0: dispatch (pull rows from peers) fused with the expert grouped GEMM and its epilogue.
+
+One launch per rank, grid (num_comm + num_compute,):
+
+- programs [0, num_comm) COMMUNICATE: program c takes tiles c, c + num_comm, ... of the layout's tile
+  list (processing order: local rows first, then ring order). For each tile it waits for
+  `inputs_ready[s]` (epoch) of every source rank s that has rows in the tile, pulls the rows
+  x_s[pair // K] from the peers through the int64 address tables into the local receive buffer (and,
+  in forward, the pair id, source rank and routing prob of every row, resolved through the peer's
+  `send_order`/`send_offsets`), then release-stores the epoch into the tile's local ready flag.
+- programs [num_comm, grid) COMPUTE, persistent: program p takes work items p, p + num_compute, ... where
+  item w is (tile w // n_blocks, column block w % n_blocks). It waits for the tile's ready flag and
+  computes recv[tile] @ W[expert] with the epilogue fused:
+    forward:  h = act(pre) (gated: act(pre[:, :F]) * pre[:, F:]); stores h and, if asked, pre.
+    backward: the rows are grad_out rows, W = w2^T, so acc = dhp = g @ w2^T (grad of the prob-scaled
+              hidden). Stores d_pre = act'(pre) * (dhp * p) and the per-(row, column block) partials
+              of grad_prob = rowsum(dhp * h), summed by the launcher in a fixed order (deterministic).
+Waiting programs have higher program ids than the programs they wait for, so the kernel also runs in
+Triton's sequential CPU interpreter. On a GPU the grid must be co-resident (num_comm + num_compute <=
+SMs x occupancy) because compute programs spin on flags raised by communication programs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .routing import ReceiveLayout
+from .signals import ERR_DISPATCH_INPUTS, ERR_DISPATCH_TILE, now, store_release, use_globaltimer, wait_until_geq
+
+ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == 0:
+        y = x * tl.sigmoid(x)
+    elif ACT == 1:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # exact (erf) gelu, as torch's default
+    else:
+        y = tl.maximum(x, 0.0)
+    return y
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    if ACT == 0:
+        s = tl.sigmoid(x)
+        d = s * (1.0 + x * (1.0 - s))
+    elif ACT == 1:
+        d = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    else:
+        d = tl.where(x > 0.0, 1.0, 0.0)
+    return d
+
+
+@triton.jit
+def _pull_tile_rows(q, x_table, order_table, offsets_table, probs_table, inputs_ready_ptr,
+                    seg_start_ptr, seg_count_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                    recv_ptr, recv_pair_ptr, recv_src_ptr, recv_prob_ptr,
+                    rank, epoch, timeout, err_ptr,
+                    TOPK: tl.constexpr, HIDDEN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr,
+                    BM: tl.constexpr, BH: tl.constexpr,
+                    KNOWN_ROWS: tl.constexpr, GLOBALTIMER: tl.constexpr):
+    """Pull the rows of tile q from their source ranks into the local receive buffer."""
+    j = tl.load(tile_expert_ptr + q)
+    rs = tl.load(tile_start_ptr + q)
+    re = tl.load(tile_end_ptr + q)
+    rows = rs + tl.arange(0, BM)
+    rmask = rows < re
+    xbase = tl.zeros([BM], dtype=tl.int64)  # per row: address of its source rank's tokens region
+    if KNOWN_ROWS:
+        # Backward: sources were resolved by the forward round of the same routing.
+        pair = tl.load(recv_pair_ptr + rows, mask=rmask, other=0)
+        src = tl.load(recv_src_ptr + rows, mask=rmask, other=0)
+        for s in tl.static_range(WORLD):
+            from_s = rmask & (src == s)
+            if tl.max(from_s.to(tl.int32), 0) > 0:
+                wait_until_geq(inputs_ready_ptr + s, epoch, timeout, err_ptr, ERR_DISPATCH_INPUTS, s, GLOBALTIMER)
+                xbase = tl.where(from_s, tl.load(x_table + s), xbase)
+    else:
+        pair = tl.zeros([BM], dtype=tl.int32)
+        src = tl.zeros([BM], dtype=tl.int32)
+        prob = tl.zeros([BM], dtype=tl.float32)
+        for i in range(WORLD):
+            s = (rank + i) % WORLD
+            st = tl.load(seg_start_ptr + j * WORLD + i)
+            cnt = tl.load(seg_count_ptr + j * WORLD + i)
+            if (cnt > 0) & (st < re) & (st + cnt > rs):
+                wait_until_geq(inputs_ready_ptr + s, epoch, timeout, err_ptr, ERR_DISPATCH_INPUTS, s, GLOBALTIMER)
+                in_seg = rmask & (rows >= st) & (rows < st + cnt)
+                peer_offsets = tl.load(offsets_table + s).to(tl.pointer_type(tl.int32), bitcast=True)
+                peer_order = tl.load(order_table + s).to(tl.pointer_type(tl.int32), bitcast=True)
+                peer_probs = tl.load(probs_table + s).to(tl.pointer_type(tl.float32), bitcast=True)
+                first = tl.load(peer_offsets + rank * EL + j)  # this expert's first pair in s's send order
+                pair_s = tl.load(peer_order + first + (rows - st), mask=in_seg, other=0)
+                prob_s = tl.load(peer_probs + pair_s, mask=in_seg, other=0.0)
+                pair = tl.where(in_seg, pair_s, pair)
+                src = tl.where(in_seg, s, src)
+                prob = tl.where(in_seg, prob_s, prob)
+                xbase = tl.where(in_seg, tl.load(x_table + s), xbase)
+        tl.store(recv_pair_ptr + rows, pair, mask=rmask)
+        tl.store(recv_src_ptr + rows, src, mask=rmask)
+        tl.store(recv_prob_ptr + rows, prob, mask=rmask)
+    token_rows = xbase.to(tl.pointer_type(recv_ptr.dtype.element_ty), bitcast=True) + (pair // TOPK).to(tl.int64) * HIDDEN
+    dst_rows = recv_ptr + rows.to(tl.int64) * HIDDEN
+    for h0 in range(0, HIDDEN, BH):
+        cols = h0 + tl.arange(0, BH)
+        m = rmask[:, None] & (cols[None, :] < HIDDEN)
+        v = tl.load(token_rows[:, None] + cols[None, :], mask=m)
+        tl.store(dst_rows[:, None] + cols[None, :], v, mask=m)
+
+
+@triton.jit
+def _dispatch_gemm_kernel(
+    x_table, order_table, offsets_table, probs_table, inputs_ready_ptr,
+    seg_start_ptr, seg_count_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
+    recv_ptr, recv_pair_ptr, recv_src_ptr, recv_prob_ptr, tile_ready_ptr,
+    w_ptr, stride_we, stride_wk, stride_wn,
+    out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr,
+    rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_tiles,
+    TOPK: tl.constexpr, HIDDEN: tl.constexpr, FFN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr, NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
+    KNOWN_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_tiles = tl.load(num_tiles_ptr)
+    if pid < NUM_COMM:
+        q = pid
+        while q < num_tiles:
+            if TRACE:
+                tl.store(trace_ptr + 2 * q, now(clock_ptr, GLOBALTIMER))
+            _pull_tile_rows(q, x_table, order_table, offsets_table, probs_table, inputs_ready_ptr,
+                            seg_start_ptr, seg_count_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                            recv_ptr, recv_pair_ptr, recv_src_ptr, recv_prob_ptr,
+                            rank, epoch, timeout, err_ptr,
+                            TOPK, HIDDEN, WORLD, EL, BM, BH, KNOWN_ROWS, GLOBALTIMER)
+            store_release(tile_ready_ptr + q, epoch)
+            if TRACE:
+                tl.store(trace_ptr + 2 * q + 1, now(clock_ptr, GLOBALTIMER))
+            q += NUM_COMM
+    else:
+        n_blocks = tl.cdiv(FFN, BN)
+        # while loops: the bounds live in device memory (Triton's interpreter cannot range() over them)
+        w = pid - NUM_COMM
+        while w < num_tiles * n_blocks:
+            q = w // n_blocks
+            nb = w % n_blocks
+            wait_until_geq(tile_ready_ptr + q, epoch, timeout, err_ptr, ERR_DISPATCH_TILE, q, GLOBALTIMER)
+            if TRACE:
+                tl.store(trace_ptr + 2 * (max_tiles + w), now(clock_ptr, GLOBALTIMER))
+            j = tl.load(tile_expert_ptr + q)
+            rs = tl.load(tile_start_ptr + q)
+            re = tl.load(tile_end_ptr + q)
+            rows = rs + tl.arange(0, BM)
+            rmask = rows < re
+            cols = nb * BN + tl.arange(0, BN)
+            cmask = cols < FFN
+            a_rows = recv_ptr + rows.to(tl.int64) * HIDDEN
+            w_j = w_ptr + j.to(tl.int64) * stride_we
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            acc_up = tl.zeros([BM, BN], dtype=tl.float32)  # forward gated: the "up" half (cols + ffn)
+            for k0 in range(0, HIDDEN, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < HIDDEN
+                a = tl.load(a_rows[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                b_ptrs = w_j + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+                bmask = kmask[:, None] & cmask[None, :]
+                acc = tl.dot(a, tl.load(b_ptrs, mask=bmask, other=0.0), acc, input_precision=DOT_PRECISION)
+                if GATED and not BACKWARD:
+                    b_up = tl.load(b_ptrs + FFN * stride_wn, mask=bmask, other=0.0)
+                    acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+            m2 = rmask[:, None] & cmask[None, :]
+            out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_out
+            pre_rows = pre_ptr + rows.to(tl.int64)[:, None] * stride_pre
+            if not BACKWARD:
+                if GATED:
+                    h = _act(acc, ACT) * acc_up
+                else:
+                    h = _act(acc, ACT)
+                tl.store(out_rows + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=m2)
+                if STORE_PRE:
+                    tl.store(pre_rows + cols[None, :], acc.to(pre_ptr.dtype.element_ty), mask=m2)
+                    if GATED:
+                        tl.store(pre_rows + FFN + cols[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=m2)
+            else:
+                p = tl.load(recv_prob_ptr + rows, mask=rmask, other=0.0)
+                dh = acc * p[:, None]
+                gate = tl.load(pre_rows + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                if GATED:
+                    up = tl.load(pre_rows + FFN + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+                    act_gate = _act(gate, ACT)
+                    h = act_gate * up
+                    d_gate = dh * up * _act_grad(gate, ACT)
+                    tl.store(out_rows + FFN + cols[None, :], (dh * act_gate).to(out_ptr.dtype.element_ty), mask=m2)
+                else:
+                    h = _act(gate, ACT)
+                    d_gate = dh * _act_grad(gate, ACT)
+                tl.store(out_rows + cols[None, :], d_gate.to(out_ptr.dtype.element_ty), mask=m2)
+                # Masked columns contribute 0: acc is 0 there (B was loaded as 0).
+                tl.store(gp_part_ptr + rows.to(tl.int64) * n_blocks + nb, tl.sum(acc * h, 1), mask=rmask)
+            if TRACE:
+                tl.store(trace_ptr + 2 * (max_tiles + w) + 1, now(clock_ptr, GLOBALTIMER))
+            w += NUM_COMPUTE
+
+
+@dataclass
+class DispatchResult:
+    """Receive-side tensors of one dispatch_gemm round (R = layout.num_rows() rows, receive order)."""
+
+    recv: torch.Tensor          # [R, H] pulled rows (x forward, grad_out backward): dW1 / dW2 operand
+    recv_pair: torch.Tensor     # [R] int32 pair id t*K+k on the source rank
+    recv_src: torch.Tensor      # [R] int32 source rank
+    recv_prob: torch.Tensor     # [R] fp32 routing prob of the row
+    out: torch.Tensor           # forward: h [R, F]; backward: d_pre [R, F1]
+    pre: torch.Tensor | None    # forward with store_pre: pre-activation [R, F1]
+    grad_prob: torch.Tensor | None  # backward: [R] fp32 rowsum(dhp * h)
+    trace: torch.Tensor | None  # [max_tiles + max_tiles * n_blocks, 2] int64 (see docs/KERNELS.md)
+
+
+def _default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        num_comm = num_comm or max(1, sms // 8)
+        num_compute = num_compute or sms - num_comm
+    return num_comm or 2, num_compute or 2
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 operands: full-precision products (tests compare against float64); bf16/fp16 ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, ffn: int, backward: bool,
+            activation: str, gated: bool, store_pre: bool, rows: DispatchResult | None, num_comm, num_compute,
+            block_n: int, block_k: int, block_h: int, trace: bool) -> DispatchResult:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
+    num_comm, num_compute = _default_programs(view.device, num_comm, num_compute)
+    lay = view.layout
+    hidden, dev = lay.hidden, view.device
+    dtype = view.regions["tokens"].dtype
+    n_rows = layout.num_rows()  # the round's host sync (see routing.py)
+    alloc = max(n_rows, 1)  # Triton needs a real allocation even when nothing is received
+    ffn1 = 2 * ffn if gated else ffn
+    recv = torch.empty(alloc, hidden, dtype=dtype, device=dev)
+    if rows is None:
+        recv_pair = torch.empty(alloc, dtype=torch.int32, device=dev)
+        recv_src = torch.empty(alloc, dtype=torch.int32, device=dev)
+        recv_prob = torch.empty(alloc, dtype=torch.float32, device=dev)
+        pre = torch.empty(alloc, ffn1, dtype=dtype, device=dev) if store_pre else None
+    else:
+        recv_pair, recv_src, recv_prob, pre = rows.recv_pair, rows.recv_src, rows.recv_prob, rows.pre
+    out = torch.empty(alloc, ffn1 if backward else ffn, dtype=dtype, device=dev)
+    n_blocks = triton.cdiv(ffn, block_n)
+    gp_part = torch.empty(alloc, n_blocks, dtype=torch.float32, device=dev) if backward else None
+    trace_buf = (torch.full((layout.max_tiles * (1 + n_blocks), 2), -1, dtype=torch.int64, device=dev)
+                 if trace else None)
+    tile_ready = view.scratch("dispatch_tile_ready", layout.max_tiles)
+    _dispatch_gemm_kernel[(num_comm + num_compute,)](
+        view.tables["tokens"], view.tables["send_order"], view.tables["send_offsets"], view.tables["probs"],
+        view.regions["inputs_ready"],
+        layout.seg_start, layout.seg_count, layout.tile_expert, layout.tile_row_start, layout.tile_row_end,
+        layout.num_tiles,
+        recv, recv_pair, recv_src, recv_prob, tile_ready,
+        w_kernel, w_kernel.stride(0), w_kernel.stride(1), w_kernel.stride(2),
+        out, out.stride(0), pre if pre is not None else out, pre.stride(0) if pre is not None else 0,
+        gp_part if gp_part is not None else recv_prob,
+        view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock,
+        layout.max_tiles,
+        TOPK=lay.topk, HIDDEN=hidden, FFN=ffn, WORLD=view.world_size, EL=lay.local_experts, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
+        BM=layout.block_m, BN=block_n, BK=block_k, BH=block_h,
+        ACT=ACTIVATIONS[activation], GATED=gated, BACKWARD=backward, STORE_PRE=store_pre,
+        KNOWN_ROWS=rows is not None, DOT_PRECISION=_dot_precision(dtype), TRACE=trace,
+        GLOBALTIMER=use_globaltimer(view.errors),
+    )
+    r = slice(0, n_rows)
+    return DispatchResult(
+        recv=recv[r], recv_pair=recv_pair[r], recv_src=recv_src[r], recv_prob=recv_prob[r], out=out[r],
+        pre=pre[r] if pre is not None else None,
+        grad_prob=gp_part[r].sum(1) if gp_part is not None else None, trace=trace_buf,
+    )
+
+
+def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, activation: str = "silu",
+                  gated: bool = True, store_pre: bool = True, num_comm: int | None = None,
+                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32, block_h: int = 128,
+                  trace: bool = False) -> DispatchResult:
+    """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
+
+    w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain).
+    Requires `routing.publish` of the same epoch on every rank and `layout = receive_layout(view, epoch)`.
+    """
+    ffn = w1.shape[2] // 2 if gated else w1.shape[2]
+    return _launch(view, layout, w1, epoch, ffn=ffn, backward=False, activation=activation, gated=gated,
+                   store_pre=store_pre, rows=None, num_comm=num_comm, num_compute=num_compute,
+                   block_n=block_n, block_k=block_k, block_h=block_h, trace=trace)
+
+
+def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult, w2: torch.Tensor, epoch: int,
+                           *, activation: str = "silu", gated: bool = True, num_comm: int | None = None,
+                           num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
+                           block_h: int = 128, trace: bool = False) -> DispatchResult:
+    """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, fused act backward.
+
+    `forward` is the forward round's result (row sources, probs and pre-activation are reused);
+    requires `routing.publish(view, grad_out, epoch)` on every rank. Returns out = d_pre [R, F1],
+    grad_prob [R] and recv = the grad_out rows (operand of dW2).
+    """
+    if forward.pre is None:
+        raise ValueError("backward needs the pre-activation: run the forward dispatch_gemm with store_pre=True")
+    return _launch(view, layout, w2.transpose(1, 2), epoch, ffn=w2.shape[1], backward=True,
+                   activation=activation, gated=gated, store_pre=False, rows=forward, num_comm=num_comm,
+                   num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace)

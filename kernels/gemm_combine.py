@@ -1,0 +1,199 @@
+"""Layer 1: expert grouped GEMM in column chunks fused with the combine (scatter rows back to owners).
+
+`gemm_combine`, one launch per rank, grid (num_compute + num_comm,):
+
+- programs [0, num_compute) COMPUTE, persistent: program p takes work items p, p + num_compute, ... in
+  CHUNK-MAJOR order (item w = (column chunk w // num_tiles, tile w % num_tiles)), so whole column chunks
+  of the output finish early. Each item computes y = a[tile] @ W[expert][:, chunk] (a = h forward,
+  d_pre backward), scales the rows by their routing prob in fp32 when `scale` (forward), stores the
+  chunk into a local staging buffer and release-stores the epoch into the item's local done flag.
+- programs [num_compute, grid) COMMUNICATE: comm program c takes items c, c + num_comm, ... in the same
+  order, waits for each item's done flag and writes every row of the chunk into the combine region of
+  the row's owner rank at slot `pair` (t*K + k) through the address tables; with `row_scalars` it also
+  writes one fp32 per row into the owner's combine_scalars[pair] (backward: grad of the routing prob).
+  When all its items are done it release-stores the epoch into arrival[rank, c] of EVERY rank, so an
+  owner knows that comm program c of this rank has delivered everything it had for it.
+
+The prob scaling happens in the compute epilogue (on the fp32 accumulator, before rounding to the
+activation dtype) so that communication programs are pure data movement ("put rows, raise signal"),
+which an NVSHMEM put-with-signal can later replace for inter-node peers.
+
+`combine_reduce`, on the owner, grid (cdiv(T, BT), cdiv(H, BH)): every program waits for
+arrival[s, c] >= epoch for all ranks s and comm programs c < num_comm (all ranks must launch
+gemm_combine with the same num_comm), then out[t] = sum_{k=0..K-1} combine[t*K + k] in that fixed order
+(fp32 accumulation: deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .dispatch_gemm import _default_programs, _dot_precision
+from .routing import ReceiveLayout
+from .signals import ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_until_geq
+
+
+@triton.jit
+def _gemm_combine_kernel(
+    a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, recv_prob_ptr,
+    stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
+    combine_table, scalars_table, arrival_table,
+    tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
+    rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_items,
+    K_DIM: tl.constexpr, HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr, NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    SCALE: tl.constexpr, SCALARS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_tiles = tl.load(num_tiles_ptr)
+    total = num_tiles * tl.cdiv(HIDDEN, BN)
+    # while loops: the bounds live in device memory (Triton's interpreter cannot range() over them)
+    if pid < NUM_COMPUTE:
+        w = pid
+        while w < total:
+            if TRACE:
+                tl.store(trace_ptr + 2 * w, now(clock_ptr, GLOBALTIMER))
+            q = w % num_tiles
+            cols = (w // num_tiles) * BN + tl.arange(0, BN)
+            cmask = cols < HIDDEN
+            j = tl.load(tile_expert_ptr + q)
+            rows = tl.load(tile_start_ptr + q) + tl.arange(0, BM)
+            rmask = rows < tl.load(tile_end_ptr + q)
+            a_rows = a_ptr + rows.to(tl.int64) * stride_a
+            w_j = w_ptr + j.to(tl.int64) * stride_we
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+            for k0 in range(0, K_DIM, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < K_DIM
+                a = tl.load(a_rows[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(w_j + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                            mask=kmask[:, None] & cmask[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            if SCALE:
+                acc = acc * tl.load(recv_prob_ptr + rows, mask=rmask, other=0.0)[:, None]
+            tl.store(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :],
+                     acc.to(stage_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            store_release(done_ptr + w, epoch)
+            if TRACE:
+                tl.store(trace_ptr + 2 * w + 1, now(clock_ptr, GLOBALTIMER))
+            w += NUM_COMPUTE
+    else:
+        cid = pid - NUM_COMPUTE
+        w = cid
+        while w < total:
+            wait_until_geq(done_ptr + w, epoch, timeout, err_ptr, ERR_COMBINE_CHUNK, w, GLOBALTIMER)
+            q = w % num_tiles
+            chunk = w // num_tiles
+            cols = chunk * BN + tl.arange(0, BN)
+            cmask = cols < HIDDEN
+            rows = tl.load(tile_start_ptr + q) + tl.arange(0, BM)
+            rmask = rows < tl.load(tile_end_ptr + q)
+            pair = tl.load(recv_pair_ptr + rows, mask=rmask, other=0).to(tl.int64)
+            src = tl.load(recv_src_ptr + rows, mask=rmask, other=0)
+            dst = tl.zeros([BM], dtype=tl.int64)  # per row: address of its owner's combine region
+            for s in tl.static_range(WORLD):
+                dst = tl.where(src == s, tl.load(combine_table + s), dst)
+            m2 = rmask[:, None] & cmask[None, :]
+            v = tl.load(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :], mask=m2)
+            dst_rows = dst.to(tl.pointer_type(stage_ptr.dtype.element_ty), bitcast=True) + pair * HIDDEN
+            tl.store(dst_rows[:, None] + cols[None, :], v, mask=m2)
+            if SCALARS:
+                if chunk == 0:
+                    sdst = tl.zeros([BM], dtype=tl.int64)
+                    for s in tl.static_range(WORLD):
+                        sdst = tl.where(src == s, tl.load(scalars_table + s), sdst)
+                    tl.store(sdst.to(tl.pointer_type(tl.float32), bitcast=True) + pair,
+                             tl.load(row_scalars_ptr + rows, mask=rmask, other=0.0), mask=rmask)
+            if TRACE:
+                tl.store(trace_ptr + 2 * (max_items + w), now(clock_ptr, GLOBALTIMER))
+            w += NUM_COMM
+        for s in tl.static_range(WORLD):
+            peer_arrival = tl.load(arrival_table + s).to(tl.pointer_type(tl.int32), bitcast=True)
+            store_release(peer_arrival + rank * MAX_COMM + cid, epoch)
+
+
+def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, epoch: int, *,
+                 recv_pair: torch.Tensor, recv_src: torch.Tensor, recv_prob: torch.Tensor | None = None,
+                 row_scalars: torch.Tensor | None = None, num_comm: int | None = None,
+                 num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
+                 trace: bool = False) -> torch.Tensor | None:
+    """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
+
+    a: [R, Kd] receive-order rows (forward: h, Kd = F; backward: d_pre, Kd = F1).
+    w: [El, Kd, H] (forward: w2; backward: w1.transpose(1, 2), a strided view is fine).
+    recv_prob: if given, rows are scaled by it (forward); None sends unscaled rows (backward).
+    row_scalars: optional [R] fp32 delivered to the owner's combine_scalars[pair] (backward: grad_prob).
+    Returns the trace buffer when `trace` ([2 * max_items, 2] int64: compute (start, end) per item, then
+    one delivery timestamp per item in column 0), else None.
+    """
+    num_comm, num_compute = _default_programs(view.device, num_comm, num_compute)
+    lay = view.layout
+    if num_comm > lay.max_comm_programs:
+        raise ValueError(f"num_comm={num_comm} exceeds the workspace's max_comm_programs={lay.max_comm_programs}")
+    hidden, dev = lay.hidden, view.device
+    dtype = view.regions["combine"].dtype
+    stage = torch.empty(max(a.shape[0], 1), hidden, dtype=dtype, device=dev)
+    max_items = layout.max_tiles * triton.cdiv(hidden, block_n)
+    done = view.scratch("combine_chunk_done", max_items)
+    trace_buf = torch.full((2 * max_items, 2), -1, dtype=torch.int64, device=dev) if trace else None
+    _gemm_combine_kernel[(num_compute + num_comm,)](
+        a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2),
+        recv_prob if recv_prob is not None else stage,
+        stage, done, recv_pair, recv_src, row_scalars if row_scalars is not None else stage,
+        view.tables["combine"], view.tables["combine_scalars"], view.tables["arrival"],
+        layout.tile_expert, layout.tile_row_start, layout.tile_row_end, layout.num_tiles,
+        view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock, max_items,
+        K_DIM=a.shape[1], HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
+        BM=layout.block_m, BN=block_n, BK=block_k,
+        SCALE=recv_prob is not None, SCALARS=row_scalars is not None, DOT_PRECISION=_dot_precision(a.dtype),
+        TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors),
+    )
+    return trace_buf
+
+
+@triton.jit
+def _combine_reduce_kernel(combine_ptr, out_ptr, arrival_ptr, num_tokens, epoch, timeout, err_ptr,
+                           HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr, NUM_COMM: tl.constexpr,
+                           TOPK: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, GLOBALTIMER: tl.constexpr):
+    ok = True
+    for s in tl.static_range(WORLD):
+        for c in range(NUM_COMM):
+            if ok:
+                ok = wait_until_geq(arrival_ptr + s * MAX_COMM + c, epoch, timeout, err_ptr, ERR_COMBINE_ARRIVAL,
+                                    s * MAX_COMM + c, GLOBALTIMER)
+    tokens = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    m = (tokens < num_tokens)[:, None] & (cols < HIDDEN)[None, :]
+    acc = tl.zeros([BT, BH], dtype=tl.float32)
+    for k in tl.static_range(TOPK):
+        slot = (tokens * TOPK + k).to(tl.int64)
+        acc += tl.load(combine_ptr + slot[:, None] * HIDDEN + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tokens.to(tl.int64)[:, None] * HIDDEN + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m)
+
+
+def combine_reduce(view, num_tokens: int, epoch: int, *, num_comm: int | None = None, scalars: bool = False,
+                   out_dtype: torch.dtype | None = None, block_t: int = 16,
+                   block_h: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """On the owner: wait for every peer's deliveries of round `epoch`, sum the K slots of each token.
+
+    Returns (out [T, H], grad_probs [T, K] fp32 copied from combine_scalars when `scalars`, else None).
+    `num_comm` must equal the value every rank passed to gemm_combine.
+    """
+    num_comm, _ = _default_programs(view.device, num_comm, None)
+    lay = view.layout
+    hidden, k = lay.hidden, lay.topk
+    out = torch.empty(max(num_tokens, 1), hidden, dtype=out_dtype or view.regions["combine"].dtype,
+                      device=view.device)
+    # With no local tokens the kernel still runs one program: the waits keep the round's ordering.
+    grid = (max(triton.cdiv(num_tokens, block_t), 1), triton.cdiv(hidden, block_h))
+    _combine_reduce_kernel[grid](
+        view.regions["combine"], out, view.regions["arrival"], num_tokens, epoch, view.timeout,
+        view.errors, HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm, TOPK=k,
+        BT=block_t, BH=block_h, GLOBALTIMER=use_globaltimer(view.errors),
+    )
+    grad_probs = view.regions["combine_scalars"][: num_tokens * k].view(num_tokens, k).clone() if scalars else None
+    return out[:num_tokens], grad_probs

@@ -1,0 +1,149 @@
+"""One rank's MoE forward and backward rounds, written as phase generators.
+
+Each function is a generator that yields the NAME of the phase it just finished at the two points where
+the rank depends on work of the other ranks, and returns its result:
+
+    forward round:  publish          | receive_layout + dispatch_gemm + gemm_combine | combine_reduce
+    backward round: publish(grad_out) | dispatch_gemm_backward + gemm_combine        | combine_reduce
+
+A real rank (each process drives its own GPU) simply exhausts its generator (`run_rank`): the kernels
+wait on device-side signals. Emulated ranks in one process (`emulated.py`, Triton's sequential CPU
+interpreter) are driven phase by phase across ranks (`run_ranks`), so every producer runs before its
+consumers and nothing deadlocks. Both paths run the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .dispatch_gemm import DispatchResult, dispatch_gemm, dispatch_gemm_backward
+from .gemm_combine import combine_reduce, gemm_combine
+from .routing import ReceiveLayout, publish, receive_layout
+from .signals import check_errors
+from .wgrad import grouped_wgrad
+
+
+@dataclass
+class KernelConfig:
+    """Launch knobs of the fused kernels (None program counts: chosen from the device, see dispatch_gemm)."""
+
+    activation: str = "silu"
+    gated: bool = True
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 32
+    block_h: int = 128
+    num_comm_dispatch: int | None = None
+    num_comm_combine: int | None = None
+    num_compute: int | None = None
+    trace: bool = False
+
+
+@dataclass
+class ForwardState:
+    """What the backward round and the weight gradients need from the forward round."""
+
+    layout: ReceiveLayout
+    dispatch: DispatchResult  # recv (x rows), pair/src/prob of rows, out = h, pre
+    num_tokens: int
+    combine_trace: torch.Tensor | None
+
+
+@dataclass
+class BackwardState:
+    dispatch: DispatchResult  # recv (grad_out rows), out = d_pre, grad_prob
+    combine_trace: torch.Tensor | None
+
+
+Phases = Generator[str, None, tuple]
+
+
+def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch.Tensor, w1: torch.Tensor,
+                w2: torch.Tensor, cfg: KernelConfig) -> Phases:
+    """Forward round. Returns (out [T, H], ForwardState). w1: [El, H, F1], w2: [El, F, H]."""
+    epoch = view.next_epoch()
+    publish(view, x, epoch, topk_idx, topk_probs)
+    yield "publish"
+    layout = receive_layout(view, epoch, cfg.block_m)
+    d = dispatch_gemm(view, layout, w1, epoch, activation=cfg.activation, gated=cfg.gated, store_pre=True,
+                      num_comm=cfg.num_comm_dispatch, num_compute=cfg.num_compute, block_n=cfg.block_n,
+                      block_k=cfg.block_k, block_h=cfg.block_h, trace=cfg.trace)
+    trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
+                         recv_prob=d.recv_prob, num_comm=cfg.num_comm_combine, num_compute=cfg.num_compute,
+                         block_n=cfg.block_n, block_k=cfg.block_k, trace=cfg.trace)
+    yield "dispatch_gemm+gemm_combine"
+    out, _ = combine_reduce(view, x.shape[0], epoch, num_comm=cfg.num_comm_combine, block_h=cfg.block_h)
+    return out, ForwardState(layout, d, x.shape[0], trace)
+
+
+def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                 cfg: KernelConfig) -> Phases:
+    """Backward round (weight gradients excluded, see `expert_weight_grads`).
+
+    Returns (grad_x [T, H], grad_probs [T, K] fp32, BackwardState).
+    """
+    epoch = view.next_epoch()
+    publish(view, grad_out, epoch)
+    yield "publish(grad_out)"
+    b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, activation=cfg.activation,
+                               gated=cfg.gated, num_comm=cfg.num_comm_dispatch, num_compute=cfg.num_compute,
+                               block_n=cfg.block_n, block_k=cfg.block_k, block_h=cfg.block_h, trace=cfg.trace)
+    trace = gemm_combine(view, state.layout, b.out, w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
+                         recv_src=b.recv_src, row_scalars=b.grad_prob, num_comm=cfg.num_comm_combine,
+                         num_compute=cfg.num_compute, block_n=cfg.block_n, block_k=cfg.block_k, trace=cfg.trace)
+    yield "dispatch_gemm_backward+gemm_combine"
+    grad_x, grad_probs = combine_reduce(view, state.num_tokens, epoch, num_comm=cfg.num_comm_combine,
+                                        scalars=True, block_h=cfg.block_h)
+    return grad_x, grad_probs, BackwardState(b, trace)
+
+
+def expert_weight_grads(fwd: ForwardState, bwd: BackwardState, *, backend: str = "auto",
+                        out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW1 [El, H, F1], dW2 [El, F, H]) from the saved receive rows; deferrable (no communication).
+
+    dW1[e] = recv_x[e]^T @ d_pre[e];  dW2[e] = (h * p)[e]^T @ grad_out_rows[e].
+    """
+    offsets = fwd.layout.expert_offsets
+    d = fwd.dispatch
+    hp = (d.out.float() * d.recv_prob[:, None]).to(d.out.dtype)
+    dw1 = grouped_wgrad(d.recv, bwd.dispatch.out, offsets, backend=backend, out_dtype=out_dtype)
+    dw2 = grouped_wgrad(hp, bwd.dispatch.recv, offsets, backend=backend, out_dtype=out_dtype)
+    return dw1, dw2
+
+
+def run_rank(phases: Phases, view=None):
+    """Drive one rank's round to the end (real ranks); with `view`, raise on a timed-out wait."""
+    try:
+        while True:
+            name = next(phases)
+            if view is not None:
+                check_errors(view, name)
+    except StopIteration as stop:
+        if view is not None:
+            check_errors(view, "combine_reduce")
+        return stop.value
+
+
+def run_ranks(phases: Sequence[Phases], views: Sequence) -> list:
+    """Drive emulated ranks phase by phase (every rank finishes phase i before any rank starts i + 1).
+
+    Checks every rank's error buffer after each phase, so a peer that never signals raises
+    `signals.SignalTimeout` naming the rank, the phase and the flag.
+    """
+    results: list = [None] * len(phases)
+    live = list(range(len(phases)))
+    while live:
+        still = []
+        for r in live:
+            try:
+                name = next(phases[r])
+                check_errors(views[r], name)
+                still.append(r)
+            except StopIteration as stop:
+                check_errors(views[r], "combine_reduce")
+                results[r] = stop.value
+        live = still
+    return results

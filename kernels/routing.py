@@ -1,0 +1,161 @@
+"""Routing metadata on the device: send plans, the counts exchange, and the receive layout.
+
+Send side (rank r, `send_plan`): the T*K (token, k) pairs are numbered `pair = t*K + k`; pairs are
+stably sorted by global expert id into `order` ([T*K] int32, pair ids ascending within an expert),
+`counts[e]` pairs go to expert e and `offsets[e]` ([E+1], exclusive cumsum) is where expert e's pairs
+start in `order`. `publish` writes x, probs, order and offsets into the rank's symmetric regions and
+runs one small kernel that pushes `counts[q*El:(q+1)*El]` into row r of every peer q's `recv_counts`,
+then raises `inputs_ready[r]` (epoch) at every peer: after that signal a peer may pull anything r
+published in this round.
+
+Receive side (rank r, `receive_layout`): the receive buffer holds every pair routed to one of r's El
+experts, sorted by local expert j, then by source rank in ring order from r (ring position i is source
+(r + i) % W, so local rows come first), then by pair id. `seg_start[j, i]` / `seg_count[j, i]` locate
+the segment (expert j, ring position i); `expert_offsets[j]` the rows of expert j. M-tiles of `block_m`
+rows never straddle two experts. Tiles are listed in PROCESSING order: by the ring position of their
+last row (tiles made only of local rows first, then in the order remote rows arrive), ties by row.
+
+Host synchronization: none in this module's kernels or torch ops (the tile table is padded to an upper
+bound and the kernels read the live tile count from device memory). The one remaining host sync of a
+round is `ReceiveLayout.num_rows()` (a `.item()` after the counts exchange), which the launchers call to
+size the receive-side output tensors; a caller that sizes them for capacity could drop it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .signals import ERR_LAYOUT_INPUTS, signal_peers, use_globaltimer, wait_peers
+
+
+@dataclass
+class SendPlan:
+    counts: torch.Tensor   # [E] int32: pairs sent to each global expert
+    order: torch.Tensor    # [T*K] int32: pair ids sorted (stably) by expert
+    offsets: torch.Tensor  # [E+1] int32: start of each expert's pairs in `order`
+
+
+def send_plan(topk_idx: torch.Tensor, num_experts: int) -> SendPlan:
+    """Per-expert counts, stable send order and offsets of one rank's routing (device ops, no sync)."""
+    experts = topk_idx.reshape(-1).to(torch.int64)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=experts.device)
+    counts.scatter_add_(0, experts, torch.ones_like(experts, dtype=torch.int32))
+    order = torch.sort(experts, stable=True).indices.to(torch.int32)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=experts.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return SendPlan(counts, order, offsets)
+
+
+@triton.jit
+def _publish_kernel(counts_ptr, recv_counts_table, ready_table, rank, epoch,
+                    WORLD: tl.constexpr, EL: tl.constexpr, BLOCK_EL: tl.constexpr, PUSH_COUNTS: tl.constexpr):
+    """Grid (1,). Pushes this rank's counts for each peer's experts into the peer's recv_counts[rank]
+    (remote stores), then release-stores `epoch` into every peer's inputs_ready[rank]."""
+    if PUSH_COUNTS:
+        j = tl.arange(0, BLOCK_EL)
+        for peer in tl.static_range(WORLD):
+            c = tl.load(counts_ptr + peer * EL + j, mask=j < EL)
+            dst = tl.load(recv_counts_table + peer).to(tl.pointer_type(tl.int32), bitcast=True)
+            tl.store(dst + rank * EL + j, c, mask=j < EL)
+    signal_peers(ready_table, rank, epoch, WORLD)
+
+
+def publish(view, tokens: torch.Tensor, epoch: int, topk_idx: torch.Tensor | None = None,
+            topk_probs: torch.Tensor | None = None) -> SendPlan | None:
+    """Make this rank's inputs of round `epoch` pullable by the peers, then signal them.
+
+    Forward: pass `topk_idx`/`topk_probs` (routing is published and counts are exchanged; returns the
+    SendPlan). Backward: pass only `tokens` = grad_out; the receive layout and row sources saved from the
+    forward round are reused, so nothing else is exchanged (returns None).
+    """
+    layout = view.layout
+    num_tokens = tokens.shape[0]
+    if num_tokens > layout.capacity_tokens:
+        raise ValueError(f"{num_tokens} tokens exceed the workspace capacity {layout.capacity_tokens}")
+    view.regions["tokens"][:num_tokens].copy_(tokens)
+    plan = None
+    if topk_idx is not None:
+        plan = send_plan(topk_idx, layout.num_experts)
+        n_pairs = plan.order.numel()
+        view.regions["probs"][:n_pairs].copy_(topk_probs.reshape(-1))
+        view.regions["send_order"][:n_pairs].copy_(plan.order)
+        view.regions["send_offsets"].copy_(plan.offsets)
+    el = layout.local_experts
+    _publish_kernel[(1,)](
+        # Without counts to push the pointer argument is never read; any int32 tensor will do.
+        plan.counts if plan is not None else view.regions["send_offsets"],
+        view.tables["recv_counts"], view.tables["inputs_ready"], view.rank, epoch,
+        WORLD=view.world_size, EL=el, BLOCK_EL=triton.next_power_of_2(el), PUSH_COUNTS=plan is not None,
+    )
+    return plan
+
+
+@dataclass
+class ReceiveLayout:
+    """Receive-buffer layout of one rank for one routing (all int32 device tensors; see module doc)."""
+
+    block_m: int
+    seg_start: torch.Tensor       # [El, W] first row of segment (local expert j, ring position i)
+    seg_count: torch.Tensor       # [El, W] rows in that segment
+    expert_offsets: torch.Tensor  # [El+1] rows of local expert j: [expert_offsets[j], expert_offsets[j+1])
+    tile_expert: torch.Tensor     # [max_tiles] local expert of each tile, in processing order
+    tile_row_start: torch.Tensor  # [max_tiles]
+    tile_row_end: torch.Tensor    # [max_tiles] (exclusive)
+    num_tiles: torch.Tensor       # [1] live tiles; entries beyond are padding
+    max_tiles: int                # host-known upper bound (sizes grids of per-tile flags)
+
+    def num_rows(self) -> int:
+        """Total receive rows. THE host sync of a round (see module doc)."""
+        return int(self.expert_offsets[-1].item())
+
+
+@triton.jit
+def _wait_inputs_kernel(ready_ptr, epoch, timeout, err_ptr, WORLD: tl.constexpr, GLOBALTIMER: tl.constexpr):
+    """Grid (1,). Waits until every rank's inputs_ready[s] >= epoch (their counts rows have landed)."""
+    wait_peers(ready_ptr, epoch, timeout, err_ptr, ERR_LAYOUT_INPUTS, WORLD, GLOBALTIMER)
+
+
+def receive_layout(view, epoch: int, block_m: int) -> ReceiveLayout:
+    """Wait for every peer's counts of round `epoch`, then build the receive layout on the device."""
+    _wait_inputs_kernel[(1,)](
+        view.regions["inputs_ready"], epoch, view.timeout, view.errors,
+        WORLD=view.world_size, GLOBALTIMER=use_globaltimer(view.errors),
+    )
+    lay = view.layout
+    w, el, r = view.world_size, lay.local_experts, view.rank
+    dev = view.device
+    ring = (r + torch.arange(w, device=dev)) % w
+    seg_count = view.regions["recv_counts"].to(torch.int64)[ring].t().contiguous()  # [El, W]
+    flat = seg_count.reshape(-1)
+    seg_start = (torch.cumsum(flat, 0) - flat).view(el, w)
+    rows_per_expert = seg_count.sum(1)
+    expert_offsets = torch.zeros(el + 1, dtype=torch.int64, device=dev)
+    expert_offsets[1:] = torch.cumsum(rows_per_expert, 0)
+
+    max_rows = w * lay.capacity_tokens * lay.topk
+    max_tiles = triton.cdiv(max_rows, block_m) + el
+    tiles_per_expert = (rows_per_expert + block_m - 1) // block_m
+    tile_cum = torch.cumsum(tiles_per_expert, 0)
+    q = torch.arange(max_tiles, device=dev)
+    expert = torch.searchsorted(tile_cum, q, right=True).clamp(max=el - 1)
+    valid = q < tile_cum[-1]
+    local_tile = q - (tile_cum[expert] - tiles_per_expert[expert])
+    row_start = expert_offsets[expert] + local_tile * block_m
+    row_end = torch.minimum(row_start + block_m, expert_offsets[expert + 1])
+    # Ring position of a tile's last row: the tile can start once that source's rows have arrived.
+    seg_end = (seg_start + seg_count)[expert]
+    last_source = torch.searchsorted(seg_end, (row_end - 1).clamp(min=0)[:, None], right=True)[:, 0]
+    key = torch.where(valid, last_source * max_tiles + q, w * max_tiles + q)
+    order = torch.argsort(key)
+    i32 = torch.int32
+    return ReceiveLayout(
+        block_m=block_m,
+        seg_start=seg_start.to(i32), seg_count=seg_count.to(i32), expert_offsets=expert_offsets.to(i32),
+        tile_expert=expert[order].to(i32), tile_row_start=row_start[order].to(i32),
+        tile_row_end=row_end[order].to(i32), num_tiles=tile_cum[-1:].to(i32), max_tiles=max_tiles,
+    )
+
