@@ -1,0 +1,64 @@
+# Shared by the scripts in this folder (sourced, not run): where Python 3.12 and the venv are.
+#   COMET_PYTHON  a Python >= 3.12 to build the venv with (default: python3.12 on PATH, else pyenv's)
+#   COMET_VENV    the venv to use (default: ~/.cache/comet-megatron/venv-<hash of pyproject deps>)
+
+COMET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+comet_find_python() {
+    if [[ -n "${COMET_PYTHON:-}" ]]; then
+        echo "$COMET_PYTHON"; return 0
+    fi
+    if command -v python3.12 >/dev/null 2>&1; then
+        command -v python3.12; return 0
+    fi
+    local candidate
+    candidate="$(ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1)"
+    if [[ -n "$candidate" && -x "$candidate" ]]; then
+        echo "$candidate"; return 0
+    fi
+    echo "comet-megatron: Python 3.12 not found (megatron-core 0.19 needs Python >= 3.12)." >&2
+    echo "  Install it (e.g. 'pyenv install 3.12' or your OS package python3.12), or set COMET_PYTHON=/path/to/python3.12." >&2
+    return 1
+}
+
+# Hash of everything the venv's contents depend on: the dependency lists of pyproject.toml.
+comet_deps_hash() {
+    local py="$1"
+    "$py" - "$COMET_ROOT/pyproject.toml" <<'PYEOF'
+import hashlib, json, sys, tomllib
+data = tomllib.load(open(sys.argv[1], "rb"))
+project = data.get("project", {})
+key = {
+    "python": sys.version_info[:2],
+    "requires-python": project.get("requires-python"),
+    "dependencies": sorted(project.get("dependencies", [])),
+    "optional": {k: sorted(v) for k, v in sorted(project.get("optional-dependencies", {}).items())},
+    "build": sorted(data.get("build-system", {}).get("requires", [])),
+}
+print(hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12])
+PYEOF
+}
+
+# The dependency requirements (runtime + every extra + build backend), one per line.
+comet_requirements() {
+    local py="$1"
+    "$py" - "$COMET_ROOT/pyproject.toml" <<'PYEOF'
+import sys, tomllib
+data = tomllib.load(open(sys.argv[1], "rb"))
+project = data.get("project", {})
+reqs = list(data.get("build-system", {}).get("requires", []))
+reqs += project.get("dependencies", [])
+for extra in project.get("optional-dependencies", {}).values():
+    reqs += extra
+print("\n".join(reqs))
+PYEOF
+}
+
+comet_venv_path() {
+    if [[ -n "${COMET_VENV:-}" ]]; then
+        echo "$COMET_VENV"; return 0
+    fi
+    local py
+    py="$(comet_find_python)" || return 1
+    echo "$HOME/.cache/comet-megatron/venv-$(comet_deps_hash "$py")"
+}
