@@ -4,18 +4,24 @@
 
 COMET_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+_comet_python_ok() {
+    "$1" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1
+}
+
 comet_find_python() {
     if [[ -n "${COMET_PYTHON:-}" ]]; then
-        echo "$COMET_PYTHON"; return 0
-    fi
-    if command -v python3.12 >/dev/null 2>&1; then
-        command -v python3.12; return 0
+        if _comet_python_ok "$COMET_PYTHON"; then echo "$COMET_PYTHON"; return 0; fi
+        echo "comet-megatron: COMET_PYTHON=$COMET_PYTHON is not a working Python >= 3.12." >&2
+        return 1
     fi
     local candidate
-    candidate="$(ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1)"
-    if [[ -n "$candidate" && -x "$candidate" ]]; then
-        echo "$candidate"; return 0
-    fi
+    # python3.12 on PATH (it may be a pyenv shim that does not run: then try pyenv's installs)
+    for candidate in "$(command -v python3.12 2>/dev/null)" \
+            $(ls -d "$HOME"/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | sort -rV); do
+        if [[ -n "$candidate" ]] && _comet_python_ok "$candidate"; then
+            echo "$candidate"; return 0
+        fi
+    done
     echo "comet-megatron: Python 3.12 not found (megatron-core 0.19 needs Python >= 3.12)." >&2
     echo "  Install it (e.g. 'pyenv install 3.12' or your OS package python3.12), or set COMET_PYTHON=/path/to/python3.12." >&2
     return 1
@@ -58,7 +64,8 @@ comet_venv_path() {
     if [[ -n "${COMET_VENV:-}" ]]; then
         echo "$COMET_VENV"; return 0
     fi
-    local py
+    local py hash
     py="$(comet_find_python)" || return 1
-    echo "$HOME/.cache/comet-megatron/venv-$(comet_deps_hash "$py")"
+    hash="$(comet_deps_hash "$py")" || return 1
+    echo "$HOME/.cache/comet-megatron/venv-$hash"
 }
