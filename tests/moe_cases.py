@@ -34,6 +34,8 @@ def make_config(dispatcher: str, **overrides):
     kw.setdefault(
         "expert_tensor_parallel_size", ps.get_expert_tensor_parallel_world_size()
     )
+    if kw["moe_router_topk"] == 1:
+        kw.setdefault("moe_router_pre_softmax", True)  # Megatron requires it for top-1
     if kw["tensor_model_parallel_size"] > 1:
         kw.setdefault("sequence_parallel", True)
     kw["moe_token_dispatcher_type"] = dispatcher
