@@ -1,0 +1,218 @@
+"""Fused MoE kernels on emulated ranks against the float64 torch reference (CPU: Triton interpreter)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comet_megatron.kernels import (EmulatedGroup, KernelConfig, SignalTimeout, barrier, check_errors,
+                                    moe_forward, publish, receive_layout, run_ranks)
+from moe_reference import make_problem, reference_grads, reference_rank_outputs, rel_err, seed_from
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Odd sizes on purpose: H and F are not multiples of any block size below.
+HIDDEN, FFN = 40, 20
+SMALL = dict(block_m=16, block_n=16, block_k=16, block_h=32, num_comm_dispatch=2, num_comm_combine=2,
+             num_compute=2)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    return seed_from(request.node.nodeid)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every torch.empty allocation during the test starts as NaN (floats) or INT_MIN (ints), so a
+    row the kernels forget to write shows up in the comparison."""
+    original = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = original(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(torch.iinfo(t.dtype).min)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
+def make_group(p, dtype, capacity=None, **kwargs) -> EmulatedGroup:
+    g = EmulatedGroup(p.world, capacity_tokens=capacity or max(max(x.shape[0] for x in p.xs), 1), topk=p.topk,
+                      hidden=p.hidden, num_experts=p.num_experts, dtype=dtype, device=DEVICE, **kwargs)
+    for v in g.views:  # data regions may hold garbage; only the signal regions must start at zero
+        for name in ("tokens", "probs", "combine", "combine_scalars"):
+            v.regions[name].fill_(float("nan"))
+    return g
+
+
+def to_dev(ts, dtype=None):
+    return [t.to(DEVICE, dtype) if dtype is not None and t.is_floating_point() else t.to(DEVICE) for t in ts]
+
+
+def run_and_check(p, group, cfg, dtype, tol, grad_seed):
+    el = p.local_experts
+    w1 = [p.local_w1(r, dtype).to(DEVICE) for r in range(p.world)]
+    w2 = [p.local_w2(r, dtype).to(DEVICE) for r in range(p.world)]
+    xs, probs = to_dev(p.xs, dtype), to_dev(p.topk_probs)
+    fwd = group.forward(xs, to_dev(p.topk_idx), probs, w1, w2, cfg)
+    ref = reference_rank_outputs(p)
+    for r in range(p.world):
+        assert rel_err(fwd[r][0].cpu(), ref[r]) < tol, f"forward rank {r}"
+    g = torch.Generator().manual_seed(grad_seed)
+    grad_outs = [torch.randn(x.shape, generator=g) for x in p.xs]
+    bwd = group.backward([s for _, s in fwd], to_dev(grad_outs, dtype), w1, w2, cfg)
+    ref_rank, dw1, dw2 = reference_grads(p, grad_outs)
+    for r in range(p.world):
+        gx, gp, gw1, gw2 = (t.cpu() for t in bwd[r])
+        assert rel_err(gx, ref_rank[r][0]) < tol, f"grad x rank {r}"
+        assert rel_err(gp, ref_rank[r][1]) < tol, f"grad probs rank {r}"
+        assert rel_err(gw1, dw1[r * el:(r + 1) * el]) < tol, f"dW1 rank {r}"
+        assert rel_err(gw2, dw2[r * el:(r + 1) * el]) < tol, f"dW2 rank {r}"
+
+
+CASES = {
+    # name: (world, tokens per rank, topk, experts per rank, gated, activation, routing, config overrides)
+    "w1_k1_swiglu": (1, [13], 1, 3, True, "silu", "uniform", {}),
+    "w2_k2_swiglu": (2, [11, 7], 2, 2, True, "silu", "uniform", {}),
+    "w2_k4_gelu": (2, [9, 10], 4, 3, False, "gelu", "uniform", {}),
+    "w2_k2_geglu_bigtiles": (2, [12, 12], 2, 2, True, "gelu", "uniform",
+                             dict(block_m=32, block_n=32, block_k=32, block_h=64)),
+    "w4_k2_relu_skewed": (4, [10, 8, 12, 9], 2, 2, False, "relu", "skewed", {}),
+    "w4_k2_swiglu_empty_experts": (4, [9, 9, 9, 9], 2, 2, True, "silu", "sparse", {}),
+    "w4_k1_silu_rank_without_tokens": (4, [6, 0, 9, 3], 1, 1, False, "silu", "uniform", {}),
+    "w4_k4_swiglu_one_comm_program": (4, [5, 7, 6, 4], 4, 2, True, "silu", "uniform",
+                                      dict(num_comm_dispatch=1, num_comm_combine=1, num_compute=3)),
+    "w8_k2_swiglu": (8, [4, 6, 0, 5, 3, 7, 2, 5], 2, 1, True, "silu", "uniform", {}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_backward_fp32(case, seed, poison):
+    world, tokens, topk, epr, gated, act, routing, overrides = CASES[case]
+    p = make_problem(seed, world=world, tokens=tokens, topk=topk, hidden=HIDDEN, ffn=FFN, experts_per_rank=epr,
+                     gated=gated, activation=act, routing=routing)
+    cfg = KernelConfig(activation=act, gated=gated, **{**SMALL, **overrides})
+    run_and_check(p, make_group(p, torch.float32), cfg, torch.float32, 1e-4, seed + 1)
+
+
+def test_forward_backward_fp16(seed, poison):
+    p = make_problem(seed, world=2, tokens=[9, 6], topk=2, hidden=HIDDEN, ffn=FFN, experts_per_rank=2)
+    run_and_check(p, make_group(p, torch.float16), KernelConfig(**SMALL), torch.float16, 2e-2, seed + 1)
+
+
+def test_repeated_rounds_reuse_workspace(seed, poison):
+    """Same workspace, increasing epochs, new routing and token counts each round: no stale flags."""
+    first = make_problem(seed, world=2, tokens=[8, 5], topk=2, hidden=HIDDEN, ffn=FFN, experts_per_rank=2)
+    group = make_group(first, torch.float32, capacity=12)
+    cfg = KernelConfig(**SMALL)
+    for i, tokens in enumerate(([8, 5], [12, 1], [3, 10])):
+        p = make_problem(seed + 10 * i, world=2, tokens=tokens, topk=2, hidden=HIDDEN, ffn=FFN, experts_per_rank=2,
+                         routing="skewed" if i == 1 else "uniform")
+        run_and_check(p, group, cfg, torch.float32, 1e-4, seed + 10 * i + 1)
+    assert all(v.epoch == 6 for v in group.views)  # one forward and one backward round per iteration
+
+
+def test_receive_order_and_metadata(seed):
+    """Receive rows are sorted by local expert, then source rank in ring order from the receiver, then
+    pair id; recv_pair / recv_src / recv_prob describe each row."""
+    world, epr, topk = 3, 2, 2
+    p = make_problem(seed, world=world, tokens=[7, 5, 6], topk=topk, hidden=HIDDEN, ffn=FFN, experts_per_rank=epr)
+    group = make_group(p, torch.float32)
+    cfg = KernelConfig(**SMALL)
+    w1 = [p.local_w1(r, torch.float32).to(DEVICE) for r in range(world)]
+    w2 = [p.local_w2(r, torch.float32).to(DEVICE) for r in range(world)]
+    fwd = group.forward(to_dev(p.xs), to_dev(p.topk_idx), to_dev(p.topk_probs), w1, w2, cfg)
+    for r in range(world):
+        expected = []
+        for j in range(epr):
+            for i in range(world):
+                s = (r + i) % world
+                flat = p.topk_idx[s].reshape(-1)
+                expected += [(s, pair) for pair in range(flat.numel()) if flat[pair] == r * epr + j]
+        d = fwd[r][1].dispatch
+        got = list(zip(d.recv_src.tolist(), d.recv_pair.tolist()))
+        assert got == expected
+        src_x = torch.stack([p.xs[s][pair // topk] for s, pair in expected])
+        src_p = torch.stack([p.topk_probs[s].reshape(-1)[pair] for s, pair in expected])
+        torch.testing.assert_close(d.recv.cpu(), src_x, rtol=0, atol=0)
+        torch.testing.assert_close(d.recv_prob.cpu(), src_p, rtol=0, atol=0)
+        layout = fwd[r][1].layout
+        rows = layout.expert_offsets.tolist()
+        assert rows[-1] == len(expected)
+        # Tiles: never straddle experts; processing order starts with tiles made only of local rows.
+        n = int(layout.num_tiles.item())
+        for q in range(n):
+            j, a, b = (int(t[q]) for t in (layout.tile_expert, layout.tile_row_start, layout.tile_row_end))
+            assert rows[j] <= a < b <= rows[j + 1] and b - a <= layout.block_m
+        covered = sorted(row for q in range(n)
+                         for row in range(int(layout.tile_row_start[q]), int(layout.tile_row_end[q])))
+        assert covered == list(range(rows[-1]))
+        # Processing order: by ring position of a tile's last row, so local-only tiles come first.
+        last_src = [(int(d.recv_src[int(layout.tile_row_end[q]) - 1]) - r) % world for q in range(n)]
+        assert last_src == sorted(last_src)
+
+
+def test_trace_mode(seed):
+    p = make_problem(seed, world=2, tokens=[6, 8], topk=2, hidden=HIDDEN, ffn=FFN, experts_per_rank=1)
+    group = make_group(p, torch.float32)
+    cfg = KernelConfig(trace=True, **SMALL)
+    w1 = [p.local_w1(r, torch.float32).to(DEVICE) for r in range(2)]
+    w2 = [p.local_w2(r, torch.float32).to(DEVICE) for r in range(2)]
+    fwd = group.forward(to_dev(p.xs), to_dev(p.topk_idx), to_dev(p.topk_probs), w1, w2, cfg)
+    for _, state in fwd:
+        n_tiles = int(state.layout.num_tiles.item())
+        t = state.dispatch.trace.cpu()
+        comm, compute = t[:n_tiles], t[state.layout.max_tiles:]
+        assert (comm >= 0).all() and (comm[:, 0] <= comm[:, 1]).all()
+        live = compute[compute[:, 0] >= 0]
+        assert live.shape[0] == n_tiles * -(-FFN // cfg.block_n) and (live[:, 0] <= live[:, 1]).all()
+        # A compute item starts only after its tile landed (the interpreter's tick counter is global).
+        assert live[:, 0].min() > comm[:, 1].min()
+        c = state.combine_trace.cpu()
+        assert (c[:, 0] >= 0).sum() >= 2 * n_tiles
+
+
+def test_peer_that_never_publishes_times_out(seed):
+    """Rank 1 never publishes: rank 0's bounded waits expire and the host raises, naming rank and flag."""
+    p = make_problem(seed, world=2, tokens=[5, 5], topk=2, hidden=HIDDEN, ffn=FFN, experts_per_rank=1)
+    group = make_group(p, torch.float32, timeout=200)
+    v0 = group.views[0]
+    epoch = v0.next_epoch()
+    publish(v0, p.xs[0].to(DEVICE), epoch, p.topk_idx[0].to(DEVICE), p.topk_probs[0].to(DEVICE))
+    receive_layout(v0, epoch, 16)
+    with pytest.raises(SignalTimeout, match=r"rank 0/2 during receive_layout: .*inputs_ready signal .* 1 to reach epoch 1"):
+        check_errors(v0, "receive_layout")
+    check_errors(v0)  # the error buffer was cleared
+
+
+def test_peer_that_never_delivers_times_out(seed):
+    """Rank 1 stops after publishing: rank 0's combine_reduce times out on rank 1's arrival signals."""
+    p = make_problem(seed, world=2, tokens=[5, 6], topk=2, hidden=HIDDEN, ffn=FFN, experts_per_rank=1)
+    group = make_group(p, torch.float32, timeout=200)
+    cfg = KernelConfig(**SMALL)
+    gens = [moe_forward(v, p.xs[r].to(DEVICE), p.topk_idx[r].to(DEVICE), p.topk_probs[r].to(DEVICE),
+                        p.local_w1(r, torch.float32).to(DEVICE), p.local_w2(r, torch.float32).to(DEVICE), cfg)
+            for r, v in enumerate(group.views)]
+    for g in gens:
+        next(g)  # both publish
+    assert next(gens[0]) == "dispatch_gemm+gemm_combine"  # rank 1 never runs its kernels
+    with pytest.raises(SignalTimeout, match=r"rank 0/2 during combine_reduce: combine_reduce timed out .*arrival"):
+        run_ranks([gens[0]], [group.views[0]])
+
+
+def test_barrier(seed):
+    p = make_problem(seed, world=3, tokens=[1, 1, 1], topk=1, hidden=HIDDEN, ffn=FFN, experts_per_rank=1)
+    group = make_group(p, torch.float32, timeout=200)
+    for epoch in (1, 2):
+        for v in group.views:
+            barrier(v, epoch, wait=False)
+        for v in group.views:
+            barrier(v, epoch, arrive=False)
+            check_errors(v)
+    for v in group.views[:2]:  # rank 2 does not arrive at epoch 3
+        barrier(v, 3, wait=False)
+    barrier(group.views[0], 3, arrive=False)
+    with pytest.raises(SignalTimeout, match=r"barrier signal of rank 2"):
+        check_errors(group.views[0])
