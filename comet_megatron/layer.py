@@ -77,3 +77,68 @@ class CometMoELayer(MoELayer):
             experts_builder=experts_builder,
         )
         self.comet_config = comet_config_of(config)
+
+    # ------------------------------------------------------------------ fused path
+    # The reference path is MoELayer's own stage sequence on CometTokenDispatcher. When the
+    # transport resolves to a symmetric workspace, the stages below collapse "dispatch + GEMM0"
+    # and "GEMM1 + combine" into the fused operation run by `routed_experts_compute`.
+    _fused = None
+    _transport: str | None = None
+
+    @property
+    def transport(self) -> str | None:
+        """The resolved transport (None until the first forward)."""
+        return self._transport
+
+    def _resolve_fused(self, hidden_states):
+        if self._transport is not None:
+            return self._fused
+        from comet_megatron.fused import FusedExperts, fused_support
+        from comet_megatron.transport import resolve_transport
+
+        support = fused_support(self.config, self.token_dispatcher.tp_size)
+        transport = resolve_transport(
+            self.comet_config, self.ep_group, hidden_states.device, support
+        )
+        if transport != "nccl":
+            self._fused = FusedExperts(
+                self.comet_config, self.config, transport, self.ep_group,
+                hidden_states.device, hidden_states.dtype,
+            )
+        self._transport = transport
+        log.info(
+            "comet: layer %s uses the %s transport (%s path)",
+            self.layer_number, transport, "fused" if self._fused is not None else "reference",
+        )
+        return self._fused
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        if self._resolve_fused(hidden_states) is None:
+            return super().preprocess(hidden_states, probs, routing_map)
+        self._hidden_shape = hidden_states.shape
+        self._routing_map = routing_map
+        return hidden_states.reshape(-1, hidden_states.shape[-1]), probs
+
+    def dispatch(self, hidden_states, probs):
+        if self._fused is None:
+            return super().dispatch(hidden_states, probs)
+        return hidden_states, probs  # the fused operation dispatches inside its GEMM0 kernel
+
+    def routed_experts_compute(self, hidden_states, probs):
+        if self._fused is None:
+            return super().routed_experts_compute(hidden_states, probs)
+        routing_map, self._routing_map = self._routing_map, None
+        return self._fused(hidden_states, routing_map, probs, self.experts), None
+
+    def combine(self, output):
+        if self._fused is None:
+            return super().combine(output)
+        return output  # combined inside the fused GEMM1 kernel
+
+    def postprocess(self, output, shared_expert_output):
+        if self._fused is None:
+            return super().postprocess(output, shared_expert_output)
+        output = output.view(self._hidden_shape)
+        if shared_expert_output is not None:
+            output = output + shared_expert_output
+        return output

@@ -1,0 +1,142 @@
+"""The fused path of the comet MoE layer: autograd around the fused kernels of `comet_megatron.kernels`.
+
+Forward, per EP rank:  publish tokens -> dispatch_gemm (dispatch + fc1 + activation, overlapped)
+                       -> gemm_combine (fc2 + weighted combine, overlapped) -> combine_reduce
+Backward:              publish grad_out -> dispatch_gemm_backward (dispatch of output gradients +
+                       fc2 dgrad + activation backward) -> gemm_combine (fc1 dgrad + return of input
+                       gradients) -> combine_reduce; then the grouped weight-gradient GEMMs.
+
+`FusedExperts` owns the kernel configuration and the symmetric workspace of one layer (workspaces
+are shared between layers of equal shapes through `_WORKSPACES`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from comet_megatron.config import CometConfig
+from comet_megatron.kernels import KernelConfig, expert_weight_grads, moe_backward, moe_forward, run_rank
+from comet_megatron.transport import SymmetricWorkspace
+
+log = logging.getLogger("comet_megatron")
+
+ACTIVATION_NAMES = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu"}
+
+_WORKSPACES: dict = {}
+
+
+def fused_support(config, expert_tp_size: int) -> tuple[bool, str]:
+    """(ok, reason) whether the fused kernels implement this layer's expert MLP."""
+    if expert_tp_size != 1:
+        return False, f"expert tensor parallel size {expert_tp_size} (fused kernels need 1)"
+    if config.activation_func not in ACTIVATION_NAMES:
+        return False, f"activation {getattr(config.activation_func, '__name__', config.activation_func)}"
+    if config.add_bias_linear:
+        return False, "expert biases (--add-bias-linear)"
+    if config.gated_linear_unit and (
+        config.glu_linear_offset != 0.0 or config.activation_func_clamp_value is not None
+    ):
+        return False, "GLU offset/clamp"
+    if config.moe_apply_probs_on_input:
+        return False, "--moe-apply-probs-on-input"
+    return True, ""
+
+
+def kernel_config(cfg: CometConfig, config) -> KernelConfig:
+    kc = KernelConfig(
+        activation=ACTIVATION_NAMES[config.activation_func],
+        gated=bool(config.gated_linear_unit),
+        trace=cfg.trace,
+    )
+    if cfg.tile_m != "auto":
+        kc.block_m = cfg.tile_m
+    if cfg.tile_n != "auto":
+        kc.block_n = cfg.tile_n
+    if cfg.tile_k != "auto":
+        kc.block_k = cfg.tile_k
+    if cfg.comm_programs != "auto":
+        kc.num_comm_dispatch = cfg.comm_programs
+        kc.num_comm_combine = cfg.comm_programs
+    return kc
+
+
+class _FusedMoE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_probs, w1, w2, topk_idx, runner):
+        view = runner.workspace.ensure_capacity(x.shape[0])
+        out, state = run_rank(
+            moe_forward(view, x, topk_idx, topk_probs.float(), w1, w2, runner.kernel), view
+        )
+        ctx.runner, ctx.state, ctx.probs_dtype = runner, state, topk_probs.dtype
+        ctx.save_for_backward(w1, w2)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w1, w2 = ctx.saved_tensors
+        runner, state = ctx.runner, ctx.state
+        view = runner.workspace.view
+        grad_x, grad_probs, bstate = run_rank(
+            moe_backward(view, state, grad_out.contiguous(), w1, w2, runner.kernel), view
+        )
+        dw1, dw2 = expert_weight_grads(state, bstate, out_dtype=w1.dtype)
+        ctx.state = ctx.runner = None
+        return grad_x, grad_probs.to(ctx.probs_dtype), dw1, dw2, None, None
+
+
+class FusedExperts:
+    """Runs one comet layer's experts through the fused kernels over a symmetric workspace."""
+
+    def __init__(self, cfg: CometConfig, config, transport: str, group, device, dtype):
+        self.kernel = kernel_config(cfg, config)
+        self.topk = config.moe_router_topk
+        key = (
+            transport, id(group), self.topk, config.hidden_size, config.num_moe_experts, dtype,
+            str(device),
+        )
+        ws = _WORKSPACES.get(key)
+        if ws is None:
+            capacity = None if cfg.capacity == "auto" else cfg.capacity
+            ws = SymmetricWorkspace(
+                transport, group, topk=self.topk, hidden=config.hidden_size,
+                num_experts=config.num_moe_experts, dtype=dtype, device=device,
+                capacity=capacity, grow=cfg.grow_workspace, timeout_s=cfg.wait_timeout_s,
+            )
+            _WORKSPACES[key] = ws
+        self.workspace = ws
+
+    def __call__(self, hidden, routing_map, probs, experts) -> torch.Tensor:
+        """[T, H] tokens, router output -> [T, H] weighted sum of this token's experts."""
+        topk_idx, topk_probs = topk_from_routing(routing_map, probs, self.topk)
+        w1, w2 = experts.fc_weights()  # [El, F1, H], [El, H, F]
+        return _FusedMoE.apply(
+            hidden.contiguous(), topk_probs, w1.transpose(1, 2), w2.transpose(1, 2), topk_idx, self
+        )
+
+
+def topk_from_routing(routing_map: torch.Tensor, probs: torch.Tensor, topk: int):
+    """Megatron's dense router output -> ([T, K] expert ids ascending, [T, K] weights).
+
+    A token with fewer than K experts (capacity dropping) fills its free slots with an unused
+    expert at weight 0: the slot contributes nothing forward, and `torch.where` keeps its
+    gradient away from the router.
+    """
+    keys = routing_map.to(torch.int32) * 2 - 1  # routed experts first
+    _, idx = torch.topk(keys, topk, dim=1, sorted=False)
+    idx, _ = idx.sort(dim=1)
+    valid = routing_map.gather(1, idx)
+    weights = torch.where(valid, probs.gather(1, idx), torch.zeros((), dtype=probs.dtype, device=probs.device))
+    return idx.to(torch.int32), weights
+
+
+def drop_workspaces() -> None:
+    """Forget every cached workspace (tests; a changed process group)."""
+    _WORKSPACES.clear()
+
+
+def active_backend(runner: Optional[FusedExperts]) -> str:
+    return runner.workspace.backend if runner is not None else "nccl"
