@@ -119,5 +119,9 @@ def run_layer_case(rank: int, overrides: dict, routing: str, seed: int, seq: int
             errs[name] = float("inf")
             continue
         errs[name] = rel_err(other, grad)
-    tokens = ref.router.weight.new_zeros(ref.config.num_moe_experts)
-    return {"errs": errs, "type": type(com).__name__, "ref_type": type(ref).__name__}
+    return {
+        "errs": errs,
+        "type": type(com).__name__,
+        "ref_type": type(ref).__name__,
+        "transport": getattr(com, "transport", None),
+    }

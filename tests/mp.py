@@ -23,7 +23,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, tp, ep, etp, kwargs, out_dir):
+def _worker(rank, world_size, port, fn, tp, ep, etp, kwargs, out_dir, env):
+    os.environ.update(env or {})
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -61,15 +62,16 @@ def _worker(rank, world_size, port, fn, tp, ep, etp, kwargs, out_dir):
 
 
 def run_distributed(
-    fn, world_size: int, *, tp: int = 1, ep: int = 1, etp: int | None = None, timeout: float = 600, **kwargs
+    fn, world_size: int, *, tp: int = 1, ep: int = 1, etp: int | None = None, timeout: float = 600,
+    env: dict | None = None, **kwargs
 ):
-    """Run `fn` on `world_size` gloo ranks; return the list of per-rank results."""
+    """`env` is set in each rank before anything is imported (e.g. TRITON_INTERPRET=1)."""
     with tempfile.TemporaryDirectory() as out_dir:
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         ctx = mp.get_context("spawn")
         port = _free_port()
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, fn, tp, ep, etp, kwargs, out_dir))
+            ctx.Process(target=_worker, args=(r, world_size, port, fn, tp, ep, etp, kwargs, out_dir, env))
             for r in range(world_size)
         ]
         for p in procs:
