@@ -237,7 +237,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, ffn: int, backward: bool,
             activation: str, gated: bool, store_pre: bool, rows: DispatchResult | None, num_comm, num_compute,
-            block_n: int, block_k: int, block_h: int, trace: bool) -> DispatchResult:
+            block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
     num_comm, num_compute = _default_programs(view.device, num_comm, num_compute)
@@ -276,7 +276,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         BM=layout.block_m, BN=block_n, BK=block_k, BH=block_h,
         ACT=ACTIVATIONS[activation], GATED=gated, BACKWARD=backward, STORE_PRE=store_pre,
         KNOWN_ROWS=rows is not None, DOT_PRECISION=_dot_precision(dtype), TRACE=trace,
-        GLOBALTIMER=use_globaltimer(view.errors),
+        GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
     )
     r = slice(0, n_rows)
     return DispatchResult(
@@ -289,7 +289,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
 def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, activation: str = "silu",
                   gated: bool = True, store_pre: bool = True, num_comm: int | None = None,
                   num_compute: int | None = None, block_n: int = 64, block_k: int = 32, block_h: int = 128,
-                  trace: bool = False) -> DispatchResult:
+                  trace: bool = False, num_warps: int = 4, num_stages: int = 3) -> DispatchResult:
     """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
 
     w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain).
@@ -298,13 +298,15 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
     ffn = w1.shape[2] // 2 if gated else w1.shape[2]
     return _launch(view, layout, w1, epoch, ffn=ffn, backward=False, activation=activation, gated=gated,
                    store_pre=store_pre, rows=None, num_comm=num_comm, num_compute=num_compute,
-                   block_n=block_n, block_k=block_k, block_h=block_h, trace=trace)
+                   block_n=block_n, block_k=block_k, block_h=block_h, trace=trace, num_warps=num_warps,
+                   num_stages=num_stages)
 
 
 def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult, w2: torch.Tensor, epoch: int,
                            *, activation: str = "silu", gated: bool = True, num_comm: int | None = None,
                            num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
-                           block_h: int = 128, trace: bool = False) -> DispatchResult:
+                           block_h: int = 128, trace: bool = False, num_warps: int = 4,
+                           num_stages: int = 3) -> DispatchResult:
     """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, fused act backward.
 
     `forward` is the forward round's result (row sources, probs and pre-activation are reused);
@@ -315,4 +317,5 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
         raise ValueError("backward needs the pre-activation: run the forward dispatch_gemm with store_pre=True")
     return _launch(view, layout, w2.transpose(1, 2), epoch, ffn=w2.shape[1], backward=True,
                    activation=activation, gated=gated, store_pre=False, rows=forward, num_comm=num_comm,
-                   num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace)
+                   num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace,
+                   num_warps=num_warps, num_stages=num_stages)

@@ -119,7 +119,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  recv_pair: torch.Tensor, recv_src: torch.Tensor, recv_prob: torch.Tensor | None = None,
                  row_scalars: torch.Tensor | None = None, num_comm: int | None = None,
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
-                 trace: bool = False) -> torch.Tensor | None:
+                 trace: bool = False, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
 
     a: [R, Kd] receive-order rows (forward: h, Kd = F; backward: d_pre, Kd = F1).
@@ -149,7 +149,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         K_DIM=a.shape[1], HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
         BM=layout.block_m, BN=block_n, BK=block_k,
         SCALE=recv_prob is not None, SCALARS=row_scalars is not None, DOT_PRECISION=_dot_precision(a.dtype),
-        TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors),
+        TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
     )
     return trace_buf
 
@@ -158,12 +158,10 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
 def _combine_reduce_kernel(combine_ptr, out_ptr, arrival_ptr, num_tokens, epoch, timeout, err_ptr,
                            HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr, NUM_COMM: tl.constexpr,
                            TOPK: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, GLOBALTIMER: tl.constexpr):
-    ok = True
     for s in tl.static_range(WORLD):
         for c in range(NUM_COMM):
-            if ok:
-                ok = wait_until_geq(arrival_ptr + s * MAX_COMM + c, epoch, timeout, err_ptr, ERR_COMBINE_ARRIVAL,
-                                    s * MAX_COMM + c, GLOBALTIMER)
+            wait_until_geq(arrival_ptr + s * MAX_COMM + c, epoch, timeout, err_ptr, ERR_COMBINE_ARRIVAL,
+                           s * MAX_COMM + c, GLOBALTIMER)
     tokens = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     m = (tokens < num_tokens)[:, None] & (cols < HIDDEN)[None, :]

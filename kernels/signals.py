@@ -93,15 +93,14 @@ def wait_until_geq(flag_ptr, target, timeout, err_ptr, err_code, flag_index, GLO
     val = load_acquire(flag_ptr)
     # Once any wait of this rank has failed the round is lost: later waits give up at once, so a dead
     # peer costs one timeout per launch rather than one per waiting tile.
-    if tl.load(err_ptr, volatile=True) != 0:
-        timeout = 0
+    alive = tl.load(err_ptr, volatile=True) == 0
     if GLOBALTIMER:
         deadline = _globaltimer() + timeout
-        while (val < target) & (_globaltimer() < deadline):
+        while (val < target) & alive & (_globaltimer() < deadline):
             val = load_acquire(flag_ptr)
     else:
         spins = 0
-        while (val < target) & (spins < timeout):
+        while (val < target) & alive & (spins < timeout):
             val = load_acquire(flag_ptr)
             spins += 1
     ok = val >= target
@@ -125,12 +124,9 @@ def signal_peers(flag_table_ptr, slot, epoch, WORLD: tl.constexpr):
 
 @triton.jit
 def wait_peers(flag_ptr, epoch, timeout, err_ptr, err_code, WORLD: tl.constexpr, GLOBALTIMER: tl.constexpr):
-    """Wait until the local flags `flag[0..WORLD)` (one per peer) all reach `epoch`; True if all did."""
-    ok = True
+    """Wait until the local flags `flag[0..WORLD)` (one per peer) all reach `epoch` (failures: see above)."""
     for peer in tl.static_range(WORLD):
-        if ok:
-            ok = wait_until_geq(flag_ptr + peer, epoch, timeout, err_ptr, err_code, peer, GLOBALTIMER)
-    return ok
+        wait_until_geq(flag_ptr + peer, epoch, timeout, err_ptr, err_code, peer, GLOBALTIMER)
 
 
 @triton.jit
