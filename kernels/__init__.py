@@ -8,11 +8,11 @@ and one backward round is
 `workspace_layout` is the contract with a transport. See docs/KERNELS.md.
 """
 
+from .config import KernelConfig
 from .dispatch_gemm import ACTIVATIONS, DispatchResult, dispatch_gemm, dispatch_gemm_backward
 from .emulated import EmulatedGroup
 from .gemm_combine import combine_reduce, gemm_combine
-from .moe import (BackwardState, ForwardState, KernelConfig, expert_weight_grads, moe_backward, moe_forward,
-                  run_rank, run_ranks)
+from .moe import BackwardState, ForwardState, expert_weight_grads, moe_backward, moe_forward, run_rank, run_ranks
 from .routing import ReceiveLayout, SendPlan, publish, receive_layout, send_plan
 from .signals import SignalTimeout, barrier, check_errors
 from .wgrad import grouped_wgrad

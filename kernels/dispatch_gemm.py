@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import default_programs, dot_precision
 from .routing import ReceiveLayout
 from .signals import ERR_DISPATCH_INPUTS, ERR_DISPATCH_TILE, now, store_release, use_globaltimer, wait_until_geq
 
@@ -222,25 +223,12 @@ class DispatchResult:
     trace: torch.Tensor | None  # [max_tiles + max_tiles * n_blocks, 2] int64 (see docs/KERNELS.md)
 
 
-def _default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        num_comm = num_comm or max(1, sms // 8)
-        num_compute = num_compute or sms - num_comm
-    return num_comm or 2, num_compute or 2
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 operands: full-precision products (tests compare against float64); bf16/fp16 ignore it.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, ffn: int, backward: bool,
             activation: str, gated: bool, store_pre: bool, rows: DispatchResult | None, num_comm, num_compute,
             block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
-    num_comm, num_compute = _default_programs(view.device, num_comm, num_compute)
+    num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
     lay = view.layout
     hidden, dev = lay.hidden, view.device
     dtype = view.regions["tokens"].dtype
@@ -275,7 +263,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         TOPK=lay.topk, HIDDEN=hidden, FFN=ffn, WORLD=view.world_size, EL=lay.local_experts, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
         BM=layout.block_m, BN=block_n, BK=block_k, BH=block_h,
         ACT=ACTIVATIONS[activation], GATED=gated, BACKWARD=backward, STORE_PRE=store_pre,
-        KNOWN_ROWS=rows is not None, DOT_PRECISION=_dot_precision(dtype), TRACE=trace,
+        KNOWN_ROWS=rows is not None, DOT_PRECISION=dot_precision(dtype), TRACE=trace,
         GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
     )
     r = slice(0, n_rows)

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .moe import KernelConfig, expert_weight_grads, moe_backward, moe_forward, run_ranks
+from .config import KernelConfig
+from .moe import expert_weight_grads, moe_backward, moe_forward, run_ranks
 from .workspace_layout import RankView, WorkspaceLayout
 
 

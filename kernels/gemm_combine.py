@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch_gemm import _default_programs, _dot_precision
+from .config import default_programs, dot_precision
 from .routing import ReceiveLayout
 from .signals import ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_until_geq
 
@@ -129,7 +129,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     Returns the trace buffer when `trace` ([2 * max_items, 2] int64: compute (start, end) per item, then
     one delivery timestamp per item in column 0), else None.
     """
-    num_comm, num_compute = _default_programs(view.device, num_comm, num_compute)
+    num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
     lay = view.layout
     if num_comm > lay.max_comm_programs:
         raise ValueError(f"num_comm={num_comm} exceeds the workspace's max_comm_programs={lay.max_comm_programs}")
@@ -148,7 +148,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock, max_items,
         K_DIM=a.shape[1], HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
         BM=layout.block_m, BN=block_n, BK=block_k,
-        SCALE=recv_prob is not None, SCALARS=row_scalars is not None, DOT_PRECISION=_dot_precision(a.dtype),
+        SCALE=recv_prob is not None, SCALARS=row_scalars is not None, DOT_PRECISION=dot_precision(a.dtype),
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
     )
     return trace_buf
@@ -181,7 +181,7 @@ def combine_reduce(view, num_tokens: int, epoch: int, *, num_comm: int | None = 
     Returns (out [T, H], grad_probs [T, K] fp32 copied from combine_scalars when `scalars`, else None).
     `num_comm` must equal the value every rank passed to gemm_combine.
     """
-    num_comm, _ = _default_programs(view.device, num_comm, None)
+    num_comm, _ = default_programs(view.device, num_comm, None)
     lay = view.layout
     hidden, k = lay.hidden, lay.topk
     out = torch.empty(max(num_tokens, 1), hidden, dtype=out_dtype or view.regions["combine"].dtype,

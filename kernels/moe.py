@@ -19,29 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import KernelConfig
 from .dispatch_gemm import DispatchResult, dispatch_gemm, dispatch_gemm_backward
 from .gemm_combine import combine_reduce, gemm_combine
 from .routing import ReceiveLayout, publish, receive_layout
 from .signals import check_errors
 from .wgrad import grouped_wgrad
-
-
-@dataclass
-class KernelConfig:
-    """Launch knobs of the fused kernels (None program counts: chosen from the device, see dispatch_gemm)."""
-
-    activation: str = "silu"
-    gated: bool = True
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 32
-    block_h: int = 128
-    num_comm_dispatch: int | None = None
-    num_comm_combine: int | None = None
-    num_compute: int | None = None
-    trace: bool = False
-    num_warps: int = 4
-    num_stages: int = 3
 
 
 @dataclass

@@ -1,0 +1,44 @@
+"""Launch knobs of the fused kernels: `KernelConfig` and the defaults derived from the device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class KernelConfig:
+    """Every launch knob of one MoE round (see docs/KERNELS.md, "Knobs").
+
+    block_m is the receive layout's M-tile (shared by both layers and the backward round); program
+    counts left at None are chosen by `default_programs`.
+    """
+
+    activation: str = "silu"
+    gated: bool = True
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 32
+    block_h: int = 128
+    num_comm_dispatch: int | None = None
+    num_comm_combine: int | None = None
+    num_compute: int | None = None
+    trace: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:
+    """(communication, compute) program counts: on a GPU one eighth of the SMs communicate and the rest
+    compute (the whole grid co-resident, one program per SM); in the interpreter 2 + 2."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        num_comm = num_comm or max(1, sms // 8)
+        num_compute = num_compute or sms - num_comm
+    return num_comm or 2, num_compute or 2
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands: full-precision products (tests compare against float64); bf16/fp16 ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
