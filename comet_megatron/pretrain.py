@@ -12,11 +12,12 @@ The model is Megatron's `GPTModel` with the Transformer Engine spec when TE is i
 `--transformer-impl transformer_engine`, else the local spec. MoE layers whose
 `moe_token_dispatcher_type` is `comet` are built by `comet_megatron.integration` once `enable()`
 ran. Without a GPU the CPU shims of `comet_megatron.patches.cpu_training` (and the MoE-layer
-shims of `comet_megatron.patches.cpu`, when present) are applied and the defaults switch to gloo
+shims of `comet_megatron.patches.cpu`) are applied and the defaults switch to gloo
 and CPU initialization.
 
 Per step it prints loss, tokens/s and step time (a rich table row on a terminal, a plain line
-otherwise), and at the end a summary, including one machine-readable line:
+otherwise), and at the end a summary (means leave out the first WARMUP_STEPS steps), including
+one machine-readable line:
 `COMET_SUMMARY {"steps": ..., "mean_tokens_per_s": ..., "final_loss": ...}`.
 """
 
@@ -36,6 +37,7 @@ import torch
 logger = logging.getLogger("comet_megatron.pretrain")
 
 SUMMARY_PREFIX = "COMET_SUMMARY "
+WARMUP_STEPS = 2  # left out of the summary's means
 
 
 # ---------------------------------------------------------------- environment
@@ -65,38 +67,28 @@ def default_argv(argv: Sequence[str], cuda: bool) -> list[str]:
     add("--eval-interval", "1000000")  # Megatron divides by it even with --eval-iters 0
     if not te_available():
         add("--transformer-impl", "local")
-        # the fused wgrad accumulation and the persistent layer norm are TE/APEX kernels
-        for flag in ("--no-gradient-accumulation-fusion", "--no-persist-layer-norm"):
+        # TE/APEX kernels: fused wgrad accumulation, persistent layer norm, rope, masked softmax
+        for flag in ("--no-gradient-accumulation-fusion", "--no-persist-layer-norm",
+                     "--no-rope-fusion", "--no-masked-softmax-fusion"):
             if not _has_flag(argv, flag):
                 argv.append(flag)
     if not cuda:
         add("--distributed-backend", "gloo")
         if not _has_flag(argv, "--use-cpu-initialization"):
             argv.append("--use-cpu-initialization")
-        # fused kernels (bias+activation, masked softmax, rope) are CUDA/TE-only
-        for flag in ("--no-bias-gelu-fusion", "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion",
-                     "--no-masked-softmax-fusion", "--no-rope-fusion"):
+        # the bias+activation / bias+dropout fusions are compiled for CUDA
+        for flag in ("--no-bias-gelu-fusion", "--no-bias-swiglu-fusion",
+                     "--no-bias-dropout-fusion"):
             if not _has_flag(argv, flag):
                 argv.append(flag)
     return argv
 
 
-def _integration():
-    try:
-        from comet_megatron import integration
-    except ImportError:
-        return None
-    return integration if hasattr(integration, "enable") else None
-
-
 def extra_args_provider(parser):
-    """`--comet-*` flags (+ the `comet` dispatcher choice once the integration is available)."""
-    integration = _integration()
-    if integration is not None and hasattr(integration, "extra_args_provider"):
-        return integration.extra_args_provider(parser)
-    from comet_megatron.config import add_arguments
+    """Megatron `extra_args_provider`: the `comet` dispatcher choice and the `--comet-*` flags."""
+    from comet_megatron import integration
 
-    return add_arguments(parser)
+    return integration.extra_args_provider(parser)
 
 
 def apply_cpu_shims() -> bool:
@@ -261,15 +253,16 @@ class Progress:
                   f"step_time_ms {step_time_s * 1000:.1f}", flush=True)
 
     def summary(self) -> dict[str, Any]:
-        # the first step includes one-time work (allocations, lazy init): leave it out of the
-        # mean when there is more than one step
-        timed = self.records[1:] if len(self.records) > 1 else self.records
+        # The first steps carry one-time work (allocations, Triton/JIT compilation, lazy init):
+        # the means leave out up to WARMUP_STEPS of them, keeping at least one step.
+        warmup = min(WARMUP_STEPS, max(len(self.records) - 1, 0))
+        timed = self.records[warmup:]
         mean_tps = (sum(r["tokens_per_s"] for r in timed) / len(timed)) if timed else float("nan")
         mean_step = (sum(r["step_time_s"] for r in timed) / len(timed)) if timed else float("nan")
         final_loss = self.records[-1]["loss"] if self.records else float("nan")
-        return {"steps": len(self.records), "mean_tokens_per_s": mean_tps,
-                "mean_step_time_s": mean_step, "final_loss": final_loss,
-                "tokens_per_step": self.tokens_per_step}
+        return {"steps": len(self.records), "warmup_steps": warmup,
+                "mean_tokens_per_s": mean_tps, "mean_step_time_s": mean_step,
+                "final_loss": final_loss, "tokens_per_step": self.tokens_per_step}
 
     def print_summary(self) -> dict[str, Any]:
         s = self.summary()
@@ -278,7 +271,8 @@ class Progress:
         if self._console is not None:
             from rich.table import Table
 
-            table = Table(title="comet-megatron pretrain summary")
+            table = Table(title="comet-megatron pretrain summary "
+                                f"(means leave out {s['warmup_steps']} warm-up steps)")
             for col in ("steps", "mean tokens/s", "mean step time", "final loss"):
                 table.add_column(col, justify="right")
             table.add_row(str(s["steps"]), f"{s['mean_tokens_per_s']:.1f}",
@@ -287,7 +281,8 @@ class Progress:
         else:
             print(f"summary: steps {s['steps']} mean tokens/s {s['mean_tokens_per_s']:.1f} "
                   f"mean step time {s['mean_step_time_s'] * 1000:.1f} ms "
-                  f"final loss {s['final_loss']:.4f}", flush=True)
+                  f"final loss {s['final_loss']:.4f} "
+                  f"(means leave out {s['warmup_steps']} warm-up steps)", flush=True)
         print(SUMMARY_PREFIX + json.dumps(s), flush=True)
         return s
 
@@ -328,16 +323,9 @@ def _parse_and_pretrain() -> dict[str, Any]:
 
     args = parse_and_validate_args(extra_args_provider=extra_args_provider)
     if args.moe_token_dispatcher_type == "comet":
-        integration = _integration()
-        if integration is None:
-            raise SystemExit(
-                "comet-megatron: --moe-token-dispatcher-type comet needs "
-                "comet_megatron.integration, which this checkout lacks; use "
-                "--moe-token-dispatcher-type alltoall meanwhile."
-            )
-        from comet_megatron.config import CometConfig
+        from comet_megatron import integration
 
-        integration.enable(CometConfig.from_args(args))
+        integration.enable(integration.config_from_args(args))
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     # train_step's reduced loss lives on the last pipeline stage, i.e. the last rank
