@@ -2,7 +2,7 @@
 
 Every cross-program or cross-rank handshake in `comet_megatron.kernels` goes through these helpers:
 
-- `load_acquire(ptr)` / `store_release(ptr, value)`: one flag access with system-scope acquire/release.
+- `load_acquire(ptr, GLOBALTIMER)` / `store_release(ptr, value)`: one flag access with system-scope acquire/release.
   `store_release` first synchronizes the program's threads (`tl.debug_barrier`) so that every store the
   program issued before it (from any of its threads) is ordered before the flag (release is cumulative).
 - `wait_until_geq(flag_ptr, target, timeout, err_ptr, err_code, flag_index, GLOBALTIMER)`: bounded
@@ -55,9 +55,19 @@ class SignalTimeout(RuntimeError):
 
 
 @triton.jit
-def load_acquire(ptr):
-    """System-scope acquire load of one int32 flag (an atomic add of 0)."""
-    return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+def load_acquire(ptr, GLOBALTIMER: tl.constexpr):
+    """System-scope acquire load of one int32 flag.
+
+    Compiled for a GPU (GLOBALTIMER=True) a plain `ld.acquire.sys`: thousands of programs polling one
+    flag must not serialize on atomic read-modify-writes at L2. The interpreter has no inline
+    assembly, so there it is an atomic add of 0.
+    """
+    if GLOBALTIMER:
+        val = tl.inline_asm_elementwise("ld.acquire.sys.global.b32 $0, [$1];", "=r,l", [ptr],
+                                        dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        val = tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+    return val
 
 
 @triton.jit
@@ -90,18 +100,18 @@ def wait_until_geq(flag_ptr, target, timeout, err_ptr, err_code, flag_index, GLO
 
     On timeout the first failing wait of the rank records [err_code, flag_index, observed, target].
     """
-    val = load_acquire(flag_ptr)
+    val = load_acquire(flag_ptr, GLOBALTIMER)
     # Once any wait of this rank has failed the round is lost: later waits give up at once, so a dead
     # peer costs one timeout per launch rather than one per waiting tile.
     alive = tl.load(err_ptr, volatile=True) == 0
     if GLOBALTIMER:
         deadline = _globaltimer() + timeout
         while (val < target) & alive & (_globaltimer() < deadline):
-            val = load_acquire(flag_ptr)
+            val = load_acquire(flag_ptr, GLOBALTIMER)
     else:
         spins = 0
         while (val < target) & alive & (spins < timeout):
-            val = load_acquire(flag_ptr)
+            val = load_acquire(flag_ptr, GLOBALTIMER)
             spins += 1
     ok = val >= target
     if not ok:
