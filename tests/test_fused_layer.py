@@ -34,7 +34,7 @@ CASES = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,transport", [(1, "emulated"), (2, "cuda_ipc")])
+@pytest.mark.parametrize("world,transport", [(1, "emulated"), (2, "cuda_ipc"), (4, "cuda_ipc")])
 def test_fused_layer_matches_megatron_alltoall(world, transport):
     results = run_distributed(_body, world, ep=world, env=INTERPRET, transport=transport, cases=CASES)
     for rank, per_rank in enumerate(results):

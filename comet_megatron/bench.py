@@ -1,0 +1,342 @@
+"""`comet-megatron bench layer`: time one MoE layer, comet against Megatron, on this GPU.
+
+Variants (same weights, same random tokens, bf16):
+    megatron            Megatron's alltoall dispatcher + SequentialMLP (a loop over experts): what a
+                        user without Transformer Engine runs
+    megatron+grouped    Megatron's alltoall dispatcher + comet's grouped-GEMM experts (cuBLAS
+                        torch._grouped_mm): the strongest baseline available without Transformer Engine
+    comet-reference     the comet layer on its reference transport (collectives + grouped GEMM)
+    comet-fused         the comet layer on its fused Triton kernels
+plus `experts-only` (the grouped expert GEMMs alone: T_compute) and the compute floor (the layer's
+FLOPs at the dense bf16 GEMM rate measured in the same run).
+
+Timings: median of CUDA-event timed repetitions after warm-up (`triton.testing.do_bench`), forward
+and forward+backward. Output: a table on stdout, JSON and a PNG plot in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SHAPES = ("mixtral-8x7b", "qwen2-moe-a2.7b", "phi-3.5-moe")
+VARIANTS = ("megatron", "megatron+grouped", "comet-reference", "comet-fused", "experts-only")
+
+
+@dataclass
+class Shape:
+    name: str
+    hidden: int
+    ffn: int
+    experts: int
+    topk: int
+    gated: bool = True
+
+    def flops(self, tokens: int, backward: bool) -> float:
+        f1 = 2 * self.ffn if self.gated else self.ffn
+        fwd = 2.0 * tokens * self.topk * self.hidden * (f1 + self.ffn)
+        return fwd * (3.0 if backward else 1.0)
+
+
+def load_shape(name: str) -> Shape:
+    path = Path(name)
+    if not path.exists():
+        path = REPO / "configs" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+        raise SystemExit(f"bench: no config {name!r}; known: {', '.join(known)}")
+    m = yaml.safe_load(path.read_text())["megatron"]
+    return Shape(
+        name=path.stem, hidden=m["hidden_size"], ffn=m["moe_ffn_hidden_size"],
+        experts=m["num_experts"], topk=m["moe_router_topk"], gated=bool(m.get("swiglu", False)),
+    )
+
+
+@dataclass
+class Record:
+    shape: str
+    tokens: int
+    variant: str
+    mode: str  # fwd | fwd+bwd
+    ms: float
+    tflops: float
+    vs_grouped: float | None = None  # time of megatron+grouped / this time (>1: faster)
+    vs_floor: float | None = None  # compute floor / this time (1.0 is the floor)
+
+
+def _init_distributed():
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(create_gloo_process_groups=False)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
+
+
+def _transformer_config(shape: Shape, dispatcher: str):
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=1, hidden_size=shape.hidden, num_attention_heads=8, ffn_hidden_size=shape.ffn,
+        moe_ffn_hidden_size=shape.ffn, num_moe_experts=shape.experts, moe_router_topk=shape.topk,
+        moe_token_dispatcher_type=dispatcher, gated_linear_unit=shape.gated,
+        activation_func=F.silu if shape.gated else F.gelu, add_bias_linear=False,
+        bf16=True, params_dtype=torch.bfloat16, moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0, use_cpu_initialization=False, bias_activation_fusion=False,
+    )
+
+
+def build_layers(shape: Shape, variants):
+    """{variant: layer} sharing one set of weights (state dict of the first)."""
+    import functools
+
+    import torch
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLPSubmodules
+    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+
+    import comet_megatron
+    from comet_megatron.config import CometConfig
+    from comet_megatron.experts import CometGroupedMLP
+
+    spec = get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False)
+    linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+    layers, state = {}, None
+    for v in variants:
+        if v == "experts-only":
+            continue
+        if v == "megatron":
+            layer = spec.submodules.mlp(config=_transformer_config(shape, "alltoall"))
+        elif v == "megatron+grouped":
+            layer = MoELayer(
+                config=_transformer_config(shape, "alltoall"),
+                submodules=MoESubmodules(experts=functools.partial(CometGroupedMLP, submodules=linears)),
+            )
+        else:
+            cfg = _transformer_config(shape, "comet")
+            cfg.comet = CometConfig(transport="nccl" if v == "comet-reference" else "auto")
+            comet_megatron.enable()
+            layer = spec.submodules.mlp(config=cfg)
+        layer = layer.cuda()
+        if state is None:
+            state = layer.state_dict()
+        else:
+            layer.load_state_dict(state)
+        layers[v] = layer
+    return layers
+
+
+def _time(fn, warmup_ms=100, rep_ms=400) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def dense_gemm_tflops() -> float:
+    import torch
+
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = _time(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=None):
+    import torch
+
+    layers = build_layers(shape, variants)
+    records = []
+    for tokens in tokens_list:
+        x = torch.randn(tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn_like(x)
+        for v in variants:
+            for mode in modes:
+                ms = _time_variant(v, layers, x, dy, mode)
+                tf = shape.flops(tokens, mode == "fwd+bwd") / (ms * 1e-3) / 1e12
+                records.append(Record(shape.name, tokens, v, mode, ms, tf))
+                if progress is not None:
+                    progress.advance(task)
+        torch.cuda.empty_cache()
+    del layers
+    torch.cuda.empty_cache()
+    return records
+
+
+def _time_variant(v, layers, x, dy, mode) -> float:
+    import torch
+
+    if v == "experts-only":
+        return _time_experts(layers, x, dy, mode)
+    layer = layers[v]
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                layer(x)
+    else:
+        xg = x.clone().requires_grad_(True)
+
+        def run():
+            y, _ = layer(xg)
+            y.backward(dy)
+    return _time(run)
+
+
+def _time_experts(layers, x, dy, mode) -> float:
+    """The grouped expert GEMMs alone on a routing of the same shape (T_compute)."""
+    import torch
+
+    layer = next(l for k, l in layers.items() if k != "megatron")
+    with torch.no_grad():
+        probs, routing_map = layer.router(x)
+    counts = routing_map.sum(0).tolist()
+    rows = int(sum(counts))
+    xs = torch.randn(rows, x.shape[-1], device=x.device, dtype=x.dtype, requires_grad=True)
+    p = torch.rand(rows, device=x.device, dtype=torch.float32)
+    dys = torch.randn(rows, x.shape[-1], device=x.device, dtype=x.dtype)
+    experts = layer.experts
+    tpe = torch.tensor(counts)
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                experts(xs, tpe, p)
+    else:
+        def run():
+            y, _ = experts(xs, tpe, p)
+            y.backward(dys)
+    return _time(run)
+
+
+def add_ratios(records, floor_tflops):
+    by_key = {(r.shape, r.tokens, r.mode): r for r in records if r.variant == "megatron+grouped"}
+    for r in records:
+        base = by_key.get((r.shape, r.tokens, r.mode))
+        if base is not None:
+            r.vs_grouped = base.ms / r.ms
+        floor_ms = r.tflops * r.ms / floor_tflops  # same FLOPs at the dense rate
+        r.vs_floor = floor_ms / r.ms
+
+
+def print_table(records, meta):
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover
+        for r in records:
+            print(asdict(r))
+        return
+    table = Table(title=f"MoE layer, {meta['gpu']}, EP=1, bf16 (median ms; x = vs megatron+grouped)")
+    for col in ("shape", "tokens", "mode", "variant", "ms", "TFLOP/s", "x grouped", "of floor"):
+        table.add_column(col, justify="right" if col not in ("shape", "mode", "variant") else "left")
+    for r in records:
+        table.add_row(
+            r.shape, str(r.tokens), r.mode, r.variant, f"{r.ms:.3f}", f"{r.tflops:.0f}",
+            f"{r.vs_grouped:.2f}" if r.vs_grouped else "-", f"{r.vs_floor:.2f}" if r.vs_floor else "-",
+        )
+    Console(width=140).print(table)
+
+
+def plot(records, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r.shape for r in records})
+    modes = sorted({r.mode for r in records})
+    fig, axes = plt.subplots(len(modes), len(shapes), figsize=(5 * len(shapes), 3.6 * len(modes)),
+                             squeeze=False)
+    for i, mode in enumerate(modes):
+        for j, shape in enumerate(shapes):
+            ax = axes[i][j]
+            for v in VARIANTS:
+                pts = sorted((r.tokens, r.tflops) for r in records
+                             if r.shape == shape and r.mode == mode and r.variant == v)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=v)
+            ax.set_title(f"{shape} {mode}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens per rank")
+            ax.set_ylabel("TFLOP/s")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="comet-megatron bench layer", description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
+                        help="config names in configs/ (or YAML paths) whose MoE shape to time")
+    parser.add_argument("--tokens", nargs="+", type=int, default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("comet-megatron bench layer needs a CUDA GPU (timings on the CPU mean nothing).",
+              file=sys.stderr)
+        return 2
+
+    _init_distributed()
+    shapes = [load_shape(s) for s in args.shapes]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "triton": __import__("triton").__version__, "commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
+        "command": "comet-megatron bench layer " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    meta["dense_bf16_tflops"] = dense_gemm_tflops()
+    records = []
+    from rich.progress import Progress
+
+    total = len(shapes) * len(args.tokens) * len(args.variants) * len(args.modes)
+    with Progress(transient=not sys.stdout.isatty()) as progress:
+        task = progress.add_task("timing", total=total)
+        for shape in shapes:
+            records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task)
+    add_ratios(records, meta["dense_bf16_tflops"])
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "records": [asdict(r) for r in records]},
+                                               indent=1))
+    plot(records, out / "bench.png")
+    print(f"dense bf16 GEMM: {meta['dense_bf16_tflops']:.0f} TFLOP/s ({meta['gpu']})")
+    print_table(records, meta)
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
