@@ -2,6 +2,7 @@
 
     comet-megatron pretrain --config configs/tiny.yaml [--steps N] [--nproc N] [-- MEGATRON ARGS]
     comet-megatron flags [--markdown]
+    comet-megatron bench layer [OPTIONS]      (comet_megatron.bench; needs a GPU)
 
 `pretrain` reads a YAML with three sections and launches `comet_megatron.pretrain` with torchrun:
 
@@ -15,7 +16,7 @@
       backend: auto         # auto: nccl on GPUs, gloo on CPU
 
 Every error names the offending key and how to fix it. Subcommands are a table (`SUBCOMMANDS`):
-`bench` and `tune` plug in there.
+`tune` plugs in there.
 """
 
 from __future__ import annotations
@@ -349,10 +350,27 @@ def _add_flags(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_flags)
 
 
-# name -> function adding the subparser; `bench` and `tune` register here
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmarks on a GPU: `bench layer` times one MoE layer, comet vs Megatron",
+        description="`comet-megatron bench layer --help` lists the layer benchmark's options.",
+    )
+    p.add_argument("target", choices=["layer"], help="what to time")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from comet_megatron import bench
+
+    return bench.main(args.bench_args)
+
+
+# name -> function adding the subparser; `tune` registers here
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "pretrain": _add_pretrain,
     "flags": _add_flags,
+    "bench": _add_bench,
 }
 
 

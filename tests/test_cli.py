@@ -192,7 +192,14 @@ def test_subcommands_are_a_table():
     parser = cli.build_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["no-such-command"])
-    assert {"pretrain", "flags"} <= set(cli.SUBCOMMANDS)
+    assert {"pretrain", "flags", "bench"} <= set(cli.SUBCOMMANDS)
+
+
+def test_bench_layer_forwards_its_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "layer", "--help"])
+    assert info.value.code == 0
+    assert "--tokens" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the shipped configs
