@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import sys
-import time
 from typing import Any, Sequence
 
 import torch
@@ -95,12 +94,9 @@ def apply_cpu_shims() -> bool:
     """Apply every CPU shim when no GPU is present; returns whether the run is on CPU."""
     if torch.cuda.is_available():
         return False
-    from comet_megatron.patches import cpu as cpu_moe
     from comet_megatron.patches import cpu_training
 
-    cpu_moe.apply()  # the MoE layer's shims first; the training shims keep what they replaced
-    cpu_training.apply()
-    return True
+    return cpu_training.apply()  # includes the MoE layer's shims (patches/cpu.py)
 
 
 # ---------------------------------------------------------------- model

@@ -5,9 +5,10 @@ timers and data-loader broadcasts, `model.cuda(torch.cuda.current_device())`, DD
 `torch.cuda.Stream()`, `torch.cuda.synchronize()` in timers, memory statistics in logging.
 Instead of patching each call site, two small mechanisms cover them all:
 
-1. `torch.cuda` stand-ins: the handful of `torch.cuda.*` functions that megatron.training calls
-   unconditionally are replaced by CPU versions (`current_device() -> 0`, no-op `synchronize`,
-   a dummy `Stream`/`Event`, zero memory statistics).
+1. `torch.cuda` stand-ins: `apply()` first applies the MoE layer's shims (`patches/cpu.py`:
+   `current_device`, `Stream`, `Event`, `stream`, `synchronize`, ...), then replaces the other
+   `torch.cuda.*` functions megatron.training calls unconditionally (`set_device`,
+   `empty_cache`, memory statistics, the CUDA RNG state).
 2. `CudaToCpuMode`: a `TorchFunctionMode` that rewrites a CUDA device argument (`device='cuda'`,
    `device=0`, `.cuda()`, `.to('cuda')`) to the CPU for tensor factories and moves, and makes
    `t.type()` name the CUDA tensor type (`torch.cuda.FloatTensor`) for the string checks in
@@ -42,6 +43,7 @@ MARKER = "_comet_cpu_shim"
 # (owner object, attribute name, original value) for every replacement in effect.
 _replaced: list[tuple[Any, str, Any]] = []
 _mode: "CudaToCpuMode | None" = None
+_applied_cpu_moe = False  # whether apply() installed patches/cpu.py's shims (remove() undoes them)
 
 
 class CpuShimError(RuntimeError):
@@ -86,7 +88,7 @@ def _replace(module_path: str, attr: str, replacement: Callable | type, why: str
     if getattr(original, MARKER, False):
         return
     if getattr(original, "__comet_shim__", False):
-        # already replaced by the MoE-layer shims of `patches/cpu.py`: keep theirs
+        # replaced by the MoE-layer shims of `patches/cpu.py`: keep theirs
         logger.info("cpu shim: kept %s.%s (patches/cpu.py replaced it)", module_path, attr)
         return
     setattr(replacement, MARKER, True)
@@ -97,71 +99,8 @@ def _replace(module_path: str, attr: str, replacement: Callable | type, why: str
 
 
 # ---------------------------------------------------------------- torch.cuda stand-ins
-class _CpuStream:
-    """Stands in for `torch.cuda.Stream` on CPU: every operation is already ordered."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def wait_stream(self, other: Any) -> None:
-        pass
-
-    def wait_event(self, event: Any) -> None:
-        pass
-
-    def record_event(self, event: Any = None) -> "_CpuEvent":
-        return event if event is not None else _CpuEvent()
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-
-class _CpuEvent:
-    """Stands in for `torch.cuda.Event`: records wall time so `elapsed_time` stays meaningful."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._t = None
-
-    def record(self, stream: Any = None) -> None:
-        import time
-
-        self._t = time.perf_counter()
-
-    def wait(self, stream: Any = None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def elapsed_time(self, end: "_CpuEvent") -> float:
-        if self._t is None or end._t is None:
-            return 0.0
-        return (end._t - self._t) * 1000.0
-
-
-_DEFAULT_STREAM = _CpuStream()
-
-
-def _current_device() -> int:
-    return 0
-
-
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-def _current_stream(*args: Any, **kwargs: Any) -> _CpuStream:
-    return _DEFAULT_STREAM
-
-
-def _stream(stream: Any = None) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
 
 
 def _zero(*args: Any, **kwargs: Any) -> int:
@@ -182,15 +121,8 @@ def _mem_get_info(*args: Any, **kwargs: Any) -> tuple[int, int]:
 
 # name -> (replacement, why)
 _TORCH_CUDA_STANDINS: dict[str, tuple[Callable | type, str]] = {
-    "current_device": (_current_device, "returns 0; CudaToCpuMode maps device 0 to the CPU"),
     "set_device": (_noop, "no device to select"),
-    "synchronize": (_noop, "CPU ops are synchronous"),
     "empty_cache": (_noop, "no CUDA caching allocator"),
-    "Stream": (_CpuStream, "DDP / dispatcher side streams run inline on CPU"),
-    "Event": (_CpuEvent, "wall-clock event"),
-    "current_stream": (_current_stream, "the single inline CPU stream"),
-    "default_stream": (_current_stream, "the single inline CPU stream"),
-    "stream": (_stream, "null context"),
     "set_stream": (_noop, "no streams on CPU"),
     "memory_allocated": (_zero, "no GPU memory"),
     "max_memory_allocated": (_zero, "no GPU memory"),
@@ -285,6 +217,11 @@ def apply(force: bool = False) -> bool:
         return False
     if _mode is not None:
         return True
+    from comet_megatron.patches import cpu as cpu_moe
+
+    global _applied_cpu_moe
+    _applied_cpu_moe = not cpu_moe.REPLACED
+    cpu_moe.apply()
     for name, (replacement, why) in _TORCH_CUDA_STANDINS.items():
         # a fresh function object per symbol so MARKER/__wrapped__ do not collide
         if isinstance(replacement, type):
@@ -320,7 +257,7 @@ def apply(force: bool = False) -> bool:
 
 def remove() -> None:
     """Undo every replacement `apply` made, in reverse order, and leave the device mode."""
-    global _mode
+    global _mode, _applied_cpu_moe
     if _mode is not None:
         _mode.__exit__(None, None, None)
         _mode = None
@@ -328,6 +265,11 @@ def remove() -> None:
         owner, name, original = _replaced.pop()
         setattr(owner, name, original)
         logger.info("cpu shim: restored %s.%s", getattr(owner, "__name__", owner), name)
+    if _applied_cpu_moe:
+        from comet_megatron.patches import cpu as cpu_moe
+
+        cpu_moe.restore()
+        _applied_cpu_moe = False
 
 
 def _copy_function(fn: Callable) -> Callable:

@@ -54,9 +54,14 @@ def test_replacements_are_marked_and_logged(shims, caplog):
 def test_remove_restores_everything():
     import megatron.training.training as mtraining
 
-    before = {name: getattr(torch.cuda, name) for name in cpu_training._TORCH_CUDA_STANDINS}
+    from comet_megatron.patches import cpu as cpu_moe
+
+    names = [*cpu_training._TORCH_CUDA_STANDINS, "current_device", "Stream", "synchronize"]
+    before = {name: getattr(torch.cuda, name) for name in names}
+    moe_shims_were_on = bool(cpu_moe.REPLACED)
     init_before = mtraining.initialize_megatron
     cpu_training.apply()
+    assert torch.cuda.Stream is not before["Stream"] or moe_shims_were_on
     cpu_training.remove()
     assert not cpu_training.is_applied()
     assert {name: getattr(torch.cuda, name) for name in before} == before
