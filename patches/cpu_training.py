@@ -14,15 +14,16 @@ Instead of patching each call site, two small mechanisms cover them all:
    `t.type()` name the CUDA tensor type (`torch.cuda.FloatTensor`) for the string checks in
    Megatron's optimizer. It is active only while `apply()` is in effect, in that process.
 
-Plus three Megatron symbols: the CUDA RNG tracker's `fork()` (used by dropout under TP) needs
-CUDA RNG states, so on CPU it forks nothing; and `pretrain` calls `initialize_megatron` without
-`allow_no_cuda`, so the CPU version passes `allow_no_cuda=True`; `_initialize_distributed` builds
-the model-parallel groups only when `torch.cuda.device_count() > 0`, so the CPU version reports
-one device while it runs.
+Plus three Megatron symbols:
+- `CudaRNGStatesTracker.fork` (dropout under TP) needs CUDA RNG states: on CPU it forks nothing;
+- `pretrain` calls `initialize_megatron` without `allow_no_cuda`: the CPU version passes it;
+- `_initialize_distributed` builds the model-parallel groups only when
+  `torch.cuda.device_count() > 0`: the CPU version reports one device while it runs.
 
 Everything here is applied only when `torch.cuda.is_available()` is False, is idempotent (each
 replacement carries `_comet_cpu_shim = True` and `__wrapped__ = original`), logs one line per
-replaced symbol, and is undone by `remove()`. If a megatron-core symbol moved, the error names
+replaced symbol (INFO level: `COMET_LOG_LEVEL=INFO` shows them in the main job), and is undone
+by `remove()`. If a megatron-core symbol moved, the error names
 the symbol path and the installed megatron-core version.
 """
 
@@ -212,14 +213,13 @@ def apply(force: bool = False) -> bool:
 
     Idempotent. Call before `megatron.training.pretrain` in every process.
     """
-    global _mode
+    global _mode, _applied_cpu_moe
     if torch.cuda.is_available() and not force:
         return False
     if _mode is not None:
         return True
     from comet_megatron.patches import cpu as cpu_moe
 
-    global _applied_cpu_moe
     _applied_cpu_moe = not cpu_moe.REPLACED
     cpu_moe.apply()
     for name, (replacement, why) in _TORCH_CUDA_STANDINS.items():
