@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import functools
+import math
 import os
 import shlex
 import subprocess
@@ -246,8 +247,12 @@ def _cuda_device_count() -> int:
 
 def build_pretrain_command(cfg: PretrainConfig, steps: int | None = None,
                            nproc: int | None = None, extra: Sequence[str] = (),
-                           gpus: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """(torchrun command, extra environment) that runs `comet_megatron.pretrain` for `cfg`."""
+                           gpus: int | None = None,
+                           check_world: bool = True) -> tuple[list[str], dict[str, str]]:
+    """(torchrun command, extra environment) that runs `comet_megatron.pretrain` for `cfg`.
+
+    `check_world=False` skips checking that the parallel sizes fit this host's processes (for
+    printing the arguments of a job that spans several hosts)."""
     gpus = _cuda_device_count() if gpus is None else gpus
     megatron = dict(cfg.megatron)
     if steps is not None:
@@ -272,6 +277,8 @@ def build_pretrain_command(cfg: PretrainConfig, steps: int | None = None,
             f"{cfg.source}: {nproc} processes with NCCL but only {gpus} GPU(s) visible: "
             "NCCL needs one GPU per process. Lower --nproc / launch.nproc_per_node."
         )
+    if check_world:
+        check_world_size({**megatron, **_parallel_sizes_in(extra)}, nproc, cfg.source, gpus)
     megatron["distributed_backend"] = backend
     argv = megatron_flags(megatron, cfg.source) + cfg.comet.to_cli() + list(extra)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -282,10 +289,57 @@ def build_pretrain_command(cfg: PretrainConfig, steps: int | None = None,
     return command, env
 
 
+PARALLEL_SIZES = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                  "context_parallel_size", "expert_model_parallel_size",
+                  "expert_tensor_parallel_size")
+
+
+def _parallel_sizes_in(argv: Sequence[str]) -> dict[str, int]:
+    """Parallel sizes given explicitly in extra Megatron arguments (the last one wins)."""
+    found: dict[str, int] = {}
+    for i, arg in enumerate(argv):
+        name, _, value = arg.partition("=")
+        key = name[2:].replace("-", "_") if name.startswith("--") else ""
+        if key in PARALLEL_SIZES:
+            if not value and i + 1 < len(argv):
+                value = argv[i + 1]
+            try:
+                found[key] = int(value)
+            except ValueError:
+                pass  # Megatron's own parser reports it
+    return found
+
+
+def check_world_size(megatron: Mapping[str, Any], nproc: int, source: str, gpus: int) -> None:
+    """The parallel sizes must tile the single-host world of `nproc` processes (as Megatron checks),
+    reported here with the keys to change instead of after every process has started."""
+    def size(key: str, default: int = 1) -> int:
+        value = megatron.get(key, default)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+            else default
+
+    tp, pp = size("tensor_model_parallel_size"), size("pipeline_model_parallel_size")
+    cp, ep = size("context_parallel_size"), size("expert_model_parallel_size")
+    etp = size("expert_tensor_parallel_size", tp)
+    dense, expert = tp * pp * cp, etp * ep * pp
+    if nproc % dense == 0 and nproc % expert == 0:
+        return
+    need = dense * expert // math.gcd(dense, expert)
+    where = f"{gpus} GPU(s) visible" if gpus else "no GPU visible: CPU processes"
+    raise ConfigError(
+        f"{source}: {nproc} processes ({where}) cannot hold tensor_model_parallel_size={tp} x "
+        f"pipeline_model_parallel_size={pp} x context_parallel_size={cp} and "
+        f"expert_model_parallel_size={ep} x expert_tensor_parallel_size={etp} x pipeline stages: "
+        f"the process count must be a multiple of {need}. Set --nproc / launch.nproc_per_node, or "
+        "lower those sizes (after --, e.g. -- --expert-model-parallel-size 1). Jobs larger than "
+        "one host: launch examples/pretrain_gpt_comet.py with torchrun on every host (README)."
+    )
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig.load(args.config)
     command, env = build_pretrain_command(cfg, steps=args.steps, nproc=args.nproc,
-                                          extra=args.megatron_args)
+                                          extra=args.megatron_args, check_world=not args.dry_run)
     printable = " ".join(shlex.quote(c) for c in command)
     if args.dry_run:
         print(printable)
@@ -338,7 +392,8 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="pretraining YAML (see configs/)")
     p.add_argument("--steps", type=int, default=None, help="override megatron.train_iters")
     p.add_argument("--nproc", type=int, default=None, help="override launch.nproc_per_node")
-    p.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the command, do not run it (also for jobs larger than this host)")
     p.add_argument("megatron_args", nargs=argparse.REMAINDER,
                    help="extra Megatron arguments after --")
     p.set_defaults(func=cmd_pretrain)

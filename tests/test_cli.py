@@ -167,6 +167,18 @@ def test_boolean_switches(tmp_path):
     assert "--bf16" not in command and "--use-distributed-optimizer" in command
 
 
+def test_parallel_sizes_must_fit_the_processes():
+    cfg = PretrainConfig.load(CONFIGS / "mixtral-8x7b-4l.yaml")  # EP=8
+    with pytest.raises(ConfigError, match="expert_model_parallel_size=8") as info:
+        _flags(cfg, gpus=0, nproc=2)
+    assert "multiple of 8" in str(info.value) and "--nproc" in str(info.value)
+    _flags(cfg, gpus=8)  # one 8-GPU host fits
+    _flags(cfg, gpus=1, nproc=1, extra=["--expert-model-parallel-size", "1"])  # override after --
+    full = PretrainConfig.load(CONFIGS / "mixtral-8x7b.yaml")  # EP=8 x PP=4: 32 GPUs
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        _flags(full, gpus=8)
+
+
 def test_pretrain_config_round_trip(tmp_path):
     cfg = PretrainConfig.load(CONFIGS / "tiny.yaml")
     again = _load(tmp_path, cfg.to_dict())
@@ -233,7 +245,7 @@ def test_every_config_passes_megatron_validation(path):
 
     cfg = PretrainConfig.load(path)
     gpus = 0 if path.name == "tiny.yaml" else 8
-    command, _ = cli.build_pretrain_command(cfg, gpus=gpus)
+    command, _ = cli.build_pretrain_command(cfg, gpus=gpus, check_world=False)
     argv = pretrain.default_argv(command[command.index("comet_megatron.pretrain") + 1:],
                                  cuda=gpus > 0)
     args = cli.megatron_parser().parse_args(argv)
