@@ -27,6 +27,8 @@ class KernelConfig:
     trace: bool = False
     num_warps: int = 4
     num_stages: int = 3
+    group_m: int = 8  # dispatch_gemm: tiles that sweep the column blocks together (L2 reuse of weights)
+    group_n: int = 8  # gemm_combine: column chunks per super-chunk (L2 reuse of the A rows)
 
 
 def default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:

@@ -9,8 +9,9 @@ One launch per rank, grid (num_comm + num_compute,):
   in forward, the pair id, source rank and routing prob of every row, resolved through the peer's
   `send_order`/`send_offsets`), then release-stores the epoch into the tile's local ready flag.
 - programs [num_comm, grid) COMPUTE, persistent: program p takes work items p, p + num_compute, ... where
-  item w is (tile w // n_blocks, column block w % n_blocks). It waits for the tile's ready flag and
-  computes recv[tile] @ W[expert] with the epilogue fused:
+  item w is a (tile, column block) pair (see `_dispatch_item`). It waits for the tile's ready flag and
+  computes recv[tile] @ W[expert] with the epilogue fused (items are grouped: GROUP_M consecutive
+  tiles sweep the column blocks together, for L2 reuse of the weights):
     forward:  h = act(pre) (gated: act(pre[:, :F]) * pre[:, F:]); stores h and, if asked, pre.
     backward: the rows are grad_out rows, W = w2^T, so acc = dhp = g @ w2^T (grad of the prob-scaled
               hidden). Stores d_pre = act'(pre) * (dhp * p) and the per-(row, column block) partials
@@ -116,6 +117,17 @@ def _pull_tile_rows(q, x_table, order_table, offsets_table, probs_table, inputs_
 
 
 @triton.jit
+def _dispatch_item(w, num_tiles, n_blocks, GROUP_M: tl.constexpr):
+    """Work item w -> (tile, column block), grouped: GROUP_M consecutive tiles (in processing order)
+    sweep all column blocks together, so concurrent programs share weight tiles in L2."""
+    per_group = GROUP_M * n_blocks
+    first = (w // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_tiles - first, GROUP_M)
+    r = w % per_group
+    return first + r % rows_in_group, r // rows_in_group
+
+
+@triton.jit
 def _dispatch_gemm_kernel(
     x_table, order_table, offsets_table, probs_table, inputs_ready_ptr,
     seg_start_ptr, seg_count_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
@@ -124,7 +136,7 @@ def _dispatch_gemm_kernel(
     out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr,
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_tiles,
     TOPK: tl.constexpr, HIDDEN: tl.constexpr, FFN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr, NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, GROUP_M: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
     KNOWN_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
 ):
@@ -149,8 +161,7 @@ def _dispatch_gemm_kernel(
         # while loops: the bounds live in device memory (Triton's interpreter cannot range() over them)
         w = pid - NUM_COMM
         while w < num_tiles * n_blocks:
-            q = w // n_blocks
-            nb = w % n_blocks
+            q, nb = _dispatch_item(w, num_tiles, n_blocks, GROUP_M)
             wait_until_geq(tile_ready_ptr + q, epoch, timeout, err_ptr, ERR_DISPATCH_TILE, q, GLOBALTIMER)
             if TRACE:
                 tl.store(trace_ptr + 2 * (max_tiles + w), now(clock_ptr, GLOBALTIMER))
@@ -225,7 +236,7 @@ class DispatchResult:
 
 def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, ffn: int, backward: bool,
             activation: str, gated: bool, store_pre: bool, rows: DispatchResult | None, num_comm, num_compute,
-            block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int) -> DispatchResult:
+            block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int, group_m: int) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
@@ -261,7 +272,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock,
         layout.max_tiles,
         TOPK=lay.topk, HIDDEN=hidden, FFN=ffn, WORLD=view.world_size, EL=lay.local_experts, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
-        BM=layout.block_m, BN=block_n, BK=block_k, BH=block_h,
+        BM=layout.block_m, BN=block_n, BK=block_k, BH=block_h, GROUP_M=group_m,
         ACT=ACTIVATIONS[activation], GATED=gated, BACKWARD=backward, STORE_PRE=store_pre,
         KNOWN_ROWS=rows is not None, DOT_PRECISION=dot_precision(dtype), TRACE=trace,
         GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
@@ -277,7 +288,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
 def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, activation: str = "silu",
                   gated: bool = True, store_pre: bool = True, num_comm: int | None = None,
                   num_compute: int | None = None, block_n: int = 64, block_k: int = 32, block_h: int = 128,
-                  trace: bool = False, num_warps: int = 4, num_stages: int = 3) -> DispatchResult:
+                  trace: bool = False, num_warps: int = 4, num_stages: int = 3, group_m: int = 8) -> DispatchResult:
     """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
 
     w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain).
@@ -287,14 +298,14 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
     return _launch(view, layout, w1, epoch, ffn=ffn, backward=False, activation=activation, gated=gated,
                    store_pre=store_pre, rows=None, num_comm=num_comm, num_compute=num_compute,
                    block_n=block_n, block_k=block_k, block_h=block_h, trace=trace, num_warps=num_warps,
-                   num_stages=num_stages)
+                   num_stages=num_stages, group_m=group_m)
 
 
 def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult, w2: torch.Tensor, epoch: int,
                            *, activation: str = "silu", gated: bool = True, num_comm: int | None = None,
                            num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                            block_h: int = 128, trace: bool = False, num_warps: int = 4,
-                           num_stages: int = 3) -> DispatchResult:
+                           num_stages: int = 3, group_m: int = 8) -> DispatchResult:
     """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, fused act backward.
 
     `forward` is the forward round's result (row sources, probs and pre-activation are reused);
@@ -306,4 +317,4 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
     return _launch(view, layout, w2.transpose(1, 2), epoch, ffn=w2.shape[1], backward=True,
                    activation=activation, gated=gated, store_pre=False, rows=forward, num_comm=num_comm,
                    num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace,
-                   num_warps=num_warps, num_stages=num_stages)
+                   num_warps=num_warps, num_stages=num_stages, group_m=group_m)

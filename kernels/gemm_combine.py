@@ -3,8 +3,8 @@
 `gemm_combine`, one launch per rank, grid (num_compute + num_comm,):
 
 - programs [0, num_compute) COMPUTE, persistent: program p takes work items p, p + num_compute, ... in
-  CHUNK-MAJOR order (item w = (column chunk w // num_tiles, tile w % num_tiles)), so whole column chunks
-  of the output finish early. Each item computes y = a[tile] @ W[expert][:, chunk] (a = h forward,
+  CHUNK-MAJOR order: super-chunks of `group_n` column chunks one after the other (so whole column
+  chunks of the output finish early), tile by tile inside one (see `_combine_item`). Each item computes y = a[tile] @ W[expert][:, chunk] (a = h forward,
   d_pre backward), scales the rows by their routing prob in fp32 when `scale` (forward), stores the
   chunk into a local staging buffer and release-stores the epoch into the item's local done flag.
 - programs [num_compute, grid) COMMUNICATE: comm program c takes items c, c + num_comm, ... in the same
@@ -36,6 +36,18 @@ from .signals import ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release,
 
 
 @triton.jit
+def _combine_item(w, num_tiles, n_chunks, GROUP_N: tl.constexpr):
+    """Work item w -> (tile, column chunk). Columns are cut into super-chunks of GROUP_N chunks; super-
+    chunks are processed in order (they finish early, as Comet's column chunks), and inside one the
+    items go tile by tile with the GROUP_N chunks inner, so a wave of programs re-reads few A rows."""
+    per_super = num_tiles * GROUP_N
+    first_chunk = (w // per_super) * GROUP_N
+    chunks_here = tl.minimum(n_chunks - first_chunk, GROUP_N)
+    r = w % per_super
+    return r // chunks_here, first_chunk + r % chunks_here
+
+
+@triton.jit
 def _gemm_combine_kernel(
     a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, recv_prob_ptr,
     stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
@@ -43,21 +55,22 @@ def _gemm_combine_kernel(
     tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_items,
     K_DIM: tl.constexpr, HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr, NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
     SCALE: tl.constexpr, SCALARS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_tiles = tl.load(num_tiles_ptr)
-    total = num_tiles * tl.cdiv(HIDDEN, BN)
+    n_chunks = tl.cdiv(HIDDEN, BN)
+    total = num_tiles * n_chunks
     # while loops: the bounds live in device memory (Triton's interpreter cannot range() over them)
     if pid < NUM_COMPUTE:
         w = pid
         while w < total:
             if TRACE:
                 tl.store(trace_ptr + 2 * w, now(clock_ptr, GLOBALTIMER))
-            q = w % num_tiles
-            cols = (w // num_tiles) * BN + tl.arange(0, BN)
+            q, chunk = _combine_item(w, num_tiles, n_chunks, GROUP_N)
+            cols = chunk * BN + tl.arange(0, BN)
             cmask = cols < HIDDEN
             j = tl.load(tile_expert_ptr + q)
             rows = tl.load(tile_start_ptr + q) + tl.arange(0, BM)
@@ -85,8 +98,7 @@ def _gemm_combine_kernel(
         w = cid
         while w < total:
             wait_until_geq(done_ptr + w, epoch, timeout, err_ptr, ERR_COMBINE_CHUNK, w, GLOBALTIMER)
-            q = w % num_tiles
-            chunk = w // num_tiles
+            q, chunk = _combine_item(w, num_tiles, n_chunks, GROUP_N)
             cols = chunk * BN + tl.arange(0, BN)
             cmask = cols < HIDDEN
             rows = tl.load(tile_start_ptr + q) + tl.arange(0, BM)
@@ -119,7 +131,8 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  recv_pair: torch.Tensor, recv_src: torch.Tensor, recv_prob: torch.Tensor | None = None,
                  row_scalars: torch.Tensor | None = None, num_comm: int | None = None,
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
-                 trace: bool = False, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor | None:
+                 trace: bool = False, num_warps: int = 4, num_stages: int = 3,
+                 group_n: int = 8) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
 
     a: [R, Kd] receive-order rows (forward: h, Kd = F; backward: d_pre, Kd = F1).
@@ -147,7 +160,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         layout.tile_expert, layout.tile_row_start, layout.tile_row_end, layout.num_tiles,
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock, max_items,
         K_DIM=a.shape[1], HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
-        BM=layout.block_m, BN=block_n, BK=block_k,
+        BM=layout.block_m, BN=block_n, BK=block_k, GROUP_N=group_n,
         SCALE=recv_prob is not None, SCALARS=row_scalars is not None, DOT_PRECISION=dot_precision(a.dtype),
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
     )

@@ -77,6 +77,7 @@ CASES = {
     "w1_k1_swiglu": (1, [13], 1, 3, True, "silu", "uniform", {}),
     "w2_k2_swiglu": (2, [11, 7], 2, 2, True, "silu", "uniform", {}),
     "w2_k4_gelu": (2, [9, 10], 4, 3, False, "gelu", "uniform", {}),
+    "w2_k2_swiglu_grouped_items": (2, [16, 13], 2, 1, True, "silu", "uniform", dict(group_m=2, group_n=2)),
     "w2_k2_geglu_bigtiles": (2, [12, 12], 2, 2, True, "gelu", "uniform",
                              dict(block_m=32, block_n=32, block_k=32, block_h=64)),
     "w4_k2_relu_skewed": (4, [10, 8, 12, 9], 2, 2, False, "relu", "skewed", {}),
