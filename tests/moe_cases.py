@@ -66,7 +66,7 @@ def shape_router(layer, routing: str) -> None:
     with it (or against it) attract (or repel) every token.
     """
     w = layer.router.weight.data
-    u = direction(w.shape[1])
+    u = direction(w.shape[1]).to(w.device, w.dtype)
     if routing in ("skewed", "zero"):
         w[0] += 1.5 * u  # logit +3: most tokens pick expert 0, the softmax stays unsaturated
     if routing == "zero":
