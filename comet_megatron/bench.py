@@ -286,6 +286,8 @@ def plot(records, path):
 
 
 def _git_commit() -> str:
+    if os.environ.get("COMET_COMMIT"):
+        return os.environ["COMET_COMMIT"]  # set by callers whose copy of the tree has no .git
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
     except Exception:  # noqa: BLE001

@@ -152,7 +152,7 @@ def megatron_parser() -> argparse.ArgumentParser:
     """Megatron's full argument parser plus the comet flags (what the launched job parses)."""
     from megatron.training.arguments import add_megatron_arguments
 
-    from comet_megatron.pretrain import extra_args_provider
+    from comet_megatron.integration import extra_args_provider
 
     parser = argparse.ArgumentParser(allow_abbrev=False)
     add_megatron_arguments(parser)

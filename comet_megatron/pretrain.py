@@ -83,13 +83,6 @@ def default_argv(argv: Sequence[str], cuda: bool) -> list[str]:
     return argv
 
 
-def extra_args_provider(parser):
-    """Megatron `extra_args_provider`: the `comet` dispatcher choice and the `--comet-*` flags."""
-    from comet_megatron import integration
-
-    return integration.extra_args_provider(parser)
-
-
 def apply_cpu_shims() -> bool:
     """Apply every CPU shim when no GPU is present; returns whether the run is on CPU."""
     if torch.cuda.is_available():
@@ -291,21 +284,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     on_cpu = apply_cpu_shims()
     argv = default_argv(argv, cuda=not on_cpu)
 
+    from comet_megatron import integration
     from comet_megatron.patches import megatron_training
 
     # Megatron parses sys.argv, here and again inside `pretrain` (ft_integration): it holds the
-    # filled-in argv for the whole run.
+    # filled-in argv for the whole run. `enable()` makes every parse accept the comet flags.
     saved_argv = sys.argv
     sys.argv = [saved_argv[0] if saved_argv else "comet_megatron.pretrain", *argv]
-    restores = [
-        megatron_training.reparse_with(extra_args_provider),
-        megatron_training.use_prebuilt_dataset_helpers(),
-    ]
+    integration.enable()
+    restore_helpers = megatron_training.use_prebuilt_dataset_helpers()
     try:
         return _parse_and_pretrain()
     finally:
-        for restore in reversed(restores):
-            restore()
+        restore_helpers()
         sys.argv = saved_argv
 
 
@@ -317,7 +308,7 @@ def _parse_and_pretrain() -> dict[str, Any]:
 
     from comet_megatron.patches import megatron_training
 
-    args = parse_and_validate_args(extra_args_provider=extra_args_provider)
+    args = parse_and_validate_args()  # comet flags come from the hook enable() installed
     if args.moe_token_dispatcher_type == "comet":
         from comet_megatron import integration
 

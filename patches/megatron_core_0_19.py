@@ -203,6 +203,58 @@ def add_dispatcher_choice(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return parser
 
 
+def install_parse_args_hook(provider) -> bool:
+    """Make `megatron.training.arguments.parse_args` always apply `provider` after the caller's.
+
+    Megatron parses `sys.argv` in `initialize_megatron` and again in `pretrain`
+    (`ft_integration.setup`, with no extra-args provider): with the hook, both accept
+    `--moe-token-dispatcher-type comet` and the `--comet-*` flags without any change to the user's
+    training script. `provider` must be idempotent. Returns False when already installed or when
+    `megatron.training` is not importable.
+    """
+    try:
+        from megatron.training import arguments
+    except ImportError:
+        return False
+    current = arguments.parse_args
+    if getattr(current, MARKER, False):
+        return False
+
+    @functools.wraps(current)
+    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
+        def both(parser):
+            if extra_args_provider is not None:
+                parser = extra_args_provider(parser)
+            return provider(parser)
+
+        return current(both, ignore_unknown_args)
+
+    setattr(parse_args, MARKER, True)
+    arguments.parse_args = parse_args
+    log.info("comet-megatron: patched megatron.training.arguments.parse_args (comet flags)")
+    return True
+
+
+def uninstall_parse_args_hook() -> None:
+    try:
+        from megatron.training import arguments
+    except ImportError:
+        return
+    current = arguments.parse_args
+    if getattr(current, MARKER, False):
+        arguments.parse_args = current.__wrapped__
+        log.info("comet-megatron: restored megatron.training.arguments.parse_args")
+
+
+def parsed_megatron_args():
+    """Megatron's global args once `megatron.training` has parsed them, else None."""
+    try:
+        from megatron.training import global_vars
+    except ImportError:
+        return None
+    return getattr(global_vars, "_GLOBAL_ARGS", None)
+
+
 def check_installed_version() -> str:
     import megatron.core
 

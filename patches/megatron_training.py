@@ -4,10 +4,6 @@
   `megatron/core/datasets/` to build the C++ dataset helpers, but the megatron-core wheel ships
   them prebuilt (`helpers_cpp`) and no Makefile, so `make` fails and Megatron calls `sys.exit(1)`.
   When `helpers_cpp` imports, compiling is skipped.
-- `reparse_with(extra_args_provider)`: `pretrain` calls `ft_integration.setup()`, which parses
-  `sys.argv` again with `arguments.parse_args(ignore_unknown_args=True)` and no extra-args
-  provider, so a value only the provider allows (`--moe-token-dispatcher-type comet`) fails
-  there. The replacement passes the provider when the caller gave none.
 - `observe_train_steps(callback)`: `train()` calls `train_step` through the module global of
   `megatron.training.training`; wrapping that global times every step and reads its reduced loss
   without touching the loop.
@@ -92,18 +88,6 @@ def use_prebuilt_dataset_helpers() -> Callable[[], None]:
 
     return _install("megatron.core.datasets.utils", "compile_helpers", compile_helpers,
                     "helpers_cpp is prebuilt in the wheel")
-
-
-def reparse_with(extra_args_provider: Callable) -> Callable[[], None]:
-    """Make Megatron's later `parse_args` calls (with no provider) use `extra_args_provider`."""
-    _, original = _resolve("megatron.training.arguments", "parse_args")
-
-    @functools.wraps(original)
-    def parse_args(extra_args_provider_=None, ignore_unknown_args=False):
-        return original(extra_args_provider_ or extra_args_provider, ignore_unknown_args)
-
-    return _install("megatron.training.arguments", "parse_args", parse_args,
-                    "re-parses of sys.argv accept the --comet-* flags and the comet dispatcher")
 
 
 def observe_train_steps(callback: Callable[[int, dict, float], None]) -> Callable[[], None]:

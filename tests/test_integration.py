@@ -148,3 +148,33 @@ def test_grouped_experts_match_float64_reference(gated, bias, activation):
     (errs,) = run_distributed(_experts_body, 1, gated=gated, bias=bias, activation=activation)
     bad = {k: v for k, v in errs.items() if not v <= 1e-5}
     assert not bad, bad
+
+
+def test_enable_makes_every_megatron_parse_accept_comet_flags(monkeypatch):
+    """megatron-core 0.19 parses sys.argv twice (initialize, then pretrain's ft_integration) with
+    no provider the second time: after enable() both accept the flags, and the layers' default
+    config is what was parsed."""
+    import sys
+
+    from megatron.training import arguments, global_vars
+
+    import comet_megatron
+    from comet_megatron import integration
+
+    comet_megatron.disable()
+    monkeypatch.setattr(sys, "argv", ["train.py", "--moe-token-dispatcher-type", "comet",
+                                      "--comet-comm-programs", "12", "--no-comet-overlap"])
+    with pytest.raises(SystemExit):
+        arguments.parse_args(ignore_unknown_args=True)  # without enable(): 'comet' is rejected
+    comet_megatron.enable()
+    try:
+        args = arguments.parse_args(ignore_unknown_args=True)
+        assert args.moe_token_dispatcher_type == "comet"
+        again = arguments.parse_args(integration.extra_args_provider)  # composes, no duplicates
+        assert again.comet_comm_programs == "12"
+        monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", args)
+        cfg = integration.default_config()
+        assert cfg.comm_programs == 12 and cfg.overlap is False
+    finally:
+        comet_megatron.disable()
+    assert not getattr(arguments.parse_args, "__comet_megatron_patch__", False)
