@@ -44,3 +44,8 @@ def default_programs(device: torch.device, num_comm: int | None, num_compute: in
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands: full-precision products (tests compare against float64); bf16/fp16 ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def rows_16b_aligned(hidden: int, dtype: torch.dtype) -> bool:
+    """True when every row of a [*, hidden] region starts 16-byte aligned (regions are 256-aligned)."""
+    return hidden * torch.empty((), dtype=dtype).element_size() % 16 == 0

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import default_programs, dot_precision
+from .config import default_programs, dot_precision, rows_16b_aligned
 from .routing import ReceiveLayout
 from .signals import ERR_DISPATCH_INPUTS, ERR_DISPATCH_TILE, now, store_release, use_globaltimer, wait_until_geq
 
@@ -66,7 +66,7 @@ def _pull_tile_rows(q, x_table, order_table, offsets_table, probs_table, inputs_
                     rank, epoch, timeout, err_ptr,
                     TOPK: tl.constexpr, HIDDEN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr,
                     BM: tl.constexpr, BH: tl.constexpr,
-                    KNOWN_ROWS: tl.constexpr, GLOBALTIMER: tl.constexpr):
+                    KNOWN_ROWS: tl.constexpr, ROWS_16B: tl.constexpr, GLOBALTIMER: tl.constexpr):
     """Pull the rows of tile q from their source ranks into the local receive buffer."""
     j = tl.load(tile_expert_ptr + q)
     rs = tl.load(tile_start_ptr + q)
@@ -108,6 +108,10 @@ def _pull_tile_rows(q, x_table, order_table, offsets_table, probs_table, inputs_
         tl.store(recv_src_ptr + rows, src, mask=rmask)
         tl.store(recv_prob_ptr + rows, prob, mask=rmask)
     token_rows = xbase.to(tl.pointer_type(recv_ptr.dtype.element_ty), bitcast=True) + (pair // TOPK).to(tl.int64) * HIDDEN
+    if ROWS_16B:
+        # Region bases are 256-byte aligned and a row is a multiple of 16 bytes: lets Triton vectorize
+        # the gathered loads (it cannot know the alignment of addresses read from a table).
+        token_rows = tl.multiple_of(token_rows, 16)
     dst_rows = recv_ptr + rows.to(tl.int64) * HIDDEN
     for h0 in range(0, HIDDEN, BH):
         cols = h0 + tl.arange(0, BH)
@@ -138,7 +142,8 @@ def _dispatch_gemm_kernel(
     TOPK: tl.constexpr, HIDDEN: tl.constexpr, FFN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr, NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, GROUP_M: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
-    KNOWN_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
+    KNOWN_ROWS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
+    GLOBALTIMER: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_tiles = tl.load(num_tiles_ptr)
@@ -151,7 +156,7 @@ def _dispatch_gemm_kernel(
                             seg_start_ptr, seg_count_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                             recv_ptr, recv_pair_ptr, recv_src_ptr, recv_prob_ptr,
                             rank, epoch, timeout, err_ptr,
-                            TOPK, HIDDEN, WORLD, EL, BM, BH, KNOWN_ROWS, GLOBALTIMER)
+                            TOPK, HIDDEN, WORLD, EL, BM, BH, KNOWN_ROWS, ROWS_16B, GLOBALTIMER)
             store_release(tile_ready_ptr + q, epoch)
             if TRACE:
                 tl.store(trace_ptr + 2 * q + 1, now(clock_ptr, GLOBALTIMER))
@@ -274,7 +279,8 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         TOPK=lay.topk, HIDDEN=hidden, FFN=ffn, WORLD=view.world_size, EL=lay.local_experts, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
         BM=layout.block_m, BN=block_n, BK=block_k, BH=block_h, GROUP_M=group_m,
         ACT=ACTIVATIONS[activation], GATED=gated, BACKWARD=backward, STORE_PRE=store_pre,
-        KNOWN_ROWS=rows is not None, DOT_PRECISION=dot_precision(dtype), TRACE=trace,
+        KNOWN_ROWS=rows is not None, ROWS_16B=rows_16b_aligned(hidden, dtype), DOT_PRECISION=dot_precision(dtype),
+        TRACE=trace,
         GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
     )
     r = slice(0, n_rows)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import default_programs, dot_precision
+from .config import default_programs, dot_precision, rows_16b_aligned
 from .routing import ReceiveLayout
 from .signals import ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_until_geq
 
@@ -56,7 +56,7 @@ def _gemm_combine_kernel(
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_items,
     K_DIM: tl.constexpr, HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr, NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
-    SCALE: tl.constexpr, SCALARS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE: tl.constexpr, SCALARS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -111,6 +111,8 @@ def _gemm_combine_kernel(
             m2 = rmask[:, None] & cmask[None, :]
             v = tl.load(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :], mask=m2)
             dst_rows = dst.to(tl.pointer_type(stage_ptr.dtype.element_ty), bitcast=True) + pair * HIDDEN
+            if ROWS_16B:  # see dispatch_gemm: lets Triton vectorize stores to table-derived addresses
+                dst_rows = tl.multiple_of(dst_rows, 16)
             tl.store(dst_rows[:, None] + cols[None, :], v, mask=m2)
             if SCALARS:
                 if chunk == 0:
@@ -161,7 +163,8 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock, max_items,
         K_DIM=a.shape[1], HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
         BM=layout.block_m, BN=block_n, BK=block_k, GROUP_N=group_n,
-        SCALE=recv_prob is not None, SCALARS=row_scalars is not None, DOT_PRECISION=dot_precision(a.dtype),
+        SCALE=recv_prob is not None, SCALARS=row_scalars is not None, ROWS_16B=rows_16b_aligned(hidden, dtype),
+        DOT_PRECISION=dot_precision(a.dtype),
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
     )
     return trace_buf
