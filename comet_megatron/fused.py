@@ -12,6 +12,7 @@ are shared between layers of equal shapes through `_WORKSPACES`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -19,8 +20,16 @@ import torch
 import torch.nn.functional as F
 
 from comet_megatron.config import CometConfig
-from comet_megatron.kernels import KernelConfig, expert_weight_grads, moe_backward, moe_forward, run_rank
+from comet_megatron.kernels import (
+    KernelConfig,
+    SignalTimeout,
+    expert_weight_grads,
+    moe_backward,
+    moe_forward,
+    run_rank,
+)
 from comet_megatron.transport import SymmetricWorkspace
+from comet_megatron.transport.workspace import PeerUnreachable
 
 log = logging.getLogger("comet_megatron")
 
@@ -64,13 +73,31 @@ def kernel_config(cfg: CometConfig, config) -> KernelConfig:
     return kc
 
 
+class CometTimeout(RuntimeError):
+    """A comet kernel gave up waiting for a peer: names the rank, the layer and the phase."""
+
+
+@contextlib.contextmanager
+def _reporting(runner, direction: str):
+    """Turn a timed-out wait (kernel signal or workspace agreement) into `CometTimeout`."""
+    try:
+        yield
+    except (SignalTimeout, PeerUnreachable) as exc:
+        raise CometTimeout(
+            f"comet MoE layer {runner.layer_name}, {direction}: {exc}. The peer may have died, "
+            f"be stuck, or be running a different layer (all EP ranks must call the same MoE "
+            f"layers in the same order). Wait bound: --comet-wait-timeout-s "
+            f"{runner.timeout_s:g}."
+        ) from exc
+
+
 class _FusedMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_probs, w1, w2, topk_idx, runner):
-        view = runner.workspace.ensure_capacity(x.shape[0])
-        out, state = run_rank(
-            moe_forward(view, x, topk_idx, topk_probs.float(), w1, w2, runner.kernel), view
-        )
+        with _reporting(runner, "forward"):
+            view = runner.workspace.ensure_capacity(x.shape[0])
+            phases = moe_forward(view, x, topk_idx, topk_probs.float(), w1, w2, runner.kernel)
+            out, state = run_rank(phases, view)
         ctx.runner, ctx.state, ctx.probs_dtype = runner, state, topk_probs.dtype
         ctx.save_for_backward(w1, w2)
         return out
@@ -80,9 +107,9 @@ class _FusedMoE(torch.autograd.Function):
         w1, w2 = ctx.saved_tensors
         runner, state = ctx.runner, ctx.state
         view = runner.workspace.view
-        grad_x, grad_probs, bstate = run_rank(
-            moe_backward(view, state, grad_out.contiguous(), w1, w2, runner.kernel), view
-        )
+        with _reporting(runner, "backward"):
+            phases = moe_backward(view, state, grad_out.contiguous(), w1, w2, runner.kernel)
+            grad_x, grad_probs, bstate = run_rank(phases, view)
         dw1, dw2 = expert_weight_grads(state, bstate, out_dtype=w1.dtype)
         ctx.state = ctx.runner = None
         return grad_x, grad_probs.to(ctx.probs_dtype), dw1, dw2, None, None
@@ -91,8 +118,10 @@ class _FusedMoE(torch.autograd.Function):
 class FusedExperts:
     """Runs one comet layer's experts through the fused kernels over a symmetric workspace."""
 
-    def __init__(self, cfg: CometConfig, config, transport: str, group, device, dtype):
+    def __init__(self, cfg: CometConfig, config, transport: str, group, device, dtype, layer_name=""):
         self.kernel = kernel_config(cfg, config)
+        self.layer_name = layer_name
+        self.timeout_s = cfg.wait_timeout_s
         self.topk = config.moe_router_topk
         key = (
             transport, id(group), self.topk, config.hidden_size, config.num_moe_experts, dtype,

@@ -103,7 +103,7 @@ class CometMoELayer(MoELayer):
         if transport != "nccl":
             self._fused = FusedExperts(
                 self.comet_config, self.config, transport, self.ep_group,
-                hidden_states.device, hidden_states.dtype,
+                hidden_states.device, hidden_states.dtype, layer_name=str(self.layer_number),
             )
         self._transport = transport
         log.info(

@@ -65,6 +65,10 @@ class _CpuEvent:
 _CPU_STREAM = _CpuStream()
 
 
+def _no_rng_state(*args, **kwargs):
+    return torch.empty(0, dtype=torch.uint8)
+
+
 def _current_device():
     return torch.device("cpu")
 
@@ -93,6 +97,10 @@ def apply() -> bool:
     _replace(torch.cuda, "default_stream", lambda *a, **k: _CPU_STREAM)
     _replace(torch.cuda, "stream", lambda *a, **k: contextlib.nullcontext())
     _replace(torch.cuda, "synchronize", lambda *a, **k: None)
+    # Megatron's checkpoint() (activation recomputation) saves and restores the CUDA RNG state;
+    # with no CUDA generator there is none (restoring goes through torch's lazy, never-run queue).
+    _replace(torch.cuda, "get_rng_state", _no_rng_state)
+    _replace(torch.cuda.random, "get_rng_state", _no_rng_state)
     _patch_megatron_dtoh()
     _patch_megatron_rng_fork()
     return True

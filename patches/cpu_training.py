@@ -6,16 +6,15 @@ timers and data-loader broadcasts, `model.cuda(torch.cuda.current_device())`, DD
 Instead of patching each call site, two small mechanisms cover them all:
 
 1. `torch.cuda` stand-ins: `apply()` first applies the MoE layer's shims (`patches/cpu.py`:
-   `current_device`, `Stream`, `Event`, `stream`, `synchronize`, ...), then replaces the other
-   `torch.cuda.*` functions megatron.training calls unconditionally (`set_device`,
-   `empty_cache`, memory statistics, the CUDA RNG state).
+   `current_device`, `Stream`, `Event`, `stream`, `synchronize`, the CUDA RNG state and
+   `CudaRNGStatesTracker.fork`), then replaces the other `torch.cuda.*` functions
+   megatron.training calls unconditionally (`set_device`, `empty_cache`, memory statistics).
 2. `CudaToCpuMode`: a `TorchFunctionMode` that rewrites a CUDA device argument (`device='cuda'`,
    `device=0`, `.cuda()`, `.to('cuda')`) to the CPU for tensor factories and moves, and makes
    `t.type()` name the CUDA tensor type (`torch.cuda.FloatTensor`) for the string checks in
    Megatron's optimizer. It is active only while `apply()` is in effect, in that process.
 
-Plus three Megatron symbols:
-- `CudaRNGStatesTracker.fork` (dropout under TP) needs CUDA RNG states: on CPU it forks nothing;
+Plus two Megatron symbols:
 - `pretrain` calls `initialize_megatron` without `allow_no_cuda`: the CPU version passes it;
 - `_initialize_distributed` builds the model-parallel groups only when
   `torch.cuda.device_count() > 0`: the CPU version reports one device while it runs.
@@ -29,7 +28,6 @@ the symbol path and the installed megatron-core version.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 from typing import Any, Callable
@@ -112,10 +110,6 @@ def _memory_stats(*args: Any, **kwargs: Any) -> dict:
     return {}
 
 
-def _get_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8)
-
-
 def _mem_get_info(*args: Any, **kwargs: Any) -> tuple[int, int]:
     return (0, 0)
 
@@ -132,7 +126,6 @@ _TORCH_CUDA_STANDINS: dict[str, tuple[Callable | type, str]] = {
     "reset_peak_memory_stats": (_noop, "no GPU memory"),
     "memory_stats": (_memory_stats, "no GPU memory"),
     "mem_get_info": (_mem_get_info, "no GPU memory"),
-    "get_rng_state": (_get_rng_state, "no CUDA generator; the rerun state machine saves it"),
     "set_rng_state": (_noop, "no CUDA generator"),
 }
 
@@ -176,11 +169,6 @@ class CudaToCpuMode(TorchFunctionMode):
 
 
 # ---------------------------------------------------------------- megatron-core symbols
-def _cpu_rng_fork(self, name: str = "model-parallel-rng"):
-    """`CudaRNGStatesTracker.fork` on CPU: no CUDA RNG states exist; run with the CPU generator."""
-    return contextlib.nullcontext()
-
-
 def _make_initialize_megatron(original: Callable) -> Callable:
     def initialize_megatron(*args: Any, **kwargs: Any):
         kwargs["allow_no_cuda"] = True
@@ -229,12 +217,6 @@ def apply(force: bool = False) -> bool:
         else:
             replacement = _copy_function(replacement)
         _replace("torch.cuda", name, replacement, why)
-    _replace(
-        "megatron.core.tensor_parallel.random",
-        "CudaRNGStatesTracker.fork",
-        _copy_function(_cpu_rng_fork),
-        "no CUDA RNG states on CPU; dropout uses the CPU generator",
-    )
     _, init_original = _resolve("megatron.training.training", "initialize_megatron")
     _replace(
         "megatron.training.training",

@@ -112,15 +112,16 @@ def run_layer_case(rank: int, overrides: dict, routing: str, seed: int, seq: int
         captured = {}
 
         def keep_probs(module, inputs, output):
-            output[0].retain_grad()
-            captured["probs"] = output[0]
+            if output[0].requires_grad:  # with recomputation: the pass that builds the graph
+                output[0].retain_grad()
+                captured["probs"] = output[0]
 
         handle = layer.router.register_forward_hook(keep_probs)
         xi = x.clone().requires_grad_(True)
         y, bias = layer(xi)
-        handle.remove()
         assert bias is None
         y.backward(dy)
+        handle.remove()  # after backward: recomputation runs the router again there
         grads = {n: p.grad for n, p in layer.named_parameters()}
         outs[tag] = (y.detach(), xi.grad, grads, captured["probs"].grad)
     errs = {

@@ -14,6 +14,7 @@ needed, following `--comet-grow-workspace`.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -27,6 +28,10 @@ log = logging.getLogger("comet_megatron.transport")
 
 class WorkspaceTooSmall(CometConfigError):
     pass
+
+
+class PeerUnreachable(RuntimeError):
+    """The EP peers did not answer the (bounded) workspace agreement: one died or is stuck."""
 
 
 class SymmetricWorkspace:
@@ -68,7 +73,14 @@ class SymmetricWorkspace:
         needed = tokens
         if self.world > 1:
             t = torch.tensor([tokens], dtype=torch.int64, device=self._collective_device())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+            try:  # bounded like every other wait: a dead or stuck peer must not hang this rank
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+            except Exception as exc:  # noqa: BLE001  (backends raise different types)
+                raise PeerUnreachable(
+                    f"rank {self.rank}/{self.world}: the EP peers did not agree on the workspace "
+                    f"size within {self.timeout_s:g}s ({type(exc).__name__}: {exc})"
+                ) from exc
             needed = int(t.item())
         if self.view is not None and needed <= self.view.layout.capacity_tokens:
             return self.view

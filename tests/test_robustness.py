@@ -1,0 +1,190 @@
+"""Extremes, randomized routings, bounded waits, repeated use and recomputation of the fused path.
+
+Every case runs the comet layer's fused path (Triton interpreter, gloo ranks sharing /dev/shm
+workspaces) against its reference transport (already pinned to Megatron's alltoall dispatcher by
+test_layer_parity.py) on the same weights and routing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mp import run_distributed
+
+INTERPRET = {"TRITON_INTERPRET": "1"}
+TOL = 1e-4
+
+
+def _extremes_body(rank, world):
+    import torch
+
+    from routing_cases import build_two, compare, random_routing, run_stages
+
+    E, K, H = 4, 2, 16
+    cases = {
+        "all_to_one_expert": dict(tokens=9, rmap="one"),
+        "rank0_sends_nothing": dict(tokens=0 if rank == 0 else 7, rmap="random"),
+        "topk_equals_experts": dict(tokens=5, rmap="all"),
+        "single_token": dict(tokens=1, rmap="random"),
+        "not_tile_multiple": dict(tokens=23, rmap="random"),
+        "nan_input": dict(tokens=6, rmap="random", nan=True),
+        "capacity_dropped_slots": dict(tokens=11, rmap="dropped"),
+    }
+    results = {}
+    for i, (name, case) in enumerate(cases.items()):
+        topk = E if case["rmap"] == "all" else K
+        ref, fused = build_two(dict(moe_router_topk=topk, num_moe_experts=E), "cuda_ipc", seed=40 + i)
+        T = case["tokens"]
+        if case["rmap"] == "one":
+            rmap = torch.zeros(T, E, dtype=torch.bool)
+            rmap[:, E - 1] = True  # every token of every rank to the last rank's expert...
+            rmap[:, 0] = True      # ...and to the first (top-2)
+            probs = torch.rand(T, E, generator=torch.Generator().manual_seed(i)) * rmap
+        elif case["rmap"] == "all":
+            rmap = torch.ones(T, E, dtype=torch.bool)
+            probs = torch.rand(T, E, generator=torch.Generator().manual_seed(i))
+        else:
+            probs, rmap = random_routing(T, E, topk, seed=100 * i + rank,
+                                         drop=0.3 if case["rmap"] == "dropped" else 0.0)
+        g = torch.Generator().manual_seed(1000 * i + rank)
+        x = torch.randn(T, H, generator=g)
+        if case.get("nan") and T > 2:
+            x[2, 3] = float("nan")
+        dy = torch.randn(T, H, generator=g)
+        a = run_stages(fused, x, probs, rmap, dy)
+        b = run_stages(ref, x, probs, rmap, dy)
+        results[name] = (fused.transport, compare(a, b))
+    return results
+
+
+@pytest.mark.slow
+def test_extreme_routings_match_reference():
+    results = run_distributed(_extremes_body, 2, ep=2, env=INTERPRET, world=2)
+    for rank, per_rank in enumerate(results):
+        for name, (transport, errs) in per_rank.items():
+            assert transport == "cuda_ipc", (name, transport)
+            bad = {k: v for k, v in errs.items() if not v <= TOL}
+            assert not bad, f"rank {rank} {name}: {bad}"
+
+
+def _random_body(rank, seeds):
+    import torch
+
+    from routing_cases import build_two, compare, random_routing, run_stages
+
+    out = []
+    g0 = torch.Generator().manual_seed(7)
+    for seed in seeds:
+        cfg = torch.randint(0, 1000, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
+        E = [4, 8][cfg[0] % 2]
+        K = 1 + cfg[1] % 3
+        T = 1 + cfg[2] % 29
+        skew = (cfg[3] % 4) * 0.8
+        ref, fused = build_two(dict(moe_router_topk=K, num_moe_experts=E,
+                                    gated_linear_unit=bool(seed % 2)), "cuda_ipc", seed=seed)
+        probs, rmap = random_routing(T, E, K, seed=seed * 10 + rank, skew=skew)
+        g = torch.Generator().manual_seed(seed * 100 + rank)
+        x, dy = torch.randn(T, 16, generator=g), torch.randn(T, 16, generator=g)
+        errs = compare(run_stages(fused, x, probs, rmap, dy), run_stages(ref, x, probs, rmap, dy))
+        out.append((seed, dict(E=E, K=K, T=T, skew=skew), errs))
+    del g0
+    return out
+
+
+@pytest.mark.slow
+def test_randomized_routings_match_reference():
+    results = run_distributed(_random_body, 2, ep=2, env=INTERPRET, seeds=list(range(12)))
+    for rank, per_rank in enumerate(results):
+        for seed, shape, errs in per_rank:
+            bad = {k: v for k, v in errs.items() if not v <= TOL}
+            assert not bad, f"rank {rank} seed {seed} {shape}: {bad}"
+
+
+def _timeout_body(rank, mode):
+    import time
+
+    import torch
+
+    from routing_cases import build_two, random_routing, run_stages
+
+    _, fused = build_two(dict(moe_router_topk=2), "cuda_ipc", seed=3)
+    probs, rmap = random_routing(6, 4, 2, seed=rank)
+    x = torch.randn(6, 16)
+    fused._resolve_fused(x)
+    ws = fused._fused.workspace
+    ws.timeout_s = fused._fused.timeout_s = 2.0
+    ws.ensure_capacity(6)  # both ranks allocate the workspace together (a collective)
+    ws.view.timeout = 4000  # interpreter spins: a couple of seconds
+    if rank == 1:
+        if mode == "stuck":  # takes part in the size agreement, then never runs its kernels
+            ws.ensure_capacity(6)
+            time.sleep(20)
+        return "peer"  # mode "dead": exits
+    t0 = time.time()
+    try:
+        run_stages(fused, x, probs, rmap, torch.randn(6, 16))
+    except Exception as exc:  # noqa: BLE001
+        return (type(exc).__name__, str(exc), time.time() - t0)
+    return "no error"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stuck", "dead"])
+def test_peer_that_never_signals_raises_naming_rank_layer_phase(mode):
+    results = run_distributed(_timeout_body, 2, ep=2, env=INTERPRET, timeout=300, mode=mode)
+    assert results[1] == "peer"
+    kind, message, seconds = results[0]
+    assert kind == "CometTimeout", (kind, message)
+    assert "rank 0/2" in message and "layer" in message and "forward" in message, message
+    assert "--comet-wait-timeout-s" in message
+    if mode == "stuck":
+        assert "timed out waiting for" in message, message  # the kernel's bounded wait
+    assert seconds < 60, f"took {seconds:.0f}s to give up"
+
+
+def _repeat_body(rank, calls):
+    import torch
+
+    from routing_cases import build_two, compare, random_routing, run_stages
+
+    ref, fused = build_two(dict(moe_router_topk=2), "cuda_ipc", seed=5)
+    worst = 0.0
+    capacities = []
+    for i in range(calls):
+        T = 1 + (7 * i + 3 * rank) % 17  # varying, different per rank
+        probs, rmap = random_routing(T, 4, 2, seed=i * 2 + rank)
+        g = torch.Generator().manual_seed(i * 2 + rank)
+        x, dy = torch.randn(T, 16, generator=g), torch.randn(T, 16, generator=g)
+        errs = compare(run_stages(fused, x, probs, rmap, dy), run_stages(ref, x, probs, rmap, dy))
+        worst = max(worst, max(errs.values()))
+        capacities.append(fused._fused.workspace.view.layout.capacity_tokens)
+    return worst, capacities, fused._fused.workspace.view.epoch
+
+
+@pytest.mark.slow
+def test_repeated_calls_varying_tokens_no_stale_flags():
+    calls = 40
+    results = run_distributed(_repeat_body, 2, ep=2, env=INTERPRET, calls=calls)
+    for worst, capacities, epoch in results:
+        assert worst <= TOL, worst
+        assert epoch == 2 * calls  # one forward and one backward round per call
+        assert capacities[-1] == capacities[len(capacities) // 2], "workspace kept growing"
+
+
+def _recompute_body(rank):
+    import comet_megatron
+    from comet_megatron import CometConfig
+    from moe_cases import run_layer_case
+
+    comet_megatron.enable(CometConfig(transport="cuda_ipc", tile_m=16, tile_n=16, tile_k=16, comm_programs=1))
+    return run_layer_case(rank, dict(moe_router_topk=2, recompute_granularity="selective",
+                                     recompute_modules=["moe"]), "skewed", seed=8, seq=5, batch=2)
+
+
+@pytest.mark.slow
+def test_activation_recomputation_matches_megatron():
+    results = run_distributed(_recompute_body, 2, ep=2, env=INTERPRET)
+    for rank, res in enumerate(results):
+        assert res["transport"] == "cuda_ipc"
+        bad = {k: v for k, v in res["errs"].items() if not v <= TOL}
+        assert not bad, f"rank {rank}: {bad}"
