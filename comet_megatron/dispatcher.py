@@ -46,6 +46,8 @@ class CometTokenDispatcher(MoETokenDispatcher):
         self.num_experts = config.num_moe_experts
         self.local_expert_indices = local_expert_indices
         self.plan: Optional[RoutingPlan] = None
+        # --comet-deterministic: sum each token's expert outputs in a fixed order (set by the layer)
+        self.deterministic = False
 
     # ------------------------------------------------------------------ dispatch
     def dispatch_preprocess(self, hidden_states, routing_map, probs):
@@ -101,11 +103,28 @@ class CometTokenDispatcher(MoETokenDispatcher):
 
     def combine_postprocess(self, hidden_states):
         plan = self.plan
-        num_tokens = plan.num_tokens
-        out = hidden_states.new_zeros((num_tokens, hidden_states.shape[-1]))
-        out = out.index_add(0, plan.send_token_index, hidden_states)
         self.plan = None
+        if self.deterministic:
+            out = _sum_rows_per_token_in_order(hidden_states, plan.send_token_index, plan.num_tokens)
+        else:  # index_add: atomics on GPUs, so the summation order of a token's rows may vary
+            out = hidden_states.new_zeros((plan.num_tokens, hidden_states.shape[-1]))
+            out = out.index_add(0, plan.send_token_index, hidden_states)
         return out.view(self.hidden_shape)
+
+
+def _sum_rows_per_token_in_order(rows: torch.Tensor, token: torch.Tensor, num_tokens: int):
+    """out[t] = sum of the rows of token t, added in send order (expert ascending): bitwise
+    reproducible. Rows go to slots [t, j] (j = their rank among token t's rows), then the slots
+    are summed along j."""
+    order = torch.sort(token, stable=True).indices
+    sorted_tok = token.index_select(0, order)
+    first = torch.searchsorted(sorted_tok, sorted_tok, right=False)
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(order.numel(), device=order.device) - first
+    width = int(slot.max().item()) + 1 if slot.numel() else 1
+    flat = token * width + slot
+    slots = rows.new_zeros((num_tokens * width, rows.shape[-1])).index_copy(0, flat, rows)
+    return slots.view(num_tokens, width, -1).sum(dim=1)
 
 
 def _scatter_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,7 @@ class CometMoELayer(MoELayer):
             experts_builder=experts_builder,
         )
         self.comet_config = comet_config_of(config)
+        self.token_dispatcher.deterministic = self.comet_config.deterministic
 
     # ------------------------------------------------------------------ fused path
     # The reference path is MoELayer's own stage sequence on CometTokenDispatcher. When the

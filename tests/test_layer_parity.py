@@ -55,3 +55,24 @@ def test_layer_matches_megatron_alltoall(world, tp, ep, etp):
     cases = CASES if world <= 2 else CASES[:4]
     results = run_distributed(_body, world, tp=tp, ep=ep, etp=etp, cases=cases)
     _check(results)
+
+
+def _deterministic_body(rank):
+    import torch
+
+    import comet_megatron
+    from comet_megatron import CometConfig
+    from moe_cases import run_layer_case
+
+    comet_megatron.enable(CometConfig(deterministic=True))
+    first = run_layer_case(rank, dict(moe_router_topk=4), "zero", seed=3)
+    again = run_layer_case(rank, dict(moe_router_topk=2, moe_expert_capacity_factor=1.0), "skewed", seed=4)
+    return [first, again]
+
+
+def test_deterministic_combine_matches_megatron():
+    results = run_distributed(_deterministic_body, 2, ep=2)
+    for rank, per_rank in enumerate(results):
+        for res in per_rank:
+            bad = {k: v for k, v in res["errs"].items() if not v <= TOL}
+            assert not bad, f"rank {rank}: {bad}"
