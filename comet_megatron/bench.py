@@ -285,6 +285,33 @@ def plot(records, path):
     fig.savefig(path, dpi=110)
 
 
+def draw_timeline(shape: Shape, tokens: int, path) -> dict:
+    """One traced forward of the fused layer; the timeline plot and its overlap summary."""
+    import torch
+
+    from comet_megatron import timeline
+    from comet_megatron.config import CometConfig
+
+    import comet_megatron
+
+    cfg = _transformer_config(shape, "comet")
+    cfg.comet = CometConfig(trace=True)
+    comet_megatron.enable()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    layer = get_gpt_layer_local_spec(num_experts=shape.experts).submodules.mlp(config=cfg).cuda()
+    x = torch.randn(tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+        layer(x)  # the second round is traced after compilation
+    torch.cuda.synchronize()
+    if layer._fused is None or layer._fused.last_trace is None:
+        return {"error": f"no fused trace (transport {layer.transport})"}
+    evts = timeline.events(*layer._fused.last_trace)
+    timeline.plot(evts, path, title=f"{shape.name}, {tokens} tokens, fused forward (EP=1)")
+    return timeline.summary(evts)
+
+
 def _git_commit() -> str:
     if os.environ.get("COMET_COMMIT"):
         return os.environ["COMET_COMMIT"]  # set by callers whose copy of the tree has no .git
@@ -302,6 +329,9 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also trace one fused forward (first shape, first token count) and "
+                             "draw timeline.png")
     args = parser.parse_args(argv)
 
     import torch
@@ -331,6 +361,8 @@ def main(argv=None) -> int:
         for shape in shapes:
             records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task)
     add_ratios(records, meta["dense_bf16_tflops"])
+    if args.timeline:
+        meta["timeline"] = draw_timeline(shapes[0], args.tokens[0], out / "timeline.png")
     (out / "bench.json").write_text(json.dumps({"meta": meta, "records": [asdict(r) for r in records]},
                                                indent=1))
     plot(records, out / "bench.png")

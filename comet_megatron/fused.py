@@ -98,6 +98,8 @@ class _FusedMoE(torch.autograd.Function):
             view = runner.workspace.ensure_capacity(x.shape[0])
             phases = moe_forward(view, x, topk_idx, topk_probs.float(), w1, w2, runner.kernel)
             out, state = run_rank(phases, view)
+        if runner.kernel.trace:
+            runner.last_trace = (state.dispatch.trace, state.combine_trace, state.layout.max_tiles)
         ctx.runner, ctx.state, ctx.probs_dtype = runner, state, topk_probs.dtype
         ctx.save_for_backward(w1, w2)
         return out
@@ -122,6 +124,7 @@ class FusedExperts:
         self.kernel = kernel_config(cfg, config)
         self.layer_name = layer_name
         self.timeout_s = cfg.wait_timeout_s
+        self.last_trace = None  # (dispatch trace, combine trace, max_tiles) of the last forward
         self.topk = config.moe_router_topk
         key = (
             transport, id(group), self.topk, config.hidden_size, config.num_moe_experts, dtype,
