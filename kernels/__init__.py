@@ -5,7 +5,8 @@ Per rank of an expert-parallel group, one forward round is
 and one backward round is
     publish(grad_out) -> dispatch_gemm_backward -> gemm_combine -> combine_reduce (+ expert_weight_grads).
 `moe.moe_forward` / `moe.moe_backward` chain them; `emulated.EmulatedGroup` runs N ranks in one process;
-`workspace_layout` is the contract with a transport. See docs/KERNELS.md.
+`workspace_layout` is the contract with a transport; `config.KernelConfig` holds the launch knobs;
+`signals` is the only module with memory-ordering code. See docs/KERNELS.md.
 """
 
 from .config import KernelConfig

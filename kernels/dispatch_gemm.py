@@ -107,7 +107,8 @@ def _pull_tile_rows(q, x_table, order_table, offsets_table, probs_table, inputs_
         tl.store(recv_pair_ptr + rows, pair, mask=rmask)
         tl.store(recv_src_ptr + rows, src, mask=rmask)
         tl.store(recv_prob_ptr + rows, prob, mask=rmask)
-    token_rows = xbase.to(tl.pointer_type(recv_ptr.dtype.element_ty), bitcast=True) + (pair // TOPK).to(tl.int64) * HIDDEN
+    token_rows = (xbase.to(tl.pointer_type(recv_ptr.dtype.element_ty), bitcast=True)
+                  + (pair // TOPK).to(tl.int64) * HIDDEN)
     if ROWS_16B:
         # Region bases are 256-byte aligned and a row is a multiple of 16 bytes: lets Triton vectorize
         # the gathered loads (it cannot know the alignment of addresses read from a table).
@@ -139,7 +140,8 @@ def _dispatch_gemm_kernel(
     w_ptr, stride_we, stride_wk, stride_wn,
     out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr,
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_tiles,
-    TOPK: tl.constexpr, HIDDEN: tl.constexpr, FFN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr, NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
+    TOPK: tl.constexpr, HIDDEN: tl.constexpr, FFN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr,
+    NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, GROUP_M: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
     KNOWN_ROWS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
@@ -241,7 +243,8 @@ class DispatchResult:
 
 def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, ffn: int, backward: bool,
             activation: str, gated: bool, store_pre: bool, rows: DispatchResult | None, num_comm, num_compute,
-            block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int, group_m: int) -> DispatchResult:
+            block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int,
+            group_m: int) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
@@ -276,7 +279,8 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         gp_part if gp_part is not None else recv_prob,
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock,
         layout.max_tiles,
-        TOPK=lay.topk, HIDDEN=hidden, FFN=ffn, WORLD=view.world_size, EL=lay.local_experts, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
+        TOPK=lay.topk, HIDDEN=hidden, FFN=ffn, WORLD=view.world_size, EL=lay.local_experts,
+        NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
         BM=layout.block_m, BN=block_n, BK=block_k, BH=block_h, GROUP_M=group_m,
         ACT=ACTIVATIONS[activation], GATED=gated, BACKWARD=backward, STORE_PRE=store_pre,
         KNOWN_ROWS=rows is not None, ROWS_16B=rows_16b_aligned(hidden, dtype), DOT_PRECISION=dot_precision(dtype),

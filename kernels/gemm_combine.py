@@ -4,9 +4,10 @@
 
 - programs [0, num_compute) COMPUTE, persistent: program p takes work items p, p + num_compute, ... in
   CHUNK-MAJOR order: super-chunks of `group_n` column chunks one after the other (so whole column
-  chunks of the output finish early), tile by tile inside one (see `_combine_item`). Each item computes y = a[tile] @ W[expert][:, chunk] (a = h forward,
-  d_pre backward), scales the rows by their routing prob in fp32 when `scale` (forward), stores the
-  chunk into a local staging buffer and release-stores the epoch into the item's local done flag.
+  chunks of the output finish early), tile by tile inside one (see `_combine_item`). Each item
+  computes y = a[tile] @ W[expert][:, chunk] (a = h forward, d_pre backward), scales the rows by their
+  routing prob in fp32 when `scale` (forward), stores the chunk into a local staging buffer and
+  release-stores the epoch into the item's local done flag.
 - programs [num_compute, grid) COMMUNICATE: comm program c takes items c, c + num_comm, ... in the same
   order, waits for each item's done flag and writes every row of the chunk into the combine region of
   the row's owner rank at slot `pair` (t*K + k) through the address tables; with `row_scalars` it also
@@ -54,7 +55,8 @@ def _gemm_combine_kernel(
     combine_table, scalars_table, arrival_table,
     tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_items,
-    K_DIM: tl.constexpr, HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr, NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
+    K_DIM: tl.constexpr, HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr,
+    NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
     SCALE: tl.constexpr, SCALARS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
@@ -161,7 +163,8 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         view.tables["combine"], view.tables["combine_scalars"], view.tables["arrival"],
         layout.tile_expert, layout.tile_row_start, layout.tile_row_end, layout.num_tiles,
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock, max_items,
-        K_DIM=a.shape[1], HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
+        K_DIM=a.shape[1], HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs,
+        NUM_COMM=num_comm, NUM_COMPUTE=num_compute,
         BM=layout.block_m, BN=block_n, BK=block_k, GROUP_N=group_n,
         SCALE=recv_prob is not None, SCALARS=row_scalars is not None, ROWS_16B=rows_16b_aligned(hidden, dtype),
         DOT_PRECISION=dot_precision(a.dtype),

@@ -183,7 +183,8 @@ def test_peer_that_never_publishes_times_out(seed):
     epoch = v0.next_epoch()
     publish(v0, p.xs[0].to(DEVICE), epoch, p.topk_idx[0].to(DEVICE), p.topk_probs[0].to(DEVICE))
     receive_layout(v0, epoch, 16)
-    with pytest.raises(SignalTimeout, match=r"rank 0/2 during receive_layout: .*inputs_ready signal .* 1 to reach epoch 1"):
+    with pytest.raises(SignalTimeout,
+                       match=r"rank 0/2 during receive_layout: .*inputs_ready signal .* 1 to reach epoch 1"):
         check_errors(v0, "receive_layout")
     check_errors(v0)  # the error buffer was cleared
 
