@@ -86,6 +86,9 @@ CASES = {
     "w4_k4_swiglu_one_comm_program": (4, [5, 7, 6, 4], 4, 2, True, "silu", "uniform",
                                       dict(num_comm_dispatch=1, num_comm_combine=1, num_compute=3)),
     "w8_k2_swiglu": (8, [4, 6, 0, 5, 3, 7, 2, 5], 2, 1, True, "silu", "uniform", {}),
+    # More communication programs than tiles: idle programs must still raise their arrival signals.
+    "w2_k1_more_comm_programs_than_tiles": (2, [3, 2], 1, 1, False, "silu", "uniform",
+                                            dict(num_comm_dispatch=5, num_comm_combine=6, num_compute=3)),
 }
 
 
