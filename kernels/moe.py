@@ -104,7 +104,11 @@ def expert_weight_grads(fwd: ForwardState, bwd: BackwardState, *, backend: str =
 
 
 def run_rank(phases: Phases, view=None):
-    """Drive one rank's round to the end (real ranks); with `view`, raise on a timed-out wait."""
+    """Drive one rank's round to the end (real ranks).
+
+    With `view`, the error buffer is read after every phase (one host sync each) and a timed-out wait
+    raises `SignalTimeout`; without it the caller checks later with `signals.check_errors(view)`.
+    """
     try:
         while True:
             name = next(phases)
