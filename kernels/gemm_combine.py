@@ -33,7 +33,8 @@ import triton.language as tl
 
 from .config import default_programs, dot_precision, rows_16b_aligned
 from .routing import ReceiveLayout
-from .signals import ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_until_geq
+from .signals import (ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_all_geq,
+                      wait_until_geq)
 
 
 @triton.jit
@@ -176,11 +177,11 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
 @triton.jit
 def _combine_reduce_kernel(combine_ptr, out_ptr, arrival_ptr, num_tokens, epoch, timeout, err_ptr,
                            HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr, NUM_COMM: tl.constexpr,
+                           BLOCK_C: tl.constexpr,
                            TOPK: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, GLOBALTIMER: tl.constexpr):
     for s in tl.static_range(WORLD):
-        for c in range(NUM_COMM):
-            wait_until_geq(arrival_ptr + s * MAX_COMM + c, epoch, timeout, err_ptr, ERR_COMBINE_ARRIVAL,
-                           s * MAX_COMM + c, GLOBALTIMER)
+        wait_all_geq(arrival_ptr + s * MAX_COMM, NUM_COMM, epoch, timeout, err_ptr, ERR_COMBINE_ARRIVAL,
+                     s * MAX_COMM, BLOCK_C, GLOBALTIMER)
     tokens = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     m = (tokens < num_tokens)[:, None] & (cols < HIDDEN)[None, :]
@@ -209,7 +210,8 @@ def combine_reduce(view, num_tokens: int, epoch: int, *, num_comm: int | None = 
     grid = (max(triton.cdiv(num_tokens, block_t), 1), triton.cdiv(hidden, block_h))
     _combine_reduce_kernel[grid](
         view.regions["combine"], out, view.regions["arrival"], num_tokens, epoch, view.timeout,
-        view.errors, HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm, TOPK=k,
+        view.errors, HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm,
+        BLOCK_C=triton.next_power_of_2(num_comm), TOPK=k,
         BT=block_t, BH=block_h, GLOBALTIMER=use_globaltimer(view.errors),
     )
     grad_probs = view.regions["combine_scalars"][: num_tokens * k].view(num_tokens, k).clone() if scalars else None

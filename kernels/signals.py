@@ -6,7 +6,7 @@ Every cross-program or cross-rank handshake in `comet_megatron.kernels` goes thr
   `store_release` first synchronizes the program's threads (`tl.debug_barrier`) so that every store the
   program issued before it (from any of its threads) is ordered before the flag (release is cumulative).
 - `wait_until_geq(flag_ptr, target, timeout, err_ptr, err_code, flag_index, GLOBALTIMER)`: bounded
-  spin until `*flag_ptr >= target`. Never hangs: on timeout it records a diagnostic in the per-rank
+  spin until `*flag_ptr >= target` (`wait_all_geq`: the same for a contiguous block of flags). Never hangs: on timeout it records a diagnostic in the per-rank
   error buffer and returns False; the caller then skips the work that depended on the flag and the host
   raises `SignalTimeout` (see `check_errors`).
 - `signal_peers` / `wait_peers`: the two halves of a barrier over the W ranks of the group.
@@ -120,6 +120,39 @@ def wait_until_geq(flag_ptr, target, timeout, err_ptr, err_code, flag_index, GLO
             tl.store(err_ptr + 2, val)
             tl.store(err_ptr + 3, target)
     # Every thread of the program must observe the acquired data, not just the one that loaded the flag.
+    tl.debug_barrier()
+    return ok
+
+
+@triton.jit
+def wait_all_geq(flag_ptr, count, target, timeout, err_ptr, err_code, index_base, BLOCK: tl.constexpr,
+                 GLOBALTIMER: tl.constexpr):
+    """Spin until `flag[i] >= target` for every i < count (count <= BLOCK), polling all flags at once.
+
+    One vector of acquire loads per poll instead of `count` dependent waits: combine_reduce runs
+    thousands of programs that each check every (rank, comm program) arrival flag. Failure handling
+    as `wait_until_geq`, reporting flag index `index_base + i` of the first flag still behind.
+    """
+    offs = tl.arange(0, BLOCK)
+    live = offs < count
+    ptrs = flag_ptr + tl.where(live, offs, 0)  # idle lanes re-read flag 0: always a valid address
+    vals = tl.where(live, load_acquire(ptrs, GLOBALTIMER), target)
+    alive = tl.load(err_ptr, volatile=True) == 0
+    if GLOBALTIMER:
+        deadline = _globaltimer() + timeout
+        while (tl.min(vals, 0) < target) & alive & (_globaltimer() < deadline):
+            vals = tl.where(live, load_acquire(ptrs, GLOBALTIMER), target)
+    else:
+        spins = 0
+        while (tl.min(vals, 0) < target) & alive & (spins < timeout):
+            vals = tl.where(live, load_acquire(ptrs, GLOBALTIMER), target)
+            spins += 1
+    ok = tl.min(vals, 0) >= target
+    if not ok:
+        if tl.atomic_cas(err_ptr, 0, err_code) == 0:
+            tl.store(err_ptr + 1, index_base + tl.min(tl.where(vals < target, offs, BLOCK), 0))
+            tl.store(err_ptr + 2, tl.min(vals, 0))
+            tl.store(err_ptr + 3, target)
     tl.debug_barrier()
     return ok
 
