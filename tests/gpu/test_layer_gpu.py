@@ -130,22 +130,26 @@ def _ipc_body(rank, world):
     el = experts // world
     local = {}
     for k in com.state_dict():
+        src = k
         if ".local_experts." in k:
             i = int(k.split(".local_experts.")[1].split(".")[0])
             src = k.replace(f".local_experts.{i}.", f".local_experts.{rank * el + i}.")
+        if src in state:  # (_extra_state entries are None and were not shared)
             local[k] = state[src]
-        else:
-            local[k] = state[k]
-    com.load_state_dict(local)
+    com.load_state_dict(local, strict=False)
+    missing = [k for k, v in com.state_dict().items() if v is not None and k not in local]
+    assert not missing, missing
     y1, gx1, gp1 = _fwd_bwd(com, x, dy)
     errs = {"out": _rel(y1, y0), "grad_x": _rel(gx1, gx0)}
-    # Expert weight gradients: this rank's experts saw every rank's tokens; sum the oracle's over ranks.
+    # Expert weight gradients: this rank's experts saw every rank's tokens, so the oracle is the
+    # full layer's gradient summed over ranks (reduce every expert, in the same order everywhere).
+    totals = {n: g.cpu().clone() for n, g in sorted(gp0.items()) if ".local_experts." in n}
+    for total in totals.values():
+        dist.all_reduce(total)
     for n, g in gp1.items():
         if ".local_experts." in n:
             i = int(n.split(".local_experts.")[1].split(".")[0])
             src = n.replace(f".local_experts.{i}.", f".local_experts.{rank * el + i}.")
-            total = gp0[src].cpu().clone()
-            dist.all_reduce(total)
-            errs[n] = _rel(g.cpu(), total)
+            errs[n] = _rel(g.cpu(), totals[src])
     dist.barrier()
     return {"transport": com.transport, "errs": errs}
