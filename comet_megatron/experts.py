@@ -60,13 +60,60 @@ def is_swiglu(config) -> bool:
     return bool(config.gated_linear_unit) and config.activation_func is F.silu
 
 
+class _StackedView(torch.autograd.Function):
+    """[G, ...] view over G equally shaped parameters that lie back to back in one storage.
+
+    Backward hands each parameter its slice of the stacked gradient: no copy either way."""
+
+    @staticmethod
+    def forward(ctx, *params):
+        first = params[0]
+        return first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(grad.unbind(0))
+
+
+def _back_to_back(params) -> bool:
+    first = params[0]
+    if not first.is_contiguous():
+        return False
+    step = first.numel() * first.element_size()
+    storage = first.untyped_storage().data_ptr()
+    return all(
+        p.shape == first.shape and p.dtype == first.dtype and p.is_contiguous()
+        and p.untyped_storage().data_ptr() == storage
+        and p.data_ptr() == first.data_ptr() + i * step
+        for i, p in enumerate(params)
+    )
+
+
+def stack_weights(params) -> torch.Tensor:
+    """Differentiable [G, ...] stack of `params`: a view when they lie back to back (as
+    `CometGroupedMLP` allocates them), else a copy (e.g. after a wrapper re-homed them)."""
+    if _back_to_back(params):
+        return _StackedView.apply(*params)
+    return torch.stack(list(params))
+
+
 class CometGroupedMLP(SequentialMLP):
     """SequentialMLP's parameters and checkpoint layout; grouped-GEMM forward."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Put each linear's expert weights back to back in one storage, so that the grouped
+        # GEMMs read them as one [El, out, in] tensor without a per-call copy.
+        for linear in ("linear_fc1", "linear_fc2"):
+            params = [getattr(e, linear).weight for e in self.local_experts]
+            stacked = torch.stack([p.detach() for p in params])
+            for i, p in enumerate(params):
+                p.data = stacked[i]
+
     def fc_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked ([El, F1, H], [El, H, F]) views of the experts' weights (differentiable)."""
-        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])
-        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])
+        w1 = stack_weights([e.linear_fc1.weight for e in self.local_experts])
+        w2 = stack_weights([e.linear_fc2.weight for e in self.local_experts])
         return w1, w2
 
     def fc_biases(self):

@@ -178,3 +178,25 @@ def test_enable_makes_every_megatron_parse_accept_comet_flags(monkeypatch):
     finally:
         comet_megatron.disable()
     assert not getattr(arguments.parse_args, "__comet_megatron_patch__", False)
+
+
+def test_stacked_expert_weights_are_views_with_per_parameter_gradients():
+    from comet_megatron.experts import _back_to_back, stack_weights
+
+    base = torch.randn(3, 4, 5)
+    params = [torch.nn.Parameter(torch.empty(4, 5)) for _ in range(3)]
+    stacked = torch.zeros(3, 4, 5)
+    for i, p in enumerate(params):
+        p.data = stacked[i]
+        p.data.copy_(base[i])
+    assert _back_to_back(params)
+    w = stack_weights(params)
+    assert w.data_ptr() == params[0].data_ptr() and torch.equal(w, base)
+    g = torch.randn(3, 4, 5)
+    (w * g).sum().backward()
+    for i, p in enumerate(params):
+        assert torch.equal(p.grad, g[i])
+    loose = [torch.nn.Parameter(base[i].clone()) for i in range(3)]
+    assert not _back_to_back(loose)
+    w2 = stack_weights(loose)
+    assert torch.equal(w2, base) and w2.data_ptr() != loose[0].data_ptr()
