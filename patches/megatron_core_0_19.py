@@ -190,6 +190,13 @@ def unsupported_features(config) -> list[tuple[str, str]]:
         out.append(("--overlap-moe-expert-parallel-comm", "Megatron's combined-1F1B EP overlap "
                     "splits its own alltoall dispatcher into stages; comet overlaps inside its "
                     "kernels: drop the flag"))
+    # Options of other dispatchers: silently ignoring them would hide a misconfiguration.
+    if getattr(config, "moe_permute_fusion", False):
+        out.append(("--moe-permute-fusion", "an alltoall/flex dispatcher option (Transformer "
+                    "Engine permutation kernels); comet permutes inside its own kernels: drop it"))
+    if getattr(config, "moe_enable_deepep", False):
+        out.append(("--moe-enable-deepep", "selects the flex dispatcher's DeepEP backend; "
+                    "drop it to use comet, or use --moe-token-dispatcher-type flex"))
     return out
 
 

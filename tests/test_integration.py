@@ -59,12 +59,13 @@ def test_unsupported_megatron_options_are_named():
     cfg = types.SimpleNamespace(
         moe_latent_size=None, fp8="hybrid", fp4=None, moe_shared_expert_overlap=True,
         transformer_impl="local", moe_router_padding_for_quantization=False,
-        overlap_moe_expert_parallel_comm=False,
+        overlap_moe_expert_parallel_comm=False, moe_permute_fusion=True, moe_enable_deepep=False,
     )
     with pytest.raises(CometConfigError) as info:
         validate_transformer_config(cfg)
     message = str(info.value)
     assert "--fp8-format" in message and "--moe-shared-expert-overlap" in message
+    assert "--moe-permute-fusion" in message  # another dispatcher's option
     assert "alltoall" in message  # names the fallback
 
 

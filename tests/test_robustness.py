@@ -188,3 +188,29 @@ def test_activation_recomputation_matches_megatron():
         assert res["transport"] == "cuda_ipc"
         bad = {k: v for k, v in res["errs"].items() if not v <= TOL}
         assert not bad, f"rank {rank}: {bad}"
+
+
+def _capacity_body(rank):
+    import torch
+
+    from comet_megatron.config import CometConfigError
+    from routing_cases import build_two, random_routing, run_stages
+
+    _, fused = build_two(dict(moe_router_topk=2), "cuda_ipc", seed=9)
+    fused.comet_config.capacity = 4
+    fused.comet_config.grow_workspace = False
+    probs, rmap = random_routing(6 if rank == 1 else 3, 4, 2, seed=rank)
+    x = torch.randn(rmap.shape[0], 16)
+    try:
+        run_stages(fused, x, probs, rmap, torch.randn_like(x))
+    except CometConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.slow
+def test_workspace_too_small_names_flag_and_size():
+    # rank 1 brings 6 tokens, rank 0 only 3: both ranks must refuse (the size is agreed on).
+    results = run_distributed(_capacity_body, 2, ep=2, env=INTERPRET)
+    for message in results:
+        assert "--comet-capacity 6" in message and "--comet-grow-workspace" in message, message
