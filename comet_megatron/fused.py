@@ -112,9 +112,10 @@ class _FusedMoE(torch.autograd.Function):
         with _reporting(runner, "backward"):
             phases = moe_backward(view, state, grad_out.contiguous(), w1, w2, runner.kernel)
             grad_x, grad_probs, bstate = run_rank(phases, view)
-        dw1, dw2 = expert_weight_grads(state, bstate, out_dtype=w1.dtype)
+        # In the parameters' [out, in] layout, so they reach the expert weights without a copy.
+        dw1, dw2 = expert_weight_grads(state, bstate, out_dtype=w1.dtype, out_features_first=True)
         ctx.state = ctx.runner = None
-        return grad_x, grad_probs.to(ctx.probs_dtype), dw1, dw2, None, None
+        return grad_x, grad_probs.to(ctx.probs_dtype), dw1.transpose(1, 2), dw2.transpose(1, 2), None, None
 
 
 class FusedExperts:

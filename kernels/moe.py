@@ -90,16 +90,21 @@ def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Te
 
 
 def expert_weight_grads(fwd: ForwardState, bwd: BackwardState, *, backend: str = "auto",
-                        out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        out_dtype: torch.dtype | None = None,
+                        out_features_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW1 [El, H, F1], dW2 [El, F, H]) from the saved receive rows; deferrable (no communication).
 
     dW1[e] = recv_x[e]^T @ d_pre[e];  dW2[e] = (h * p)[e]^T @ grad_out_rows[e].
+    With `out_features_first`, the same gradients in the [out, in] layout of linear-layer weights
+    (dW1 [El, F1, H], dW2 [El, H, F]), computed directly in that layout (no transposed copy).
     """
     offsets = fwd.layout.expert_offsets
     d = fwd.dispatch
     hp = (d.out.float() * d.recv_prob[:, None]).to(d.out.dtype)
-    dw1 = grouped_wgrad(d.recv, bwd.dispatch.out, offsets, backend=backend, out_dtype=out_dtype)
-    dw2 = grouped_wgrad(hp, bwd.dispatch.recv, offsets, backend=backend, out_dtype=out_dtype)
+    pairs = [(d.recv, bwd.dispatch.out), (hp, bwd.dispatch.recv)]
+    if out_features_first:
+        pairs = [(b, a) for a, b in pairs]
+    dw1, dw2 = (grouped_wgrad(a, b, offsets, backend=backend, out_dtype=out_dtype) for a, b in pairs)
     return dw1, dw2
 
 
