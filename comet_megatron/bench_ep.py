@@ -720,8 +720,11 @@ E2E_RUNS = {
     "alltoall": ["--moe-token-dispatcher-type", "alltoall"],
     "alltoall+ep-overlap": ["--moe-token-dispatcher-type", "alltoall", "--overlap-moe-expert-parallel-comm"],
 }
-STEP_RE = re.compile(r"step\s+(\d+)\s*/\s*(\d+)\s+loss\s+(\S+)\s+(?:tokens/s\s+(\S+)|(\S+)\s+tokens/s)"
-                     r"(?:.*?step(?:_time_ms)?\s+(\S+)\s*ms?)?")
+# per-step lines of comet_megatron.pretrain: plain "step 3/20 loss 7.1 tokens/s 812.0 step_time_ms 98.1"
+# or rich "step     3/20  loss   7.1000     812.0 tokens/s  step     98.1 ms"
+STEP_RE = re.compile(r"^\s*step\s+(\d+)\s*/\s*(\d+)\s+loss\s+(\S+)")
+TPS_RE = (re.compile(r"tokens/s\s+([-+0-9.eEnaif]+)"), re.compile(r"([-+0-9.eEnaif]+)\s+tokens/s"))
+STEP_MS_RE = re.compile(r"step_time_ms\s+([-+0-9.eEnaif]+)|tokens/s\s+step\s+([-+0-9.eEnaif]+)\s*ms")
 SUMMARY_PREFIX = "COMET_SUMMARY "
 
 
@@ -747,9 +750,12 @@ def parse_pretrain_log(text: str) -> dict:
             continue
         m = STEP_RE.search(line)
         if m:
+            tps = TPS_RE[0].search(line) or TPS_RE[1].search(line)
+            ms = STEP_MS_RE.search(line)
             steps.append({
                 "step": int(m.group(1)), "loss": _num(m.group(3)),
-                "tokens_per_s": _num(m.group(4) or m.group(5)), "step_time_ms": _num(m.group(6)),
+                "tokens_per_s": _num(tps.group(1)) if tps else None,
+                "step_time_ms": _num(ms.group(1) or ms.group(2)) if ms else None,
             })
     return {"steps": steps, "summary": summary}
 

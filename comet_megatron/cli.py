@@ -3,6 +3,8 @@
     comet-megatron pretrain --config configs/tiny.yaml [--steps N] [--nproc N] [-- MEGATRON ARGS]
     comet-megatron flags [--markdown]
     comet-megatron bench layer [OPTIONS]      (comet_megatron.bench; needs a GPU)
+    comet-megatron tune --config configs/<name>.yaml [--tokens N ...]   (comet_megatron.tune)
+    comet-megatron bench ep [OPTIONS]         (comet_megatron.bench_ep; torchrun, one process per GPU)
 
 `pretrain` reads a YAML with three sections and launches `comet_megatron.pretrain` with torchrun:
 
@@ -15,8 +17,7 @@
       nproc_per_node: auto  # auto: one process per GPU; 2 CPU processes without a GPU
       backend: auto         # auto: nccl on GPUs, gloo on CPU
 
-Every error names the offending key and how to fix it. Subcommands are a table (`SUBCOMMANDS`):
-`tune` plugs in there.
+Every error names the offending key and how to fix it. Subcommands are a table (`SUBCOMMANDS`).
 """
 
 from __future__ import annotations
@@ -410,22 +411,47 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench", help="benchmarks on a GPU: `bench layer` times one MoE layer, comet vs Megatron",
         description="`comet-megatron bench layer --help` lists the layer benchmark's options.",
     )
-    p.add_argument("target", choices=["layer"], help="what to time")
+    p.add_argument("target", choices=["layer", "ep"],
+                   help="what to time (ep: one MoE layer under expert parallelism, torchrun)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.target == "ep":
+        from comet_megatron import bench_ep
+
+        return bench_ep.cli_main(args.bench_args)
     from comet_megatron import bench
 
     return bench.main(args.bench_args)
 
 
-# name -> function adding the subparser; `tune` registers here
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from comet_megatron import tune
+
+    p = sub.add_parser(
+        "tune", help="tune the fused kernels' tiles and comm programs for a config's MoE shape (GPU)",
+        description="Time candidate kernel configs for the MoE shape of a YAML's megatron: section and "
+        "cache the fastest; layers with --comet-tile-*/--comet-comm-programs auto use it "
+        "(docs/TUNING.md).",
+    )
+    tune.add_arguments(p)
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from comet_megatron import tune
+
+    return tune.main(args)
+
+
+# name -> function adding the subparser
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "pretrain": _add_pretrain,
     "flags": _add_flags,
     "bench": _add_bench,
+    "tune": _add_tune,
 }
 
 
