@@ -72,8 +72,8 @@ SUMMARY_FIELDS = (
     "shape", "tokens", "mode", "ep", "t_compute_ms", "t_comm_ms", "bound_ms", "ms",
     "speedup_comet_vs", "hidden_share", "vs_bound", "notes",
 )
-RECORD_FIELDS = ("shape", "tokens", "mode", "variant", "ms", "ms_per_rank", "status", "note")
-META_FIELDS = ("smoke", "timer", "world_size", "ep", "device", "backend", "torch", "triton",
+RECORD_FIELDS = ("shape", "tokens", "mode", "variant", "ms", "ms_per_rank", "ms_wall", "status", "note")
+META_FIELDS = ("smoke", "complete", "timer", "world_size", "ep", "device", "backend", "torch", "triton",
                "commit", "date", "command", "warmup", "reps", "comet_transport")
 
 
@@ -200,31 +200,43 @@ class Env:
         else:
             dist.barrier()
 
-    def time(self, fn) -> float:
-        """Median milliseconds of `fn` on this rank; ranks start each repetition together."""
+    def time(self, fn) -> tuple[float, float]:
+        """(median ms of `fn` on this rank, median host wall ms to a device-wide sync).
+
+        Ranks start each repetition together (synchronize + barrier). On GPUs the first is timed by
+        CUDA events on the current stream; the second (a cross-check that work left on side streams
+        is counted) by the host clock up to `torch.cuda.synchronize()`."""
         import torch
 
         for _ in range(self.warmup):
             fn()
         self.sync()
-        times = []
+        times, walls = [], []
         for _ in range(self.reps):
             self.sync()
             self.barrier()
+            t0 = time.perf_counter()
             if self.cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 fn()
                 end.record()
-                end.synchronize()
+                torch.cuda.synchronize()
+                walls.append((time.perf_counter() - t0) * 1e3)
                 times.append(start.elapsed_time(end))
             else:
-                t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
+                walls.append(times[-1])
         self.sync()
         self.barrier()
-        return float(statistics.median(times))
+        return float(statistics.median(times)), float(statistics.median(walls))
+
+    def past(self, deadline: float | None) -> bool:
+        """Whether any rank is past `deadline` (time.time()); a collective: all ranks call it."""
+        if deadline is None:
+            return False
+        return max(self.gather(1.0 if time.time() > deadline else 0.0)) > 0
 
     def gather(self, value: float) -> list[float]:
         """`value` of every rank (NaN stands for a failed measurement)."""
@@ -384,26 +396,32 @@ def comm_step(routing: Routing, hidden: int, env: Env, mode: str):
 
 
 # ---------------------------------------------------------------- the matrix
-def measure(env: Env, fn_builder) -> tuple[float, list[float], str | None]:
-    """(max over ranks, per-rank medians, error) of one timed region."""
+def measure(env: Env, fn_builder) -> dict:
+    """{ms: max over ranks of the medians, ms_per_rank, ms_wall: the host-clock cross-check (max
+    over ranks), status, note} of one timed region."""
     err = None
     try:
-        ms = env.time(fn_builder())
+        ms, wall = env.time(fn_builder())
     except Exception as exc:  # noqa: BLE001  (recorded; the other ranks fail the same way)
-        ms, err = float("nan"), f"{type(exc).__name__}: {exc}"[:500]
+        ms, wall, err = float("nan"), float("nan"), f"{type(exc).__name__}: {exc}"[:500]
     per_rank = env.gather(ms)
-    if any(math.isnan(v) for v in per_rank):
-        return float("nan"), per_rank, err or "failed on another rank"
-    return max(per_rank), per_rank, None
+    walls = env.gather(wall)
+    if any(math.isnan(v) for v in per_rank + walls):
+        return {"ms": None, "ms_per_rank": per_rank, "ms_wall": None, "status": "error",
+                "note": err or "failed on another rank"}
+    return {"ms": max(per_rank), "ms_per_rank": per_rank, "ms_wall": max(walls), "status": "ok",
+            "note": None}
 
 
-def _record(shape, tokens, mode, variant, ms=None, per_rank=None, status="ok", note=None) -> dict:
-    return {"shape": shape, "tokens": tokens, "mode": mode, "variant": variant,
-            "ms": ms if status == "ok" else None, "ms_per_rank": per_rank or [],
-            "status": status, "note": note}
+def _record(shape, tokens, mode, variant, **fields) -> dict:
+    rec = {"shape": shape, "tokens": tokens, "mode": mode, "variant": variant, "ms": None,
+           "ms_per_rank": [], "ms_wall": None, "status": "ok", "note": None}
+    rec.update(fields)
+    return rec
 
 
-def bench_shape(shape, tokens_list, variants, modes, env: Env, args, progress=None) -> tuple[list, dict]:
+def bench_shape(shape, tokens_list, variants, modes, env: Env, args, progress=None,
+                deadline: float | None = None) -> tuple[list, dict]:
     import torch
 
     build = [v for v in variants if v != "megatron+ep-overlap"]
@@ -413,6 +431,8 @@ def bench_shape(shape, tokens_list, variants, modes, env: Env, args, progress=No
     transports = {}
     records = []
     for tokens in tokens_list:
+        if env.past(deadline):
+            break
         gen = torch.Generator(device=env.device).manual_seed(1000 + env.rank)
         x = torch.randn(tokens, 1, shape.hidden, device=env.device, dtype=env.dtype, generator=gen)
         dy = torch.randn(tokens, 1, shape.hidden, device=env.device, dtype=env.dtype, generator=gen)
@@ -425,14 +445,12 @@ def bench_shape(shape, tokens_list, variants, modes, env: Env, args, progress=No
                     if progress:
                         progress()
                     continue
-                ms, per_rank, err = measure(env, lambda: layer_step(layers[v], x, dy, mode))
-                note = err
-                if v.startswith("comet") and err is None:
+                m = measure(env, lambda: layer_step(layers[v], x, dy, mode))
+                if v.startswith("comet") and m["status"] == "ok":
                     transports[v] = layers[v].transport
                     if v == COMET and layers[v].transport == "nccl":
-                        note = "the fused path did not run here (transport resolved to nccl)"
-                records.append(_record(shape.name, tokens, mode, v, ms, per_rank,
-                                       "ok" if err is None else "error", note))
+                        m["note"] = "the fused path did not run here (transport resolved to nccl)"
+                records.append(_record(shape.name, tokens, mode, v, **m))
                 if progress:
                     progress()
             experts = layers["megatron+grouped"].experts
@@ -440,9 +458,7 @@ def bench_shape(shape, tokens_list, variants, modes, env: Env, args, progress=No
                 (COMPUTE, lambda: compute_step(experts, routing, shape.hidden, env, mode)),
                 (COMM, lambda: comm_step(routing, shape.hidden, env, mode)),
             ):
-                ms, per_rank, err = measure(env, builder)
-                records.append(_record(shape.name, tokens, mode, name, ms, per_rank,
-                                       "ok" if err is None else "error", err))
+                records.append(_record(shape.name, tokens, mode, name, **measure(env, builder)))
                 if progress:
                     progress()
         del x, dy
@@ -564,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed repetitions (default 3; smoke 1)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10; smoke 2)")
     p.add_argument("--out", default="ep-out", help="folder for ep.json and ep.png")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new token counts / shapes after this many seconds (what was "
+                        "measured is kept; meta.complete says whether the matrix is whole)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="gloo on the CPU, tiny shape, host timers: tests the plumbing only")
     p.add_argument("--nproc", type=int, default=None,
@@ -632,21 +651,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         if env.rank == 0:
             print(f"  [{done[0]}/{total}] measured", flush=True)
 
-    t0 = time.time()
-    for shape in shapes:
-        if env.rank == 0:
-            print(f"bench ep: {shape.name}, tokens {args.tokens}, EP={env.world}", flush=True)
-        recs, tr = bench_shape(shape, args.tokens, args.variants, args.modes, env, args, progress)
-        records += recs
-        transports[shape.name] = tr
-    meta["resolved_transports"] = transports
-    meta["elapsed_s"] = time.time() - t0
-    rows = summarize(records, env.world)
+    out = Path(args.out)
     if env.rank == 0:
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+
+    def write_json(complete: bool):
+        # after every shape, so that a run stopped by a time limit keeps what it measured
+        meta["resolved_transports"] = transports
+        meta["elapsed_s"] = time.time() - t0
+        meta["complete"] = complete
+        rows = summarize(records, env.world)
         (out / "ep.json").write_text(json.dumps({"meta": meta, "records": records, "summary": rows},
                                                 indent=1))
+        return rows
+
+    t0 = time.time()
+    deadline = t0 + args.budget_s if args.budget_s else None
+    for shape in shapes:
+        if env.past(deadline):
+            if env.rank == 0:
+                print(f"bench ep: --budget-s {args.budget_s:g} spent; {shape.name} and later shapes "
+                      "not measured", flush=True)
+            break
+        if env.rank == 0:
+            print(f"bench ep: {shape.name}, tokens {args.tokens}, EP={env.world}", flush=True)
+        recs, tr = bench_shape(shape, args.tokens, args.variants, args.modes, env, args, progress,
+                               deadline)
+        records += recs
+        transports[shape.name] = tr
+        if env.rank == 0:
+            measured = {(r["shape"], r["tokens"]) for r in records}
+            rows = write_json(complete=len(measured) == len(shapes) * len(args.tokens))
+    if env.rank == 0:
+        rows = write_json(complete=meta.get("complete", False))
         plot(rows, out / "ep.png", meta)
         print_table(rows, meta)
         print(f"wrote {out / 'ep.json'} and {out / 'ep.png'}", flush=True)
@@ -737,11 +774,19 @@ def _num(text: str | None) -> float | None:
         return None
 
 
+TRANSPORT_RE = re.compile(r"comet: layer \S+ uses the (\w+) transport")
+
+
 def parse_pretrain_log(text: str) -> dict:
-    """Per-step records (step, loss, tokens_per_s, step_time_ms) and the COMET_SUMMARY dict."""
-    steps, summary = [], None
+    """Per-step records (step, loss, tokens_per_s, step_time_ms), the COMET_SUMMARY dict and the
+    transports comet layers reported (logged at COMET_LOG_LEVEL=INFO)."""
+    steps, summary, transports = [], None, set()
     for line in text.splitlines():
         line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+        t = TRANSPORT_RE.search(line)
+        if t:
+            transports.add(t.group(1))
+            continue
         if SUMMARY_PREFIX in line:
             try:
                 summary = json.loads(line.split(SUMMARY_PREFIX, 1)[1])
@@ -757,7 +802,7 @@ def parse_pretrain_log(text: str) -> dict:
                 "tokens_per_s": _num(tps.group(1)) if tps else None,
                 "step_time_ms": _num(ms.group(1) or ms.group(2)) if ms else None,
             })
-    return {"steps": steps, "summary": summary}
+    return {"steps": steps, "summary": summary, "comet_transports": sorted(transports)}
 
 
 def compare_e2e(runs: dict) -> dict:
@@ -837,8 +882,10 @@ def e2e_main(argv: Sequence[str]) -> int:
         print(f"bench ep e2e: {name}: {' '.join(cmd)}  (log: {log_path})", flush=True)
         t0 = time.time()
         try:
+            env = launch_env(False)
+            env.setdefault("COMET_LOG_LEVEL", "INFO")  # the comet layers log their transport
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  timeout=args.timeout_s, env=launch_env(False))
+                                  timeout=args.timeout_s, env=env)
             text, rc = proc.stdout, proc.returncode
         except subprocess.TimeoutExpired as exc:
             text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
@@ -849,8 +896,8 @@ def e2e_main(argv: Sequence[str]) -> int:
         runs[name] = {"command": cmd, "rc": rc, "wall_s": time.time() - t0, "log": str(log_path),
                       **parsed, "error_tail": tail}
         s = parsed["summary"] or {}
-        print(f"  rc {rc}, mean tokens/s {s.get('mean_tokens_per_s')}, final loss {s.get('final_loss')}",
-              flush=True)
+        print(f"  rc {rc}, mean tokens/s {s.get('mean_tokens_per_s')}, final loss {s.get('final_loss')}, "
+              f"comet transports {parsed['comet_transports'] or '-'}", flush=True)
     result = {"config": args.config, "steps": args.steps, "runs": runs, "comparison": compare_e2e(runs),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _git_commit()}
     (out / "e2e.json").write_text(json.dumps(result, indent=1))

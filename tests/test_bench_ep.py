@@ -70,6 +70,7 @@ def test_summarize_failed_measurement_gives_none():
 # ---------------------------------------------------------------- end-to-end helper
 PRETRAIN_LOG = """\
 comet-megatron: launching ...
+INFO:comet_megatron:comet: layer 1 uses the symm_mem transport (fused path)
 step 1/4 loss 11.9000 tokens/s 1000.0 step_time_ms 65.5
 step 2/4 loss 11.5000 tokens/s 2000.0 step_time_ms 32.7
 \x1b[1mstep     3/4\x1b[0m  loss \x1b[36m 10.5000\x1b[0m  \x1b[32m    2100.0\x1b[0m tokens/s  step     31.2 ms
@@ -87,6 +88,7 @@ def test_parse_pretrain_log_plain_and_rich_lines():
     assert steps[2]["loss"] == 10.5 and steps[2]["tokens_per_s"] == 2100.0
     assert math.isnan(steps[3]["loss"])
     assert parsed["summary"]["mean_tokens_per_s"] == 2150.0
+    assert parsed["comet_transports"] == ["symm_mem"]
 
 
 def test_compare_e2e():
