@@ -855,6 +855,30 @@ def plot_e2e(runs: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def run_bounded(cmd: Sequence[str], env: dict, timeout_s: float) -> tuple[str, int | str]:
+    """(stdout+stderr, exit code or "timeout") of `cmd`, run in its own process group so that a
+    timeout stops the launcher's torchrun and all its workers too, not only the launcher."""
+    import signal
+
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    try:
+        text, _ = proc.communicate(timeout=timeout_s)
+        return text, proc.returncode
+    except subprocess.TimeoutExpired:
+        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+            try:
+                os.killpg(proc.pid, sig)  # the group this call created (start_new_session)
+            except ProcessLookupError:
+                break
+            try:
+                text, _ = proc.communicate(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                text = ""
+        return (text or "") + f"\n[bench ep e2e: stopped after {timeout_s:g} s]\n", "timeout"
+
+
 def e2e_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="comet-megatron bench ep e2e",
                                 description="comet-megatron pretrain once per dispatcher; tokens/s "
@@ -881,15 +905,9 @@ def e2e_main(argv: Sequence[str]) -> int:
         log_path = out / f"e2e-{name.replace('+', '_')}.log"
         print(f"bench ep e2e: {name}: {' '.join(cmd)}  (log: {log_path})", flush=True)
         t0 = time.time()
-        try:
-            env = launch_env(False)
-            env.setdefault("COMET_LOG_LEVEL", "INFO")  # the comet layers log their transport
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  timeout=args.timeout_s, env=env)
-            text, rc = proc.stdout, proc.returncode
-        except subprocess.TimeoutExpired as exc:
-            text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            rc = "timeout"
+        env = launch_env(False)
+        env.setdefault("COMET_LOG_LEVEL", "INFO")  # the comet layers log their transport
+        text, rc = run_bounded(cmd, env, args.timeout_s)
         log_path.write_text(text)
         parsed = parse_pretrain_log(text)
         tail = "\n".join(text.splitlines()[-15:]) if rc != 0 else None

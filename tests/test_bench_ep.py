@@ -153,3 +153,26 @@ def test_cpu_smoke_writes_every_field(tmp_path):
         assert share == pytest.approx(expect)
         assert row["vs_bound"]["comet-fused"] == pytest.approx(
             row["ms"]["comet-fused"] / max(row["t_compute_ms"], row["t_comm_ms"]))
+
+
+def test_run_bounded_stops_the_whole_process_group():
+    """A pretraining run past its time limit: the launcher and what it started (torchrun and its
+    workers) are all stopped; the output so far is kept."""
+    child = "import os, sys, time; print('grandchild', os.getpid(), flush=True); time.sleep(60)"
+    parent = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {child!r}]); "
+              "time.sleep(60)")
+    text, rc = bench_ep.run_bounded([sys.executable, "-c", parent], dict(os.environ), timeout_s=3)
+    assert rc == "timeout"
+    pid = int(text.split("grandchild", 1)[1].split()[0])
+    import time
+
+    for _ in range(50):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"grandchild {pid} still runs")
+    text, rc = bench_ep.run_bounded([sys.executable, "-c", "print('hi')"], dict(os.environ), timeout_s=30)
+    assert rc == 0 and text.strip() == "hi"
