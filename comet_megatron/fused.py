@@ -55,12 +55,29 @@ def fused_support(config, expert_tp_size: int) -> tuple[bool, str]:
     return True, ""
 
 
-def kernel_config(cfg: CometConfig, config) -> KernelConfig:
+def kernel_config(cfg: CometConfig, config, *, tokens: int | None = None, device=None, dtype=None,
+                  world_size: int = 1) -> KernelConfig:
+    """Launch knobs of a layer. Knobs left "auto" come from the tuning cache (`cfg.tune_cache`, entry of
+    this shape, world size, dtype and GPU, nearest tokens bucket; see docs/TUNING.md) when `tokens` is
+    given and it has one, else the kernels' defaults; explicit values always win."""
     kc = KernelConfig(
         activation=ACTIVATION_NAMES[config.activation_func],
         gated=bool(config.gated_linear_unit),
         trace=cfg.trace,
     )
+    auto = "auto" in (cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.comm_programs)
+    if auto and tokens is not None:
+        from comet_megatron import tune
+
+        key = tune.make_key(
+            hidden=config.hidden_size, ffn=config.moe_ffn_hidden_size, experts=config.num_moe_experts,
+            topk=config.moe_router_topk, gated=kc.gated, world=world_size, tokens=tokens,
+            dtype=dtype if dtype is not None else torch.float32, device=device,
+        )
+        tuned, how = tune.cached_config(cfg.tune_cache, key)
+        for name, value in (tuned or {}).items():
+            setattr(kc, name, value)
+        tune.log_once(key, how)
     if cfg.tile_m != "auto":
         kc.block_m = cfg.tile_m
     if cfg.tile_n != "auto":
@@ -122,7 +139,8 @@ class FusedExperts:
     """Runs one comet layer's experts through the fused kernels over a symmetric workspace."""
 
     def __init__(self, cfg: CometConfig, config, transport: str, group, device, dtype, layer_name=""):
-        self.kernel = kernel_config(cfg, config)
+        self.kernel: KernelConfig | None = None  # set at the first call: the tuning cache is keyed by tokens
+        self._kernel_inputs = (cfg, config, device, dtype)
         self.layer_name = layer_name
         self.timeout_s = cfg.wait_timeout_s
         self.last_trace = None  # (dispatch trace, combine trace, max_tiles) of the last forward
@@ -144,6 +162,10 @@ class FusedExperts:
 
     def __call__(self, hidden, routing_map, probs, experts) -> torch.Tensor:
         """[T, H] tokens, router output -> [T, H] weighted sum of this token's experts."""
+        if self.kernel is None:
+            cfg, config, device, dtype = self._kernel_inputs
+            self.kernel = kernel_config(cfg, config, tokens=hidden.shape[0], device=device, dtype=dtype,
+                                        world_size=self.workspace.world)
         topk_idx, topk_probs = topk_from_routing(routing_map, probs, self.topk)
         w1, w2 = experts.fc_weights()  # [El, F1, H], [El, H, F]
         return _FusedMoE.apply(
