@@ -432,6 +432,9 @@ def bench_shape(shape, tokens_list, variants, modes, env: Env, args, progress=No
     records = []
     for tokens in tokens_list:
         if env.past(deadline):
+            if env.rank == 0:
+                print(f"bench ep: time budget spent; {shape.name} from {tokens} tokens on not measured",
+                      flush=True)
             break
         gen = torch.Generator(device=env.device).manual_seed(1000 + env.rank)
         x = torch.randn(tokens, 1, shape.hidden, device=env.device, dtype=env.dtype, generator=gen)
@@ -568,7 +571,12 @@ def _git_commit() -> str:
 
 # ---------------------------------------------------------------- entry (under torchrun)
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="comet-megatron bench ep", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="comet-megatron bench ep",
+        description="Time one MoE layer under expert parallelism (EP = world size), comet against "
+                    "Megatron, on every GPU of this host (torchrun, one process per GPU; launched for "
+                    "you when not under torchrun). `bench ep e2e --help`: the end-to-end pretraining "
+                    "comparison.")
     p.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
                    help="config names in configs/ (or YAML paths) whose MoE shape to time")
     p.add_argument("--tokens", nargs="+", type=int, default=list(DEFAULT_TOKENS), help="tokens per rank")
@@ -637,6 +645,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shapes": {s.name: {"hidden": s.hidden, "ffn": s.ffn, "experts": s.experts, "topk": s.topk,
                             "gated": s.gated} for s in shapes},
         "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
+        "definitions": {
+            "ms": "median over repetitions on each rank, then the maximum over ranks",
+            "ms_wall": "host clock to torch.cuda.synchronize() (cross-check of the CUDA-event time)",
+            COMPUTE: "T_compute: comet's grouped expert GEMMs (cuBLAS torch._grouped_mm on GPUs) on "
+                     "the rows this rank's experts receive under the same routing; no communication",
+            COMM: "T_comm: torch.distributed.all_to_all_single dispatch + combine with the routing's "
+                  "split sizes (fwd: 2 calls; fwd+bwd: 4, the backward moves the same volumes)",
+            "speedup_comet_vs": "T_baseline / T_comet-fused (> 1: comet faster)",
+            "hidden_share": "(T_compute + T_comm - T_layer) / T_comm",
+            "vs_bound": "T_layer / max(T_compute, T_comm) (1.0: the overlap limit)",
+        },
     }
     if args.cpu_smoke and env.rank == 0:
         print("comet-megatron bench ep --cpu-smoke: CPU, gloo, tiny shape, host timers, Triton "
