@@ -57,7 +57,9 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     out_dtype = out_dtype or a.dtype
     if backend == "auto":
-        backend = "triton"
+        # cuBLAS's grouped GEMM (K split by expert) on Hopper in bf16; the Triton kernel elsewhere
+        backend = "grouped_mm" if (a.is_cuda and a.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+                                   and torch.cuda.get_device_capability(a.device)[0] >= 9) else "triton"
     if backend == "loop":
         offs = expert_offsets.tolist()
         return torch.stack([
