@@ -214,3 +214,49 @@ def test_workspace_too_small_names_flag_and_size():
     results = run_distributed(_capacity_body, 2, ep=2, env=INTERPRET)
     for message in results:
         assert "--comet-capacity 6" in message and "--comet-grow-workspace" in message, message
+
+
+def _microbatches_body(rank):
+    import torch
+
+    from routing_cases import build_two, compare, random_routing
+
+    ref, fused = build_two(dict(moe_router_topk=2), "cuda_ipc", seed=12)
+
+    def forward(layer, x, probs, rmap):
+        h, pp = layer.preprocess(x, probs, rmap)
+        d, pp = layer.dispatch(h, pp)
+        o, _ = layer.routed_experts_compute(d, pp)
+        return layer.postprocess(layer.combine(o), None)
+
+    # Three micro-batches in flight, as a pipeline schedule keeps them: all forwards first, then
+    # the backwards in another order (1F1B-like); each fused call must keep its own state.
+    batches = []
+    for i in range(3):
+        probs, rmap = random_routing(5 + 3 * i + rank, 4, 2, seed=50 + 10 * i + rank)
+        g = torch.Generator().manual_seed(60 + 10 * i + rank)
+        x, dy = torch.randn(rmap.shape[0], 16, generator=g), torch.randn(rmap.shape[0], 16, generator=g)
+        batches.append((x, probs, rmap, dy))
+    results = {}
+    for tag, layer in (("fused", fused), ("ref", ref)):
+        for p in layer.experts.parameters():
+            p.grad = None
+        outs, leaves = [], []
+        for x, probs, rmap, _ in batches:
+            xi, pi = x.clone().requires_grad_(True), probs.clone().requires_grad_(True)
+            outs.append(forward(layer, xi, pi, rmap))
+            leaves.append((xi, pi))
+        for i in (1, 2, 0):
+            outs[i].backward(batches[i][3])
+        grads = {n: p.grad.clone() for n, p in layer.experts.named_parameters()}
+        results[tag] = [(o.detach(), xi.grad, pi.grad, grads) for o, (xi, pi) in zip(outs, leaves)]
+    return [compare(a, b) for a, b in zip(results["fused"], results["ref"])]
+
+
+@pytest.mark.slow
+def test_micro_batches_in_flight_backward_out_of_order():
+    results = run_distributed(_microbatches_body, 2, ep=2, env=INTERPRET)
+    for rank, per_rank in enumerate(results):
+        for i, errs in enumerate(per_rank):
+            bad = {k: v for k, v in errs.items() if not v <= TOL}
+            assert not bad, f"rank {rank} micro-batch {i}: {bad}"
