@@ -203,29 +203,36 @@ def _time_variant(v, layers, x, dy, mode) -> float:
     return _time(run)
 
 
+def experts_step(experts, counts, hidden: int, device, dtype, mode: str):
+    """A closure running the grouped expert GEMMs alone (forward, or forward+backward) on random
+    rows split as `counts` (T_compute): shared by the single-GPU and the EP benchmarks."""
+    import torch
+
+    rows = int(sum(counts))
+    xs = torch.randn(rows, hidden, device=device, dtype=dtype, requires_grad=True)
+    probs = torch.rand(rows, device=device, dtype=torch.float32)
+    dys = torch.randn(rows, hidden, device=device, dtype=dtype)
+    tokens_per_expert = torch.tensor(list(counts))
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                experts(xs, tokens_per_expert, probs)
+    else:
+        def run():
+            y, _ = experts(xs, tokens_per_expert, probs)
+            y.backward(dys)
+    return run
+
+
 def _time_experts(layers, x, dy, mode) -> float:
-    """The grouped expert GEMMs alone on a routing of the same shape (T_compute)."""
+    """The grouped expert GEMMs alone on this batch's routing (T_compute)."""
     import torch
 
     layer = next(l for k, l in layers.items() if k != "megatron")
     with torch.no_grad():
         probs, routing_map = layer.router(x)
     counts = routing_map.sum(0).tolist()
-    rows = int(sum(counts))
-    xs = torch.randn(rows, x.shape[-1], device=x.device, dtype=x.dtype, requires_grad=True)
-    p = torch.rand(rows, device=x.device, dtype=torch.float32)
-    dys = torch.randn(rows, x.shape[-1], device=x.device, dtype=x.dtype)
-    experts = layer.experts
-    tpe = torch.tensor(counts)
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                experts(xs, tpe, p)
-    else:
-        def run():
-            y, _ = experts(xs, tpe, p)
-            y.backward(dys)
-    return _time(run)
+    return _time(experts_step(layer.experts, counts, x.shape[-1], x.device, x.dtype, mode))
 
 
 def add_ratios(records, floor_tflops):

@@ -355,22 +355,9 @@ class Routing:
 
 def compute_step(experts, routing: Routing, hidden: int, env: Env, mode: str):
     """This rank's grouped expert GEMMs on the rows the routing sends it (T_compute)."""
-    import torch
+    from comet_megatron.bench import experts_step
 
-    rows = int(sum(routing.local_counts))
-    xs = torch.randn(rows, hidden, device=env.device, dtype=env.dtype, requires_grad=True)
-    probs = torch.rand(rows, device=env.device, dtype=torch.float32)
-    dys = torch.randn(rows, hidden, device=env.device, dtype=env.dtype)
-    tpe = torch.tensor(routing.local_counts)
-    if mode == "fwd":
-        def run():
-            with torch.no_grad():
-                experts(xs, tpe, probs)
-    else:
-        def run():
-            y, _ = experts(xs, tpe, probs)
-            y.backward(dys)
-    return run
+    return experts_step(experts, routing.local_counts, hidden, env.device, env.dtype, mode)
 
 
 def comm_step(routing: Routing, hidden: int, env: Env, mode: str):

@@ -28,12 +28,13 @@ the symbol path and the installed megatron-core version.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from comet_megatron.patches.symbols import resolve
 
 logger = logging.getLogger("comet_megatron.patches.cpu_training")
 
@@ -45,41 +46,9 @@ _mode: "CudaToCpuMode | None" = None
 _applied_cpu_moe = False  # whether apply() installed patches/cpu.py's shims (remove() undoes them)
 
 
-class CpuShimError(RuntimeError):
-    """A symbol the CPU shims replace is missing in the installed megatron-core / torch."""
-
-
-def _megatron_core_version() -> str:
-    try:
-        import megatron.core
-
-        return getattr(megatron.core, "__version__", "unknown")
-    except ImportError:
-        return "not installed"
-
-
 def _resolve(module_path: str, attr: str) -> tuple[Any, Any]:
     """(owner, current value) of `module_path.attr`; a clear error if it moved."""
-    try:
-        owner = importlib.import_module(module_path)
-    except ImportError as exc:
-        raise CpuShimError(
-            f"comet-megatron CPU shims: cannot import {module_path} (megatron-core "
-            f"{_megatron_core_version()}, torch {torch.__version__}): {exc}. These shims target "
-            "megatron-core 0.19; the symbol probably moved."
-        ) from exc
-    parts = attr.split(".")
-    for part in parts[:-1]:
-        owner = getattr(owner, part, None)
-        if owner is None:
-            break
-    if owner is None or not hasattr(owner, parts[-1]):
-        raise CpuShimError(
-            f"comet-megatron CPU shims: {module_path}.{attr} not found (megatron-core "
-            f"{_megatron_core_version()}, torch {torch.__version__}). These shims target "
-            "megatron-core 0.19; the symbol moved, update patches/cpu_training.py."
-        )
-    return owner, getattr(owner, parts[-1])
+    return resolve(module_path, attr, patch="patches/cpu_training.py")
 
 
 def _replace(module_path: str, attr: str, replacement: Callable | type, why: str) -> None:

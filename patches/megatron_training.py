@@ -23,36 +23,16 @@ from typing import Any, Callable
 
 import torch
 
+from comet_megatron.patches.symbols import resolve
+
 logger = logging.getLogger("comet_megatron.patches.megatron_training")
 
 MARKER = "_comet_training_hook"
 _replaced: list[tuple[Any, str, Any]] = []
 
 
-def _megatron_core_version() -> str:
-    try:
-        import megatron.core
-
-        return getattr(megatron.core, "__version__", "unknown")
-    except ImportError:
-        return "not installed"
-
-
 def _resolve(module_path: str, attr: str) -> tuple[Any, Any]:
-    try:
-        owner = importlib.import_module(module_path)
-    except ImportError as exc:
-        raise RuntimeError(
-            f"comet-megatron: cannot import {module_path} (megatron-core "
-            f"{_megatron_core_version()}): {exc}. These hooks target megatron-core 0.19."
-        ) from exc
-    if not hasattr(owner, attr):
-        raise RuntimeError(
-            f"comet-megatron: {module_path}.{attr} not found (megatron-core "
-            f"{_megatron_core_version()}); these hooks target megatron-core 0.19, the symbol moved: "
-            "update patches/megatron_training.py."
-        )
-    return owner, getattr(owner, attr)
+    return resolve(module_path, attr, patch="patches/megatron_training.py")
 
 
 def _install(module_path: str, attr: str, replacement: Callable, why: str) -> Callable[[], None]:
