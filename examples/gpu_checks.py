@@ -105,13 +105,27 @@ def peak_memory(shapes, tokens) -> list:
 
 
 def determinism() -> dict:
-    from comet_megatron.bench import Shape, build_layers
+    """Bitwise reproducibility of two identical calls per path, and the cost of
+    --comet-deterministic on the reference path (median ms of forward+backward)."""
+    from comet_megatron.bench import Shape, _time, build_layers
 
     shape = Shape("qwen2-like", 2048, 1408, 16, 4)
     layers = build_layers(shape, ["megatron", "comet-reference", "comet-fused"])
+    det = build_layers(shape, ["comet-reference"])["comet-reference"]
+    det.load_state_dict(layers["comet-reference"].state_dict())
+    det.token_dispatcher.deterministic = True
+    layers["comet-reference-deterministic"] = det
     x = torch.randn(4096, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     res = {}
+    for name in ("comet-reference", "comet-reference-deterministic"):
+        xg = x.clone().requires_grad_(True)
+        layer = layers[name]
+
+        def run():
+            y, _ = layer(xg)
+            y.backward(dy)
+        res[name + " ms"] = _time(run)
     for name, layer in layers.items():
         runs = []
         for _ in range(2):
