@@ -62,7 +62,10 @@ class CometTokenDispatcher(MoETokenDispatcher):
             tp_ep_group=self.tp_ep_group,
         )
         plan = self.plan
-        permuted_tokens = hidden_states.index_select(0, plan.send_token_index)
+        if self.deterministic:  # its backward sums each token's row gradients in a fixed order
+            permuted_tokens = _GatherRows.apply(hidden_states, plan.send_token_index)
+        else:  # backward: index_add, atomics on GPUs
+            permuted_tokens = hidden_states.index_select(0, plan.send_token_index)
         return permuted_tokens, plan.send_probs
 
     def token_dispatch(self, hidden_states, probs):
@@ -125,6 +128,22 @@ def _sum_rows_per_token_in_order(rows: torch.Tensor, token: torch.Tensor, num_to
     flat = token * width + slot
     slots = rows.new_zeros((num_tokens * width, rows.shape[-1])).index_copy(0, flat, rows)
     return slots.view(num_tokens, width, -1).sum(dim=1)
+
+
+class _GatherRows(torch.autograd.Function):
+    """`x.index_select(0, token)` whose backward is `_sum_rows_per_token_in_order` (bitwise
+    reproducible) instead of an atomic index_add."""
+
+    @staticmethod
+    def forward(ctx, x, token):
+        ctx.save_for_backward(token)
+        ctx.num_tokens = x.shape[0]
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (token,) = ctx.saved_tensors
+        return _sum_rows_per_token_in_order(grad, token, ctx.num_tokens), None
 
 
 def _scatter_rows(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

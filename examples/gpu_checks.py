@@ -146,19 +146,24 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--shapes", nargs="+", default=["mixtral-8x7b", "qwen2-moe-a2.7b", "phi-3.5-moe"])
     parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--only", choices=["determinism", "repeated", "memory"], default=None,
+                        help="run one check only")
     args = parser.parse_args()
     _init()
     import comet_megatron
 
     comet_megatron.enable()
     result = {"gpu": torch.cuda.get_device_name(), "commit": os.environ.get("COMET_COMMIT", "unknown")}
-    result["determinism_bitwise"] = determinism()
-    print("determinism:", result["determinism_bitwise"], flush=True)
-    result["repeated_use"] = repeated_use(args.calls)
-    print("repeated use:", result["repeated_use"], flush=True)
-    result["peak_memory"] = peak_memory(args.shapes, args.tokens)
-    for row in result["peak_memory"]:
-        print("peak memory:", row, flush=True)
+    if args.only in (None, "determinism"):
+        result["determinism_bitwise"] = determinism()
+        print("determinism:", result["determinism_bitwise"], flush=True)
+    if args.only in (None, "repeated"):
+        result["repeated_use"] = repeated_use(args.calls)
+        print("repeated use:", result["repeated_use"], flush=True)
+    if args.only in (None, "memory"):
+        result["peak_memory"] = peak_memory(args.shapes, args.tokens)
+        for row in result["peak_memory"]:
+            print("peak memory:", row, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_checks.json").write_text(json.dumps(result, indent=1))
     return 0
