@@ -85,6 +85,7 @@ class CometMoELayer(MoELayer):
     # and "GEMM1 + combine" into the fused operation run by `routed_experts_compute`.
     _fused = None
     _transport: str | None = None
+    _announced = False  # class-wide: whether a layer of this process logged its transport
 
     @property
     def transport(self) -> str | None:
@@ -98,7 +99,7 @@ class CometMoELayer(MoELayer):
         from comet_megatron.transport import resolve_transport
 
         support = fused_support(self.config, self.token_dispatcher.tp_size)
-        transport = resolve_transport(
+        transport, why = resolve_transport(
             self.comet_config, self.ep_group, hidden_states.device, support
         )
         if transport != "nccl":
@@ -107,10 +108,12 @@ class CometMoELayer(MoELayer):
                 hidden_states.device, hidden_states.dtype, layer_name=str(self.layer_number),
             )
         self._transport = transport
-        log.info(
-            "comet: layer %s uses the %s transport (%s path)",
-            self.layer_number, transport, "fused" if self._fused is not None else "reference",
-        )
+        path = "fused" if self._fused is not None else "reference"
+        # The first layer of a process says it at INFO; the others only at DEBUG.
+        level = logging.DEBUG if CometMoELayer._announced else logging.INFO
+        CometMoELayer._announced = True
+        log.log(level, "comet: MoE layer %s uses the %s transport (%s path)%s",
+                self.layer_number, transport, path, f": {why}" if why else "")
         return self._fused
 
     def preprocess(self, hidden_states, probs, routing_map):

@@ -280,6 +280,8 @@ class Progress:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse Megatron + comet arguments, pretrain, print the summary; returns the summary."""
     logging.basicConfig(level=os.environ.get("COMET_LOG_LEVEL", "WARNING"))
+    if os.environ.get("RANK", "0") == "0" and "COMET_LOG_LEVEL" not in os.environ:
+        logging.getLogger("comet_megatron").setLevel(logging.INFO)  # which transport runs
     argv = list(sys.argv[1:] if argv is None else argv)
     on_cpu = apply_cpu_shims()
     argv = default_argv(argv, cuda=not on_cpu)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 import torch.distributed as dist
 
 from comet_megatron.config import CometConfig, CometConfigError
-
-log = logging.getLogger("comet_megatron.transport")
-
 
 class TransportUnavailable(CometConfigError):
     """The configured transport cannot run here (the message says what is missing)."""
@@ -50,34 +46,35 @@ def _peers_reachable(group, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def resolve_transport(cfg: CometConfig, group, device: torch.device, fused_supported: tuple[bool, str]):
-    """The transport a layer will use: one of nccl, symm_mem, cuda_ipc, emulated.
+def resolve_transport(
+    cfg: CometConfig, group, device: torch.device, fused_supported: tuple[bool, str]
+) -> tuple[str, str]:
+    """(transport, why) for a layer: one of nccl, symm_mem, cuda_ipc, emulated, and the reason
+    when `auto` fell back to the reference collectives (the caller logs it).
 
     `fused_supported` is (ok, why-not) for the layer's configuration (activation, expert-TP...).
-    An explicit transport that cannot run raises `TransportUnavailable` naming what is missing;
-    `auto` falls back to nccl with a log line.
+    An explicit transport that cannot run raises `TransportUnavailable` naming what is missing.
     """
     wanted = cfg.transport
     world = _group_size(group)
-    if not cfg.overlap or wanted == "nccl":
-        return "nccl"
+    if not cfg.overlap:
+        return "nccl", "--no-comet-overlap"
+    if wanted == "nccl":
+        return "nccl", "--comet-transport nccl"
     ok, why = fused_supported
     on_gpu = device.type == "cuda"
     if wanted == "auto":
         if not ok:
-            log.info("comet: fused kernels not used (%s); reference collectives (nccl transport)", why)
-            return "nccl"
+            return "nccl", f"the fused kernels do not implement {why}"
         if not on_gpu:
-            log.info("comet: no GPU; reference collectives (nccl transport)")
-            return "nccl"
+            return "nccl", "no GPU"
         if world == 1:
-            return "emulated"
+            return "emulated", "EP size 1"
         reach, why = _peers_reachable(group, device)
         if not reach:
-            log.info("comet: %s; reference collectives (nccl transport)", why)
-            return "nccl"
+            return "nccl", why
         sm_ok, _ = _symm_mem_available()
-        return "symm_mem" if sm_ok else "cuda_ipc"
+        return ("symm_mem", "") if sm_ok else ("cuda_ipc", "torch symmetric memory unavailable")
 
     if not ok:
         raise TransportUnavailable(
@@ -107,4 +104,4 @@ def resolve_transport(cfg: CometConfig, group, device: torch.device, fused_suppo
         reach, why = _peers_reachable(group, device)
         if not reach:
             raise TransportUnavailable(f"--comet-transport cuda_ipc: {why}; use auto or nccl")
-    return wanted
+    return wanted, ""
