@@ -37,6 +37,16 @@ ACTIVATION_NAMES = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu"}
 
 _WORKSPACES: dict = {}
 
+# Without a tuning-cache entry on a Hopper GPU: the tiles `comet-megatron tune` chose for all three
+# benchmark shapes on an H100 (2.6-4.1x faster than the kernels' small defaults; docs/BENCHMARKS.md).
+# Elsewhere the kernels' defaults stay (their shared-memory needs fit every GPU).
+GPU_UNTUNED_DEFAULT = {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4}
+
+
+def _is_hopper(device) -> bool:
+    dev = torch.device(device or "cpu")
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] == 9
+
 
 def fused_support(config, expert_tp_size: int) -> tuple[bool, str]:
     """(ok, reason) whether the fused kernels implement this layer's expert MLP."""
@@ -75,6 +85,9 @@ def kernel_config(cfg: CometConfig, config, *, tokens: int | None = None, device
             dtype=dtype if dtype is not None else torch.float32, device=device,
         )
         tuned, how = tune.cached_config(cfg.tune_cache, key)
+        if tuned is None and _is_hopper(device):
+            tuned = dict(GPU_UNTUNED_DEFAULT)
+            how += f"; using {GPU_UNTUNED_DEFAULT}"
         for name, value in (tuned or {}).items():
             setattr(kc, name, value)
         tune.log_once(key, how)
