@@ -138,6 +138,8 @@ class SymmetricWorkspace:
     def _alloc_symm_mem(self, layout: WorkspaceLayout):
         import torch.distributed._symmetric_memory as symm
 
+        if hasattr(symm, "enable_symm_mem_for_group"):  # required by older torch, idempotent
+            symm.enable_symm_mem_for_group(self.group.group_name)
         buf = symm.empty(layout.nbytes, dtype=torch.uint8, device=self.device)
         buf.zero_()
         handle = symm.rendezvous(buf, group=self.group)
