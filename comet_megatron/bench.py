@@ -135,7 +135,9 @@ def build_layers(shape: Shape, variants):
             )
         else:
             cfg = _transformer_config(shape, "comet")
-            cfg.comet = CometConfig(transport="nccl" if v == "comet-reference" else "auto")
+            # EP=1: "emulated" is the fused path over a one-rank workspace (auto would pick the
+            # reference path, there being nothing to overlap)
+            cfg.comet = CometConfig(transport="nccl" if v == "comet-reference" else "emulated")
             comet_megatron.enable()
             layer = spec.submodules.mlp(config=cfg)
         layer = layer.cuda()
@@ -302,7 +304,7 @@ def draw_timeline(shape: Shape, tokens: int, path) -> dict:
     import comet_megatron
 
     cfg = _transformer_config(shape, "comet")
-    cfg.comet = CometConfig(trace=True)
+    cfg.comet = CometConfig(trace=True, transport="emulated")
     comet_megatron.enable()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 

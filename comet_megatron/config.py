@@ -44,8 +44,9 @@ class CometConfig:
     )
     transport: Transport = _knob(
         "auto",
-        "How ranks exchange tokens. auto: symm_mem when every EP peer is reachable over "
-        "NVLink, else the nccl reference collectives (logged). nccl: torch.distributed "
+        "How ranks exchange tokens. auto: symm_mem when EP > 1 and every EP peer is reachable "
+        "over NVLink, else the nccl reference collectives (logged; also at EP size 1, where "
+        "there is nothing to overlap). nccl: torch.distributed "
         "collectives (any backend, also gloo). symm_mem: torch symmetric memory, one process "
         "per GPU. cuda_ipc: processes sharing buffers through CUDA IPC (several ranks on one "
         "GPU). emulated: N virtual ranks inside one process (tests, benchmarks).",

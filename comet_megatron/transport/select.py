@@ -68,8 +68,8 @@ def resolve_transport(
             return "nccl", f"the fused kernels do not implement {why}"
         if not on_gpu:
             return "nccl", "no GPU"
-        if world == 1:
-            return "emulated", "EP size 1"
+        if world == 1:  # the fused kernels only add work when there is nothing to overlap
+            return "nccl", "EP size 1, no communication to overlap"
         reach, why = _peers_reachable(group, device)
         if not reach:
             return "nccl", why
