@@ -106,47 +106,57 @@ def _transformer_config(shape: Shape, dispatcher: str):
     )
 
 
-def build_layers(shape: Shape, variants):
-    """{variant: layer} sharing one set of weights (state dict of the first)."""
+def build_variant_layers(shape: Shape, variants, make_config, comet_config, move):
+    """{variant: layer} for the layer variants in `variants` (others are skipped), all with the
+    weights of the first one built. `make_config(dispatcher)` gives the TransformerConfig,
+    `comet_config(variant)` the CometConfig of a comet variant, `move(layer)` places it."""
     import functools
 
-    import torch
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 
     import comet_megatron
-    from comet_megatron.config import CometConfig
     from comet_megatron.experts import CometGroupedMLP
 
     spec = get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False)
     linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
     layers, state = {}, None
     for v in variants:
-        if v == "experts-only":
-            continue
         if v == "megatron":
-            layer = spec.submodules.mlp(config=_transformer_config(shape, "alltoall"))
+            layer = spec.submodules.mlp(config=make_config("alltoall"))
         elif v == "megatron+grouped":
             layer = MoELayer(
-                config=_transformer_config(shape, "alltoall"),
+                config=make_config("alltoall"),
                 submodules=MoESubmodules(experts=functools.partial(CometGroupedMLP, submodules=linears)),
             )
-        else:
-            cfg = _transformer_config(shape, "comet")
-            # EP=1: "emulated" is the fused path over a one-rank workspace (auto would pick the
-            # reference path, there being nothing to overlap)
-            cfg.comet = CometConfig(transport="nccl" if v == "comet-reference" else "emulated")
+        elif v in ("comet-reference", "comet-fused"):
+            cfg = make_config("comet")
+            cfg.comet = comet_config(v)
             comet_megatron.enable()
             layer = spec.submodules.mlp(config=cfg)
-        layer = layer.cuda()
+        else:
+            continue
+        layer = move(layer)
         if state is None:
             state = layer.state_dict()
         else:
             layer.load_state_dict(state)
         layers[v] = layer
     return layers
+
+
+def build_layers(shape: Shape, variants):
+    """The single-GPU benchmark's layers. comet-fused runs over a one-rank ("emulated") workspace:
+    at EP=1 `auto` would pick the reference path, there being nothing to overlap."""
+    from comet_megatron.config import CometConfig
+
+    return build_variant_layers(
+        shape, variants, lambda dispatcher: _transformer_config(shape, dispatcher),
+        lambda v: CometConfig(transport="nccl" if v == "comet-reference" else "emulated"),
+        lambda layer: layer.cuda(),
+    )
 
 
 def _time(fn, warmup_ms=100, rep_ms=400) -> float:

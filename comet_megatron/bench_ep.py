@@ -276,43 +276,14 @@ def comet_config(args, env: Env, transport: str, capacity: int):
 
 def build_layers(shape, variants: Iterable[str], env: Env, args, capacity: int) -> dict:
     """{variant: layer} with the same weights on this rank (state dict of the first built)."""
-    import functools
+    from comet_megatron.bench import build_variant_layers
 
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.mlp import MLPSubmodules
-    from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-
-    import comet_megatron
-    from comet_megatron.experts import CometGroupedMLP
-
-    spec = get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False)
-    linears = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
-    layers, state = {}, None
-    for v in variants:
-        if v == "megatron":
-            layer = spec.submodules.mlp(config=transformer_config(shape, "alltoall", env))
-        elif v == "megatron+grouped":
-            layer = MoELayer(
-                config=transformer_config(shape, "alltoall", env),
-                submodules=MoESubmodules(experts=functools.partial(CometGroupedMLP, submodules=linears)),
-            )
-        elif v in ("comet-fused", "comet-reference"):
-            cfg = transformer_config(shape, "comet", env)
-            transport = args.comet_transport if v == "comet-fused" else "nccl"
-            cfg.comet = comet_config(args, env, transport, capacity)
-            comet_megatron.enable()
-            layer = spec.submodules.mlp(config=cfg)
-        else:
-            continue
-        if env.cuda:
-            layer = layer.cuda()
-        if state is None:
-            state = layer.state_dict()
-        else:
-            layer.load_state_dict(state)
-        layers[v] = layer
-    return layers
+    return build_variant_layers(
+        shape, list(variants), lambda dispatcher: transformer_config(shape, dispatcher, env),
+        lambda v: comet_config(args, env, args.comet_transport if v == "comet-fused" else "nccl",
+                               capacity),
+        (lambda layer: layer.cuda()) if env.cuda else (lambda layer: layer),
+    )
 
 
 def layer_step(layer, x, dy, mode: str):

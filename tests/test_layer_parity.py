@@ -58,7 +58,6 @@ def test_layer_matches_megatron_alltoall(world, tp, ep, etp):
 
 
 def _deterministic_body(rank):
-    import torch
 
     import comet_megatron
     from comet_megatron import CometConfig
