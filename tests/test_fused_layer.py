@@ -30,6 +30,7 @@ CASES = [
     (dict(moe_router_topk=2), "skewed"),
     (dict(moe_router_topk=1), "uniform"),
     (dict(moe_router_topk=4, gated_linear_unit=False), "zero"),
+    (dict(moe_router_topk=2, moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True), "uniform"),
 ]
 
 

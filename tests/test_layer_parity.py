@@ -21,6 +21,7 @@ CASES = [
     (dict(moe_router_topk=2, gated_linear_unit=False), "skewed"),
     (dict(moe_router_topk=2, num_moe_experts=8), "zero"),
     (dict(moe_router_topk=2, moe_expert_capacity_factor=1.0), "skewed"),
+    (dict(moe_router_topk=2, moe_shared_expert_intermediate_size=32, moe_shared_expert_gate=True), "uniform"),
     (dict(moe_router_topk=2, moe_expert_capacity_factor=1.0, moe_pad_expert_input_to_capacity=True), "skewed"),
 ]
 
