@@ -20,7 +20,7 @@ def current():
         raise ImportError(
             f"comet-megatron has no patch for megatron-core {version}; supported: "
             f"{', '.join(v + '.x' for v in SUPPORTED)}. "
-            "Install one: pip install 'megatron-core>=0.19,<0.20'."
+            "Install one: pip install 'megatron-core>=0.19.2,<0.20'."
         )
     module = importlib.import_module(f"{__name__}.{SUPPORTED[minor]}")
     module.check_installed_version()

@@ -269,7 +269,7 @@ def check_installed_version() -> str:
     if not version.startswith(VERSION_PREFIX):
         raise ImportError(
             f"comet-megatron supports megatron-core 0.19.x; found {version}. "
-            "Install a supported version: pip install 'megatron-core>=0.19,<0.20'."
+            "Install a supported version: pip install 'megatron-core>=0.19.2,<0.20'."
         )
     _moe_module()
     return version
