@@ -201,3 +201,30 @@ def test_stacked_expert_weights_are_views_with_per_parameter_gradients():
     assert not _back_to_back(loose)
     w2 = stack_weights(loose)
     assert torch.equal(w2, base) and w2.data_ptr() != loose[0].data_ptr()
+
+
+def _spec_helpers_body(rank):
+    import comet_megatron
+    from comet_megatron import specs
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from moe_cases import make_config, make_input, rel_err
+
+    comet_megatron.disable()  # the helpers must not depend on enable()
+    moe_from_helper = comet_megatron.get_moe_module_spec(num_experts=4)(config=make_config("comet"))
+    layer_spec = specs.get_gpt_layer_spec(num_experts=4, use_te=False)
+    moe_from_layer_spec = layer_spec.submodules.mlp(config=make_config("comet"))
+    torch.manual_seed(0)
+    ref = get_gpt_layer_local_spec(num_experts=4).submodules.mlp(config=make_config("alltoall"))
+    x = make_input(8, 2, 16, seed=rank)
+    errs = {}
+    for name, layer in (("moe spec", moe_from_helper), ("layer spec", moe_from_layer_spec)):
+        layer.load_state_dict(ref.state_dict())
+        errs[name] = (type(layer).__name__, rel_err(layer(x)[0].detach(), ref(x)[0].detach()))
+    return errs
+
+
+def test_spec_helpers_build_comet_layers_equal_to_megatron():
+    (errs,) = run_distributed(_spec_helpers_body, 1)
+    for name, (kind, err) in errs.items():
+        assert kind == "CometMoELayer", (name, kind)
+        assert err <= 1e-6, (name, err)
