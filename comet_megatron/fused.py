@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -204,7 +203,3 @@ def topk_from_routing(routing_map: torch.Tensor, probs: torch.Tensor, topk: int)
 def drop_workspaces() -> None:
     """Forget every cached workspace (tests; a changed process group)."""
     _WORKSPACES.clear()
-
-
-def active_backend(runner: Optional[FusedExperts]) -> str:
-    return runner.workspace.backend if runner is not None else "nccl"
