@@ -3,6 +3,7 @@
     comet-megatron pretrain --config configs/tiny.yaml [--steps N] [--nproc N] [-- MEGATRON ARGS]
     comet-megatron flags [--markdown]
     comet-megatron bench layer [OPTIONS]      (comet_megatron.bench; needs a GPU)
+    comet-megatron bench kernels [OPTIONS]    (comet_megatron.bench_kernels; each kernel vs cuBLAS)
     comet-megatron tune --config configs/<name>.yaml [--tokens N ...]   (comet_megatron.tune)
     comet-megatron bench ep [OPTIONS]         (comet_megatron.bench_ep; torchrun, one process per GPU)
 
@@ -411,8 +412,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "bench", help="benchmarks on a GPU: `bench layer` times one MoE layer, comet vs Megatron",
         description="`comet-megatron bench layer --help` lists the layer benchmark's options.",
     )
-    p.add_argument("target", choices=["layer", "ep"],
-                   help="what to time (ep: one MoE layer under expert parallelism, torchrun)")
+    p.add_argument("target", choices=["layer", "kernels", "ep"],
+                   help="what to time (kernels: each fused kernel against cuBLAS at world size 1; "
+                        "ep: one MoE layer under expert parallelism, torchrun)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options")
     p.set_defaults(func=cmd_bench)
 
@@ -422,6 +424,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from comet_megatron import bench_ep
 
         return bench_ep.cli_main(args.bench_args)
+    if args.target == "kernels":
+        from comet_megatron import bench_kernels
+
+        return bench_kernels.main(args.bench_args)
     from comet_megatron import bench
 
     return bench.main(args.bench_args)

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .config import default_programs, dot_precision, rows_16b_aligned
+from .operands import load_rows_block, load_weight_block, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import ERR_DISPATCH_INPUTS, ERR_DISPATCH_TILE, now, store_release, use_globaltimer, wait_until_geq
 
@@ -137,7 +138,7 @@ def _dispatch_gemm_kernel(
     x_table, order_table, offsets_table, probs_table, inputs_ready_ptr,
     seg_start_ptr, seg_count_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
     recv_ptr, recv_pair_ptr, recv_src_ptr, recv_prob_ptr, tile_ready_ptr,
-    w_ptr, stride_we, stride_wk, stride_wn,
+    w_ptr, stride_we, stride_wk, stride_wn, w_desc,
     out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr,
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_tiles,
     TOPK: tl.constexpr, HIDDEN: tl.constexpr, FFN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr,
@@ -145,8 +146,9 @@ def _dispatch_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, GROUP_M: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
     KNOWN_ROWS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
-    GLOBALTIMER: tl.constexpr,
+    GLOBALTIMER: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
 ):
+    EVEN_K: tl.constexpr = HIDDEN % BK == 0
     pid = tl.program_id(0)
     num_tiles = tl.load(num_tiles_ptr)
     if pid < NUM_COMM:
@@ -183,15 +185,19 @@ def _dispatch_gemm_kernel(
             w_j = w_ptr + j.to(tl.int64) * stride_we
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             acc_up = tl.zeros([BM, BN], dtype=tl.float32)  # forward gated: the "up" half (cols + ffn)
+            n0 = nb * BN
             for k0 in range(0, HIDDEN, BK):
                 ks = k0 + tl.arange(0, BK)
                 kmask = ks < HIDDEN
-                a = tl.load(a_rows[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b_ptrs = w_j + ks[:, None] * stride_wk + cols[None, :] * stride_wn
-                bmask = kmask[:, None] & cmask[None, :]
-                acc = tl.dot(a, tl.load(b_ptrs, mask=bmask, other=0.0), acc, input_precision=DOT_PRECISION)
+                # The receive rows were written by this launch's communication programs: pointer loads
+                # (see operands.py); the weights may come through TMA.
+                a = load_rows_block(w_desc, a_rows, rs, k0, ks, rmask, kmask, False, EVEN_K)
+                b = load_weight_block(w_desc, w_j, j, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
+                                      W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
                 if GATED and not BACKWARD:
-                    b_up = tl.load(b_ptrs + FFN * stride_wn, mask=bmask, other=0.0)
+                    b_up = load_weight_block(w_desc, w_j + FFN * stride_wn, j, k0, n0 + FFN, ks, cols, kmask,
+                                             cmask, stride_wk, stride_wn, W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
                     acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
             m2 = rmask[:, None] & cmask[None, :]
             out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_out
@@ -244,7 +250,7 @@ class DispatchResult:
 def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, ffn: int, backward: bool,
             activation: str, gated: bool, store_pre: bool, rows: DispatchResult | None, num_comm, num_compute,
             block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int,
-            group_m: int) -> DispatchResult:
+            group_m: int, use_tma: bool | None = None) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
@@ -268,6 +274,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
     trace_buf = (torch.full((layout.max_tiles * (1 + n_blocks), 2), -1, dtype=torch.int64, device=dev)
                  if trace else None)
     tile_ready = view.scratch("dispatch_tile_ready", layout.max_tiles)
+    w_desc, k_major = weight_descriptor(w_kernel, block_k, block_n, force=use_tma)
     _dispatch_gemm_kernel[(num_comm + num_compute,)](
         view.tables["tokens"], view.tables["send_order"], view.tables["send_offsets"], view.tables["probs"],
         view.regions["inputs_ready"],
@@ -275,6 +282,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         layout.num_tiles,
         recv, recv_pair, recv_src, recv_prob, tile_ready,
         w_kernel, w_kernel.stride(0), w_kernel.stride(1), w_kernel.stride(2),
+        w_desc if w_desc is not None else w_kernel,
         out, out.stride(0), pre if pre is not None else out, pre.stride(0) if pre is not None else 0,
         gp_part if gp_part is not None else recv_prob,
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock,
@@ -285,7 +293,8 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         ACT=ACTIVATIONS[activation], GATED=gated, BACKWARD=backward, STORE_PRE=store_pre,
         KNOWN_ROWS=rows is not None, ROWS_16B=rows_16b_aligned(hidden, dtype), DOT_PRECISION=dot_precision(dtype),
         TRACE=trace,
-        GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
+        GLOBALTIMER=use_globaltimer(view.errors), W_DESC=w_desc is not None, W_K_MAJOR=k_major,
+        num_warps=num_warps, num_stages=num_stages,
     )
     r = slice(0, n_rows)
     return DispatchResult(
@@ -298,7 +307,8 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
 def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, activation: str = "silu",
                   gated: bool = True, store_pre: bool = True, num_comm: int | None = None,
                   num_compute: int | None = None, block_n: int = 64, block_k: int = 32, block_h: int = 128,
-                  trace: bool = False, num_warps: int = 4, num_stages: int = 3, group_m: int = 8) -> DispatchResult:
+                  trace: bool = False, num_warps: int = 4, num_stages: int = 3, group_m: int = 8,
+                  use_tma: bool | None = None) -> DispatchResult:
     """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
 
     w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain).
@@ -308,14 +318,14 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
     return _launch(view, layout, w1, epoch, ffn=ffn, backward=False, activation=activation, gated=gated,
                    store_pre=store_pre, rows=None, num_comm=num_comm, num_compute=num_compute,
                    block_n=block_n, block_k=block_k, block_h=block_h, trace=trace, num_warps=num_warps,
-                   num_stages=num_stages, group_m=group_m)
+                   num_stages=num_stages, group_m=group_m, use_tma=use_tma)
 
 
 def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult, w2: torch.Tensor, epoch: int,
                            *, activation: str = "silu", gated: bool = True, num_comm: int | None = None,
                            num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                            block_h: int = 128, trace: bool = False, num_warps: int = 4,
-                           num_stages: int = 3, group_m: int = 8) -> DispatchResult:
+                           num_stages: int = 3, group_m: int = 8, use_tma: bool | None = None) -> DispatchResult:
     """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, fused act backward.
 
     `forward` is the forward round's result (row sources, probs and pre-activation are reused);
@@ -327,4 +337,4 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
     return _launch(view, layout, w2.transpose(1, 2), epoch, ffn=w2.shape[1], backward=True,
                    activation=activation, gated=gated, store_pre=False, rows=forward, num_comm=num_comm,
                    num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace,
-                   num_warps=num_warps, num_stages=num_stages, group_m=group_m)
+                   num_warps=num_warps, num_stages=num_stages, group_m=group_m, use_tma=use_tma)

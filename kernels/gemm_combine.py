@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .config import default_programs, dot_precision, rows_16b_aligned
+from .operands import load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import (ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_all_geq,
                       wait_until_geq)
@@ -51,8 +52,8 @@ def _combine_item(w, num_tiles, n_chunks, GROUP_N: tl.constexpr):
 
 @triton.jit
 def _gemm_combine_kernel(
-    a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, recv_prob_ptr,
-    stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
+    a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc, recv_prob_ptr,
+    stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr, local_combine_ptr, local_scalars_ptr,
     combine_table, scalars_table, arrival_table,
     tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_items,
@@ -61,7 +62,9 @@ def _gemm_combine_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
     SCALE: tl.constexpr, SCALARS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
+    A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
 ):
+    EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid = tl.program_id(0)
     num_tiles = tl.load(num_tiles_ptr)
     n_chunks = tl.cdiv(HIDDEN, BN)
@@ -76,22 +79,37 @@ def _gemm_combine_kernel(
             cols = chunk * BN + tl.arange(0, BN)
             cmask = cols < HIDDEN
             j = tl.load(tile_expert_ptr + q)
-            rows = tl.load(tile_start_ptr + q) + tl.arange(0, BM)
+            rs = tl.load(tile_start_ptr + q)
+            rows = rs + tl.arange(0, BM)
             rmask = rows < tl.load(tile_end_ptr + q)
             a_rows = a_ptr + rows.to(tl.int64) * stride_a
             w_j = w_ptr + j.to(tl.int64) * stride_we
+            n0 = chunk * BN
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             for k0 in range(0, K_DIM, BK):
                 ks = k0 + tl.arange(0, BK)
                 kmask = ks < K_DIM
-                a = tl.load(a_rows[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(w_j + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                            mask=kmask[:, None] & cmask[None, :], other=0.0)
+                a = load_rows_block(a_desc, a_rows, rs, k0, ks, rmask, kmask, A_DESC, EVEN_K)
+                b = load_weight_block(w_desc, w_j, j, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
+                                      W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
                 acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
             if SCALE:
                 acc = acc * tl.load(recv_prob_ptr + rows, mask=rmask, other=0.0)[:, None]
-            tl.store(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :],
-                     acc.to(stage_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+            # Rows whose owner is this rank go straight to their combine slot (no staging, no
+            # communication program); the others are staged for the communication programs.
+            src = tl.load(recv_src_ptr + rows, mask=rmask, other=-1)
+            local = rmask & (src == rank)
+            remote = rmask & (src != rank)
+            pair = tl.load(recv_pair_ptr + rows, mask=local, other=0).to(tl.int64)
+            y = acc.to(stage_ptr.dtype.element_ty)
+            tl.store(local_combine_ptr + pair[:, None] * HIDDEN + cols[None, :], y,
+                     mask=local[:, None] & cmask[None, :])
+            if SCALARS:
+                if chunk == 0:
+                    tl.store(local_scalars_ptr + pair,
+                             tl.load(row_scalars_ptr + rows, mask=local, other=0.0), mask=local)
+            tl.store(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :], y,
+                     mask=remote[:, None] & cmask[None, :])
             store_release(done_ptr + w, epoch)
             if TRACE:
                 tl.store(trace_ptr + 2 * w + 1, now(clock_ptr, GLOBALTIMER))
@@ -106,8 +124,9 @@ def _gemm_combine_kernel(
             cmask = cols < HIDDEN
             rows = tl.load(tile_start_ptr + q) + tl.arange(0, BM)
             rmask = rows < tl.load(tile_end_ptr + q)
-            pair = tl.load(recv_pair_ptr + rows, mask=rmask, other=0).to(tl.int64)
             src = tl.load(recv_src_ptr + rows, mask=rmask, other=0)
+            rmask = rmask & (src != rank)  # local rows were stored by the compute program
+            pair = tl.load(recv_pair_ptr + rows, mask=rmask, other=0).to(tl.int64)
             dst = tl.zeros([BM], dtype=tl.int64)  # per row: address of its owner's combine region
             for s in tl.static_range(WORLD):
                 dst = tl.where(src == s, tl.load(combine_table + s), dst)
@@ -137,7 +156,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  row_scalars: torch.Tensor | None = None, num_comm: int | None = None,
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                  trace: bool = False, num_warps: int = 4, num_stages: int = 3,
-                 group_n: int = 8) -> torch.Tensor | None:
+                 group_n: int = 8, use_tma: bool | None = None) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
 
     a: [R, Kd] receive-order rows (forward: h, Kd = F; backward: d_pre, Kd = F1).
@@ -157,10 +176,14 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     max_items = layout.max_tiles * triton.cdiv(hidden, block_n)
     done = view.scratch("combine_chunk_done", max_items)
     trace_buf = torch.full((2 * max_items, 2), -1, dtype=torch.int64, device=dev) if trace else None
+    a_desc = rows_descriptor(a, layout.block_m, block_k, force=use_tma)
+    w_desc, k_major = weight_descriptor(w, block_k, block_n, force=use_tma)
     _gemm_combine_kernel[(num_compute + num_comm,)](
         a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2),
+        a_desc if a_desc is not None else a, w_desc if w_desc is not None else w,
         recv_prob if recv_prob is not None else stage,
         stage, done, recv_pair, recv_src, row_scalars if row_scalars is not None else stage,
+        view.regions["combine"], view.regions["combine_scalars"],
         view.tables["combine"], view.tables["combine_scalars"], view.tables["arrival"],
         layout.tile_expert, layout.tile_row_start, layout.tile_row_end, layout.num_tiles,
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock, max_items,
@@ -169,7 +192,9 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         BM=layout.block_m, BN=block_n, BK=block_k, GROUP_N=group_n,
         SCALE=recv_prob is not None, SCALARS=row_scalars is not None, ROWS_16B=rows_16b_aligned(hidden, dtype),
         DOT_PRECISION=dot_precision(a.dtype),
-        TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), num_warps=num_warps, num_stages=num_stages,
+        TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors),
+        A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return trace_buf
 

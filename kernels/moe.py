@@ -56,11 +56,11 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
     d = dispatch_gemm(view, layout, w1, epoch, activation=cfg.activation, gated=cfg.gated, store_pre=True,
                       num_comm=cfg.num_comm_dispatch, num_compute=cfg.num_compute, block_n=cfg.block_n,
                       block_k=cfg.block_k, block_h=cfg.block_h, trace=cfg.trace, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages, group_m=cfg.group_m)
+                      num_stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.use_tma)
     trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
                          recv_prob=d.recv_prob, num_comm=cfg.num_comm_combine, num_compute=cfg.num_compute,
                          block_n=cfg.block_n, block_k=cfg.block_k, trace=cfg.trace, num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages, group_n=cfg.group_n)
+                         num_stages=cfg.num_stages, group_n=cfg.group_n, use_tma=cfg.use_tma)
     yield "dispatch_gemm+gemm_combine"
     out, _ = combine_reduce(view, x.shape[0], epoch, num_comm=cfg.num_comm_combine, block_h=cfg.block_h)
     return out, ForwardState(layout, d, x.shape[0], trace)
@@ -78,11 +78,11 @@ def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Te
     b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, activation=cfg.activation,
                                gated=cfg.gated, num_comm=cfg.num_comm_dispatch, num_compute=cfg.num_compute,
                                block_n=cfg.block_n, block_k=cfg.block_k, block_h=cfg.block_h, trace=cfg.trace,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, group_m=cfg.group_m)
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.use_tma)
     trace = gemm_combine(view, state.layout, b.out, w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
                          recv_src=b.recv_src, row_scalars=b.grad_prob, num_comm=cfg.num_comm_combine,
                          num_compute=cfg.num_compute, block_n=cfg.block_n, block_k=cfg.block_k, trace=cfg.trace,
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, group_n=cfg.group_n)
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, group_n=cfg.group_n, use_tma=cfg.use_tma)
     yield "dispatch_gemm_backward+gemm_combine"
     grad_x, grad_probs = combine_reduce(view, state.num_tokens, epoch, num_comm=cfg.num_comm_combine,
                                         scalars=True, block_h=cfg.block_h)
@@ -111,17 +111,18 @@ def expert_weight_grads(fwd: ForwardState, bwd: BackwardState, *, backend: str =
 def run_rank(phases: Phases, view=None):
     """Drive one rank's round to the end (real ranks).
 
-    With `view`, the error buffer is read after every phase (one host sync each) and a timed-out wait
-    raises `SignalTimeout`; without it the caller checks later with `signals.check_errors(view)`.
+    With `view`, the error buffer is read once, when the round is over (one host sync), and a timed-out
+    wait raises `SignalTimeout` naming the kernel and the flag. Checking after every phase would add a
+    host sync per phase and buys nothing: once a wait of the rank has failed, every later wait of the
+    round gives up at once (`signals.wait_until_geq`), so the round ends quickly and nothing hangs.
+    Without `view` the caller checks later with `signals.check_errors(view)`.
     """
     try:
         while True:
-            name = next(phases)
-            if view is not None:
-                check_errors(view, name)
+            next(phases)
     except StopIteration as stop:
         if view is not None:
-            check_errors(view, "combine_reduce")
+            check_errors(view)
         return stop.value
 
 

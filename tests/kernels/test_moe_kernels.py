@@ -221,3 +221,19 @@ def test_barrier(seed):
     barrier(group.views[0], 3, arrive=False)
     with pytest.raises(SignalTimeout, match=r"barrier signal of rank 2"):
         check_errors(group.views[0])
+
+
+@pytest.mark.parametrize("k_major", [False, True], ids=["n_major_weights", "k_major_weights"])
+@pytest.mark.parametrize("world,tokens,topk", [(1, [21], 2), (2, [13, 9], 2), (4, [7, 0, 9, 5], 4)])
+def test_tma_descriptor_path(world, tokens, topk, k_major, seed, poison, monkeypatch):
+    """The TMA-descriptor operand path (the default on Hopper GPUs) gives the reference results: forced on
+    here so the interpreter checks its index arithmetic (3-D weight blocks, per-expert bounds, rows past
+    a tile); both weight layouts (Megatron's [out, in] parameters are the K-major case)."""
+    p = make_problem(seed, world=world, tokens=tokens, topk=topk, hidden=48, ffn=24, experts_per_rank=2,
+                     gated=True, routing="skewed")
+    cfg = KernelConfig(**{**SMALL, "use_tma": True})
+    if k_major:
+        real_w1, real_w2 = p.local_w1, p.local_w2
+        monkeypatch.setattr(p, "local_w1", lambda r, dt: real_w1(r, dt).transpose(1, 2).contiguous().transpose(1, 2))
+        monkeypatch.setattr(p, "local_w2", lambda r, dt: real_w2(r, dt).transpose(1, 2).contiguous().transpose(1, 2))
+    run_and_check(p, make_group(p, torch.float32), cfg, torch.float32, 1e-4, seed + 1)

@@ -1,0 +1,322 @@
+"""`comet-megatron bench kernels`: each fused kernel against the same GEMM through cuBLAS, on this GPU.
+
+At world size 1 (one emulated rank on the GPU: the "communication" is a local gather/scatter) every
+kernel of one MoE forward+backward round is timed alone, with fresh epochs (the waits are real), next
+to the unfused GEMM it replaces, `torch._grouped_mm` on the same rows (pre-sorted by expert):
+
+    L0 fwd   dispatch_gemm            pull rows + fc1 + activation   vs  grouped_mm fc1 (+ activation)
+    L1 fwd   gemm_combine + reduce    fc2 + prob scale + combine     vs  grouped_mm fc2
+    L0 bwd   dispatch_gemm_backward   pull grads + fc2 dgrad + act'  vs  grouped_mm fc2 dgrad (+ act')
+    L1 bwd   gemm_combine + reduce    fc1 dgrad + return of grads    vs  grouped_mm fc1 dgrad
+    wgrad    grouped_wgrad (triton)   dW1, dW2                       vs  grouped_mm (K split by expert)
+
+Reported per kernel: ms, TFLOP/s, `vs cuBLAS` = t_cublas / t_ours (>= 0.95 is the single-GPU issue's
+target for plain GEMMs) and `vs SM share` = t_cublas * SMs / compute programs / t_ours: the fused
+kernels give `num_comm` SMs to communication, so at world size 1 their floor is the cuBLAS time
+scaled by the share of SMs left to compute (target: >= 0.95, i.e. within 5%).
+
+Median of CUDA-event timings of `--reps` calls after `--warmup` calls. Several kernel configurations
+can be compared in one run (`--configs '[{"block_n": 256}, {"use_tma": false}]'`); the first is the
+tuning cache's choice (or the Hopper default) unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def _events_ms(fn, reps: int, warmup: int) -> float:
+    """Median ms of the region that `fn(record)` brackets with `record(0)` / `record(1)`."""
+    import torch
+
+    for _ in range(warmup):
+        fn(lambda i: None)
+    times = []
+    for _ in range(reps):
+        ev = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+        fn(lambda i: ev[i].record())
+        ev[1].synchronize()
+        times.append(ev[0].elapsed_time(ev[1]))
+    times.sort()
+    return times[len(times) // 2]
+
+
+class KernelBench:
+    """One shape at one token count: inputs, a one-rank workspace and the timed closures."""
+
+    def __init__(self, shape, tokens: int, seed: int = 0):
+        import torch
+
+        from comet_megatron.kernels import EmulatedGroup
+
+        self.shape, self.tokens = shape, tokens
+        dev, dt = "cuda", torch.bfloat16
+        h, f, e, k = shape.hidden, shape.ffn, shape.experts, shape.topk
+        f1 = 2 * f if shape.gated else f
+        g = torch.Generator(device=dev).manual_seed(seed)
+        self.x = torch.randn(tokens, h, device=dev, dtype=dt, generator=g)
+        self.grad = torch.randn(tokens, h, device=dev, dtype=dt, generator=g)
+        self.idx = torch.rand(tokens, e, device=dev, generator=g).topk(k, dim=1).indices.to(torch.int32)
+        self.probs = torch.softmax(torch.randn(tokens, k, device=dev, generator=g), 1)
+        # Megatron's [out, in] parameter layout, read transposed (as the comet layer does)
+        self.w1 = (torch.randn(e, f1, h, device=dev, dtype=dt, generator=g) / h**0.5).transpose(1, 2)
+        self.w2 = (torch.randn(e, h, f, device=dev, dtype=dt, generator=g) / f**0.5).transpose(1, 2)
+        self.group = EmulatedGroup(1, capacity_tokens=tokens, topk=k, hidden=h, num_experts=e, dtype=dt,
+                                   device=dev)
+        self.view = self.group.views[0]
+        flat = self.idx.reshape(-1).long()
+        order = torch.sort(flat, stable=True).indices
+        self.x_sorted = self.x[order // k]
+        self.g_sorted = self.grad[order // k]
+        self.offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)
+        self.rows = tokens * k
+        self.h_sorted = torch.randn(self.rows, f, device=dev, dtype=dt, generator=g)
+        self.pre_sorted = torch.randn(self.rows, f1, device=dev, dtype=dt, generator=g)
+        self.sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def flops(self) -> dict:
+        s, r = self.shape, self.rows
+        f1 = 2 * s.ffn if s.gated else s.ffn
+        fc1, fc2 = 2.0 * r * s.hidden * f1, 2.0 * r * s.ffn * s.hidden
+        return {"L0 fwd": fc1, "L1 fwd": fc2, "L0 bwd": fc2, "L1 bwd": fc1, "wgrad dW1": fc1, "wgrad dW2": fc2}
+
+    # --- cuBLAS baselines -------------------------------------------------------------------------
+    def cublas(self, reps: int, warmup: int) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        s, gm, offs = self.shape, torch._grouped_mm, self.offs
+        f = s.ffn
+
+        def timed(body):
+            def fn(rec):
+                rec(0)
+                body()
+                rec(1)
+            return _events_ms(fn, reps, warmup)
+
+        def act(pre):
+            return F.silu(pre[:, :f]) * pre[:, f:] if s.gated else F.silu(pre)
+
+        w1, w2 = self.w1, self.w2
+        out = {
+            "L0 fwd": timed(lambda: gm(self.x_sorted, w1, offs=offs)),
+            "L0 fwd +act": timed(lambda: act(gm(self.x_sorted, w1, offs=offs))),
+            "L1 fwd": timed(lambda: gm(self.h_sorted, w2, offs=offs)),
+            "L0 bwd": timed(lambda: gm(self.g_sorted, w2.transpose(1, 2), offs=offs)),
+            "L1 bwd": timed(lambda: gm(self.pre_sorted, w1.transpose(1, 2), offs=offs)),
+            "wgrad dW1": timed(lambda: gm(self.x_sorted.t(), self.pre_sorted, offs=offs)),
+            "wgrad dW2": timed(lambda: gm(self.h_sorted.t(), self.g_sorted, offs=offs)),
+        }
+        return out
+
+    # --- fused kernels ----------------------------------------------------------------------------
+    def fused(self, cfg, reps: int, warmup: int) -> dict:
+        from comet_megatron.kernels.config import default_programs
+        from comet_megatron.kernels import (combine_reduce, dispatch_gemm, dispatch_gemm_backward,
+                                            gemm_combine, grouped_wgrad, publish, receive_layout)
+
+        view, T = self.view, self.tokens
+        nc_d, np_ = default_programs(view.device, cfg.num_comm_dispatch, cfg.num_compute)
+        nc_c, _ = default_programs(view.device, cfg.num_comm_combine, cfg.num_compute)
+        common = dict(num_compute=cfg.num_compute, block_n=cfg.block_n, block_k=cfg.block_k,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, use_tma=cfg.use_tma)
+        l0 = dict(common, num_comm=cfg.num_comm_dispatch, activation=cfg.activation, gated=cfg.gated,
+                  block_h=cfg.block_h, group_m=cfg.group_m)
+        l1 = dict(common, num_comm=cfg.num_comm_combine, group_n=cfg.group_n)
+        st: dict = {}
+
+        def fwd_round(rec, stop_after: str):
+            epoch = view.next_epoch()
+            if stop_after == "routing":
+                rec(0)
+            publish(view, self.x, epoch, self.idx, self.probs)
+            layout = receive_layout(view, epoch, cfg.block_m)
+            layout.num_rows()
+            if stop_after == "routing":
+                rec(1)
+                return
+            if stop_after == "L0":
+                rec(0)
+            d = dispatch_gemm(view, layout, self.w1, epoch, store_pre=True, **l0)
+            if stop_after == "L0":
+                rec(1)
+                return
+            rec(0)
+            gemm_combine(view, layout, d.out, self.w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
+                         recv_prob=d.recv_prob, **l1)
+            combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine)
+            rec(1)
+            st.update(layout=layout, d=d, epoch=epoch)
+
+        def bwd_round(rec, stop_after: str):
+            fwd_round(lambda i: None, "L1")
+            layout, d = st["layout"], st["d"]
+            epoch = view.next_epoch()
+            publish(view, self.grad, epoch)
+            if stop_after == "L0":
+                rec(0)
+            b = dispatch_gemm_backward(view, layout, d, self.w2, epoch, **l0)
+            if stop_after == "L0":
+                rec(1)
+                return
+            rec(0)
+            gemm_combine(view, layout, b.out, self.w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
+                         recv_src=b.recv_src, row_scalars=b.grad_prob, **l1)
+            combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine, scalars=True)
+            rec(1)
+            st.update(b=b)
+
+        out = {
+            "routing": _events_ms(lambda rec: fwd_round(rec, "routing"), reps, warmup),
+            "L0 fwd": _events_ms(lambda rec: fwd_round(rec, "L0"), reps, warmup),
+            "L1 fwd": _events_ms(lambda rec: fwd_round(rec, "L1"), reps, warmup),
+            "L0 bwd": _events_ms(lambda rec: bwd_round(rec, "L0"), reps, warmup),
+            "L1 bwd": _events_ms(lambda rec: bwd_round(rec, "L1"), reps, warmup),
+        }
+        d, b, offsets = st["d"], st["b"], st["layout"].expert_offsets
+
+        def wg(a, bb):
+            def fn(rec):
+                rec(0)
+                grouped_wgrad(a, bb, offsets, backend="triton")
+                rec(1)
+            return _events_ms(fn, reps, warmup)
+
+        out["wgrad dW1"] = wg(d.recv, b.out)
+        out["wgrad dW2"] = wg(d.out, b.recv)
+        out["_programs"] = {"comm_dispatch": nc_d, "comm_combine": nc_c, "compute": np_}
+        self.check(cfg)
+        return out
+
+    def check(self, cfg) -> None:
+        """The fused forward equals a float per-expert computation (guards the timed configuration)."""
+        import torch
+        import torch.nn.functional as F
+
+        from comet_megatron.kernels import moe_forward, run_rank
+
+        out, _ = run_rank(moe_forward(self.view, self.x, self.idx, self.probs, self.w1, self.w2, cfg), self.view)
+        s, k = self.shape, self.shape.topk
+        flat = self.idx.reshape(-1).long()
+        sel = torch.arange(min(self.tokens, 256), device=self.x.device)
+        ref = torch.zeros(sel.numel(), s.hidden, device=self.x.device)
+        for kk in range(k):
+            e = flat.view(-1, k)[sel, kk]
+            pre = torch.einsum("th,thf->tf", self.x[sel].float(), self.w1[e].float())
+            hh = F.silu(pre[:, :s.ffn]) * pre[:, s.ffn:] if s.gated else F.silu(pre)
+            ref += torch.einsum("tf,tfh->th", hh, self.w2[e].float()) * self.probs[sel, kk, None]
+        err = ((out[sel].float() - ref).norm() / ref.norm()).item()
+        if not err < 2e-2:
+            raise RuntimeError(f"bench kernels: fused forward differs from the reference (rel err {err:.3g}) "
+                               f"with {cfg}")
+
+
+def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None) -> list[dict]:
+    import torch
+
+    from comet_megatron.bench import load_shape
+    from comet_megatron.fused import GPU_UNTUNED_DEFAULT
+    from comet_megatron.kernels import KernelConfig
+
+    records = []
+    for name in shapes:
+        shape = load_shape(name)
+        for tokens in tokens_list:
+            kb = KernelBench(shape, tokens)
+            flops = kb.flops()
+            base = kb.cublas(reps, warmup)
+            for overrides in configs:
+                knobs = {**GPU_UNTUNED_DEFAULT, **_tuned(shape, tokens), **overrides}
+                cfg = KernelConfig(gated=shape.gated, **knobs)
+                t0 = time.time()
+                ours = kb.fused(cfg, reps, warmup)
+                progs = ours.pop("_programs")
+                share = kb.sms / progs["compute"]
+                rec = {"shape": shape.name, "tokens": tokens, "config": knobs, "programs": progs,
+                       "sms": kb.sms, "routing_ms": ours.pop("routing"), "kernels": {},
+                       "seconds": round(time.time() - t0, 1)}
+                for kname, ms in ours.items():
+                    ref = base[kname]
+                    fused_kernel = not kname.startswith("wgrad")
+                    rec["kernels"][kname] = {
+                        "ms": ms, "cublas_ms": ref, "tflops": flops[kname] / ms / 1e9,
+                        "cublas_tflops": flops[kname] / ref / 1e9, "vs_cublas": ref / ms,
+                        "vs_sm_share": ref * share / ms if fused_kernel else None,
+                    }
+                rec["kernels"]["L0 fwd"]["cublas_with_act_ms"] = base["L0 fwd +act"]
+                records.append(rec)
+                if progress is not None:
+                    progress()
+            del kb
+            torch.cuda.empty_cache()
+    return records
+
+
+def _tuned(shape, tokens: int) -> dict:
+    import torch
+
+    from comet_megatron import tune
+    from comet_megatron.config import CometConfig
+
+    key = tune.make_key(hidden=shape.hidden, ffn=shape.ffn, experts=shape.experts, topk=shape.topk,
+                        gated=shape.gated, world=1, tokens=tokens, dtype=torch.bfloat16, device="cuda")
+    cached, _ = tune.cached_config(CometConfig().tune_cache, key)
+    return dict(cached or {})
+
+
+def print_table(records) -> None:
+    head = f"{'shape':18s} {'tok':>6s} {'kernel':10s} {'ms':>8s} {'cuBLAS':>8s} {'TF/s':>6s} {'vs cuBLAS':>9s} {'vs SM share':>11s}"
+    for rec in records:
+        knobs = {k: v for k, v in rec["config"].items()}
+        print(f"\n{rec['shape']} tokens={rec['tokens']} programs={rec['programs']} config={knobs} "
+              f"routing={rec['routing_ms']:.3f} ms")
+        print(head)
+        for kname, r in rec["kernels"].items():
+            share = f"{r['vs_sm_share']:.3f}" if r["vs_sm_share"] is not None else "-"
+            print(f"{rec['shape']:18s} {rec['tokens']:6d} {kname:10s} {r['ms']:8.3f} {r['cublas_ms']:8.3f} "
+                  f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="comet-megatron bench kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["mixtral-8x7b", "qwen2-moe-a2.7b", "phi-3.5-moe"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[8192])
+    parser.add_argument("--configs", default="[{}]",
+                        help="JSON list of KernelConfig overrides to compare (default: the tuned/default one)")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench kernels: needs a CUDA GPU (the fused kernels are timed compiled)")
+    try:
+        configs = json.loads(args.configs)
+        assert isinstance(configs, list) and all(isinstance(c, dict) for c in configs)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"bench kernels: --configs must be a JSON list of objects, got {args.configs!r}")
+    records = run(args.shapes, args.tokens, configs, args.reps, args.warmup,
+                  progress=lambda: print(".", end="", flush=True))
+    print_table(records)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import triton
+
+    from comet_megatron.bench import _git_commit
+
+    meta.update(triton=triton.__version__, commit=_git_commit(),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    (out / "kernels.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    print(f"\nwrote {out / 'kernels.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
