@@ -9,8 +9,11 @@ One launch per rank, grid (num_comm + num_compute,):
   in forward, the pair id, source rank and routing prob of every row, resolved through the peer's
   `send_order`/`send_offsets`), then release-stores the epoch into the tile's local ready flag.
 - programs [num_comm, grid) COMPUTE, persistent: program p takes work items p, p + num_compute, ... where
-  item w is a (tile, column block) pair (see `_dispatch_item`). It waits for the tile's ready flag and
-  computes recv[tile] @ W[expert] with the epilogue fused (items are grouped: GROUP_M consecutive
+  item w is a (tile, column block) pair (see `_dispatch_item`). A tile made only of this rank's own rows
+  is read in place from the local tokens region (gathered rows, no wait: local rows never wait for
+  communication); any other tile waits for its ready flag and is read from the receive buffer. It
+  computes rows[tile] @ W[expert] (weights through TMA descriptors on Hopper, see operands.py) with
+  the epilogue fused (items are grouped: GROUP_M consecutive
   tiles sweep the column blocks together, for L2 reuse of the weights):
     forward:  h = act(pre) (gated: act(pre[:, :F]) * pre[:, F:]); stores h and, if asked, pre.
     backward: the rows are grad_out rows, W = w2^T, so acc = dhp = g @ w2^T (grad of the prob-scaled
@@ -138,6 +141,7 @@ def _dispatch_gemm_kernel(
     x_table, order_table, offsets_table, probs_table, inputs_ready_ptr,
     seg_start_ptr, seg_count_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
     recv_ptr, recv_pair_ptr, recv_src_ptr, recv_prob_ptr, tile_ready_ptr,
+    local_tokens_ptr, local_order_ptr, local_offsets_ptr,
     w_ptr, stride_we, stride_wk, stride_wn, w_desc,
     out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr,
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_tiles,
@@ -171,17 +175,29 @@ def _dispatch_gemm_kernel(
         w = pid - NUM_COMM
         while w < num_tiles * n_blocks:
             q, nb = _dispatch_item(w, num_tiles, n_blocks, GROUP_M)
-            wait_until_geq(tile_ready_ptr + q, epoch, timeout, err_ptr, ERR_DISPATCH_TILE, q, GLOBALTIMER)
-            if TRACE:
-                tl.store(trace_ptr + 2 * (max_tiles + w), now(clock_ptr, GLOBALTIMER))
             j = tl.load(tile_expert_ptr + q)
             rs = tl.load(tile_start_ptr + q)
             re = tl.load(tile_end_ptr + q)
             rows = rs + tl.arange(0, BM)
             rmask = rows < re
+            # A tile made only of this rank's own rows (ring position 0 comes first in every expert) is
+            # read in place from the local tokens region: no wait for the communication programs,
+            # which still copy it into the receive buffer for the weight gradients.
+            seg0_end = tl.load(seg_start_ptr + j * WORLD) + tl.load(seg_count_ptr + j * WORLD)
+            if re <= seg0_end:
+                if KNOWN_ROWS:
+                    pair = tl.load(recv_pair_ptr + rows, mask=rmask, other=0)
+                else:
+                    first = tl.load(local_offsets_ptr + rank * EL + j) - tl.load(seg_start_ptr + j * WORLD)
+                    pair = tl.load(local_order_ptr + first + rows, mask=rmask, other=0)
+                a_rows = local_tokens_ptr + (pair // TOPK).to(tl.int64) * HIDDEN
+            else:
+                wait_until_geq(tile_ready_ptr + q, epoch, timeout, err_ptr, ERR_DISPATCH_TILE, q, GLOBALTIMER)
+                a_rows = recv_ptr + rows.to(tl.int64) * HIDDEN
+            if TRACE:
+                tl.store(trace_ptr + 2 * (max_tiles + w), now(clock_ptr, GLOBALTIMER))
             cols = nb * BN + tl.arange(0, BN)
             cmask = cols < FFN
-            a_rows = recv_ptr + rows.to(tl.int64) * HIDDEN
             w_j = w_ptr + j.to(tl.int64) * stride_we
             acc = tl.zeros([BM, BN], dtype=tl.float32)
             acc_up = tl.zeros([BM, BN], dtype=tl.float32)  # forward gated: the "up" half (cols + ffn)
@@ -281,6 +297,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         layout.seg_start, layout.seg_count, layout.tile_expert, layout.tile_row_start, layout.tile_row_end,
         layout.num_tiles,
         recv, recv_pair, recv_src, recv_prob, tile_ready,
+        view.regions["tokens"], view.regions["send_order"], view.regions["send_offsets"],
         w_kernel, w_kernel.stride(0), w_kernel.stride(1), w_kernel.stride(2),
         w_desc if w_desc is not None else w_kernel,
         out, out.stride(0), pre if pre is not None else out, pre.stride(0) if pre is not None else 0,

@@ -15,6 +15,10 @@ the segment (expert j, ring position i); `expert_offsets[j]` the rows of expert 
 rows never straddle two experts. Tiles are listed in PROCESSING order: by the ring position of their
 last row (tiles made only of local rows first, then in the order remote rows arrive), ties by row.
 
+`receive_layout` is one single-program launch (`_layout_kernel`: wait for the counts, segment table,
+expert offsets, tile tables in processing order, computed without a sort); `receive_layout_torch`
+builds the same layout from torch ops and is the tests' reference.
+
 Host synchronization: none in this module's kernels or torch ops (the tile table is padded to an upper
 bound and the kernels read the live tile count from device memory). The one remaining host sync of a
 round is `ReceiveLayout.num_rows()` (a `.item()` after the counts exchange), which the launchers call to
@@ -119,8 +123,115 @@ def _wait_inputs_kernel(ready_ptr, epoch, timeout, err_ptr, WORLD: tl.constexpr,
     wait_peers(ready_ptr, epoch, timeout, err_ptr, ERR_LAYOUT_INPUTS, WORLD, GLOBALTIMER)
 
 
+@triton.jit
+def _layout_kernel(recv_counts_ptr, ready_ptr, seg_start_ptr, seg_count_ptr, expert_offsets_ptr,
+                   tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
+                   tile_first_ptr, seg_end_ptr, pos_base_ptr,
+                   rank, epoch, timeout, err_ptr, max_tiles,
+                   WORLD: tl.constexpr, EL: tl.constexpr, WP: tl.constexpr, ELP: tl.constexpr, BM: tl.constexpr,
+                   BLOCK_T: tl.constexpr, SEARCH_STEPS: tl.constexpr, GLOBALTIMER: tl.constexpr):
+    """Grid (1,). The whole receive layout in one launch (see the module doc for what it holds).
+
+    Tile order without a sort: within an expert the tiles' last-row sources are non-decreasing, so
+    with C[j, i] = tiles of expert j whose last row lies before the end of segment (j, i), the tiles
+    of expert j whose last row comes from ring position i are t in [C[j, i-1], C[j, i]), and their
+    place in processing order is  sum_j' C[j', i-1] + sum_{j' < j} (C[j', i] - C[j', i-1]) + t - C[j, i-1].
+    """
+    wait_peers(ready_ptr, epoch, timeout, err_ptr, ERR_LAYOUT_INPUTS, WORLD, GLOBALTIMER)
+    j = tl.arange(0, ELP)[:, None]
+    i = tl.arange(0, WP)[None, :]
+    live = (j < EL) & (i < WORLD)
+    src = (rank + i) % WORLD
+    cnt = tl.load(recv_counts_ptr + src * EL + j, mask=live, other=0)  # [ELP, WP]: (expert, ring position)
+    flat = tl.reshape(cnt, [ELP * WP])
+    start = tl.reshape(tl.cumsum(flat, 0) - flat, [ELP, WP])  # padding entries are 0: sums unaffected
+    tl.store(seg_start_ptr + j * WORLD + i, start, mask=live)
+    tl.store(seg_count_ptr + j * WORLD + i, cnt, mask=live)
+    rows_e = tl.sum(cnt, 1)  # [ELP]
+    end_e = tl.cumsum(rows_e, 0)
+    off_e = end_e - rows_e
+    e1 = tl.arange(0, ELP)
+    tl.store(expert_offsets_ptr + e1, off_e, mask=e1 < EL)
+    tl.store(expert_offsets_ptr + EL, tl.sum(rows_e, 0))
+    tiles_e = (rows_e + BM - 1) // BM
+    first_e = tl.cumsum(tiles_e, 0) - tiles_e
+    total = tl.sum(tiles_e, 0)
+    tl.store(tile_first_ptr + e1, first_e, mask=e1 < EL)
+    tl.store(tile_first_ptr + EL, total)
+    off, end, n_t = off_e[:, None], end_e[:, None], tiles_e[:, None]
+    seg_end = start + cnt
+    c_le = tl.where(seg_end >= end, n_t, (seg_end - off) // BM)    # tiles ending before seg_end
+    c_lt = tl.where(start >= end, n_t, (start - off) // BM)        # tiles ending before the segment
+    here = c_le - c_lt                                               # tiles whose last row is in (j, i)
+    pos_base = tl.sum(c_lt, 0)[None, :] + (tl.cumsum(here, 0) - here) - c_lt
+    tl.store(seg_end_ptr + j * WORLD + i, seg_end, mask=live)
+    tl.store(pos_base_ptr + j * WORLD + i, pos_base, mask=live)
+    tl.store(num_tiles_ptr, total)
+    tl.debug_barrier()  # the per-tile pass below reads the tables just stored by other threads
+    q0 = 0
+    while q0 < total:  # only live tiles are placed (entries past num_tiles stay unspecified)
+        q = q0 + tl.arange(0, BLOCK_T)
+        valid = q < total
+        # expert of global tile q: the last e < EL with tile_first[e] <= q (binary search; empty experts
+        # share their tile_first with the next expert, so the search lands on the non-empty one)
+        lo = tl.zeros([BLOCK_T], dtype=tl.int32)
+        hi = tl.zeros([BLOCK_T], dtype=tl.int32) + (EL - 1)
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi + 1) // 2
+            ok = tl.load(tile_first_ptr + mid, mask=valid, other=0) <= q
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        ex = tl.minimum(lo, EL - 1)
+        t = q - tl.load(tile_first_ptr + ex, mask=valid, other=0)
+        row_start = tl.load(expert_offsets_ptr + ex, mask=valid, other=0) + t * BM
+        row_end = tl.minimum(row_start + BM, tl.load(expert_offsets_ptr + ex + 1, mask=valid, other=0))
+        last_src = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for r in tl.static_range(WORLD):
+            last_src += (tl.load(seg_end_ptr + ex * WORLD + r, mask=valid, other=0) <= row_end - 1).to(tl.int32)
+        last_src = tl.minimum(last_src, WORLD - 1)
+        pos = tl.load(pos_base_ptr + ex * WORLD + last_src, mask=valid, other=0) + t
+        tl.store(tile_expert_ptr + pos, ex, mask=valid)
+        tl.store(tile_start_ptr + pos, row_start, mask=valid)
+        tl.store(tile_end_ptr + pos, row_end, mask=valid)
+        q0 += BLOCK_T
+
+
+def _max_tiles(view, block_m: int) -> int:
+    lay = view.layout
+    return triton.cdiv(view.world_size * lay.capacity_tokens * lay.topk, block_m) + lay.local_experts
+
+
 def receive_layout(view, epoch: int, block_m: int) -> ReceiveLayout:
-    """Wait for every peer's counts of round `epoch`, then build the receive layout on the device."""
+    """Wait for every peer's counts of round `epoch`, then build the receive layout on the device (one
+    launch, no host sync). Entries of the tile tables past `num_tiles` are unspecified."""
+    lay = view.layout
+    w, el = view.world_size, lay.local_experts
+    dev = view.device
+    max_tiles = _max_tiles(view, block_m)
+    i32 = torch.int32
+    seg_start = torch.empty(el, w, dtype=i32, device=dev)
+    seg_count = torch.empty(el, w, dtype=i32, device=dev)
+    expert_offsets = torch.empty(el + 1, dtype=i32, device=dev)
+    tiles = torch.empty(3, max_tiles, dtype=i32, device=dev)
+    num_tiles = torch.empty(1, dtype=i32, device=dev)
+    scratch = torch.empty(el + 1 + 2 * el * w, dtype=i32, device=dev)
+    _layout_kernel[(1,)](
+        view.regions["recv_counts"], view.regions["inputs_ready"], seg_start, seg_count, expert_offsets,
+        tiles[0], tiles[1], tiles[2], num_tiles,
+        scratch, scratch[el + 1:], scratch[el + 1 + el * w:],
+        view.rank, epoch, view.timeout, view.errors, max_tiles,
+        WORLD=w, EL=el, WP=triton.next_power_of_2(w), ELP=triton.next_power_of_2(el), BM=block_m,
+        BLOCK_T=256, SEARCH_STEPS=el.bit_length(), GLOBALTIMER=use_globaltimer(view.errors), num_warps=4,
+    )
+    return ReceiveLayout(
+        block_m=block_m, seg_start=seg_start, seg_count=seg_count, expert_offsets=expert_offsets,
+        tile_expert=tiles[0], tile_row_start=tiles[1], tile_row_end=tiles[2], num_tiles=num_tiles,
+        max_tiles=max_tiles,
+    )
+
+
+def receive_layout_torch(view, epoch: int, block_m: int) -> ReceiveLayout:
+    """The same layout from torch ops (about 30 launches): the independent reference of the tests."""
     _wait_inputs_kernel[(1,)](
         view.regions["inputs_ready"], epoch, view.timeout, view.errors,
         WORLD=view.world_size, GLOBALTIMER=use_globaltimer(view.errors),
@@ -136,8 +247,7 @@ def receive_layout(view, epoch: int, block_m: int) -> ReceiveLayout:
     expert_offsets = torch.zeros(el + 1, dtype=torch.int64, device=dev)
     expert_offsets[1:] = torch.cumsum(rows_per_expert, 0)
 
-    max_rows = w * lay.capacity_tokens * lay.topk
-    max_tiles = triton.cdiv(max_rows, block_m) + el
+    max_tiles = _max_tiles(view, block_m)
     tiles_per_expert = (rows_per_expert + block_m - 1) // block_m
     tile_cum = torch.cumsum(tiles_per_expert, 0)
     q = torch.arange(max_tiles, device=dev)
@@ -158,4 +268,3 @@ def receive_layout(view, epoch: int, block_m: int) -> ReceiveLayout:
         tile_expert=expert[order].to(i32), tile_row_start=row_start[order].to(i32),
         tile_row_end=row_end[order].to(i32), num_tiles=tile_cum[-1:].to(i32), max_tiles=max_tiles,
     )
-

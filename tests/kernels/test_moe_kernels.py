@@ -86,6 +86,10 @@ CASES = {
     "w4_k4_swiglu_one_comm_program": (4, [5, 7, 6, 4], 4, 2, True, "silu", "uniform",
                                       dict(num_comm_dispatch=1, num_comm_combine=1, num_compute=3)),
     "w8_k2_swiglu": (8, [4, 6, 0, 5, 3, 7, 2, 5], 2, 1, True, "silu", "uniform", {}),
+    # Enough rows per expert that whole M-tiles hold only the receiver's own rows (read in place by the
+    # compute programs) next to tiles that mix local and remote rows (wait for the pull).
+    "w2_k2_local_tiles_in_place": (2, [45, 38], 2, 1, True, "silu", "uniform", {}),
+    "w3_k1_local_tiles_in_place": (3, [40, 33, 0], 1, 1, False, "gelu", "skewed", {}),
     # More communication programs than tiles: idle programs must still raise their arrival signals.
     "w2_k1_more_comm_programs_than_tiles": (2, [3, 2], 1, 1, False, "silu", "uniform",
                                             dict(num_comm_dispatch=5, num_comm_combine=6, num_compute=3)),
