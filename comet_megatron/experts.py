@@ -10,24 +10,41 @@ of per-expert MLPs: `torch._grouped_mm` (cuBLAS) on CUDA in bf16, a per-expert m
 Semantics follow Megatron's `MLP` with `per_token_scale`:
 
     y = fc2( act(fc1(x) + b1) * p ) + b2 * p
+
+With `config.delay_wgrad_compute` (Megatron's `--delay-wgrad-compute`), the backward pass of the
+experts computes input and probability gradients only and queues what the expert weight gradients
+need; `backward_dw()` (called by `MoELayer.backward_dw`, as Megatron's schedules do) computes them
+later and accumulates them where Megatron expects them (docs/ARCHITECTURE.md, "Delayed weight
+gradients").
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import collections
+import functools
+import logging
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
+from comet_megatron.config import CometConfigError
+
+log = logging.getLogger("comet_megatron")
+
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    return _grouped_mm_shape_ok(x, w.shape[-2])
+
+
+def _grouped_mm_shape_ok(x: torch.Tensor, out_features: int) -> bool:
     if not (x.is_cuda and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16):
         return False
     if torch.cuda.get_device_capability(x.device)[0] < 9:
         return False
     # cuBLAS grouped GEMM wants 16-byte aligned rows.
-    return x.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0
+    return x.shape[-1] % 8 == 0 and out_features % 8 == 0
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
@@ -42,6 +59,96 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int])
     if not outs:
         return x.new_empty((0, weight.shape[-2]))
     return torch.cat(outs)
+
+
+def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts: Sequence[int], out_dtype: torch.dtype
+                  ) -> torch.Tensor:
+    """Weight gradient of `grouped_linear(x, weight, counts)`: dW[e] = grad_y[e]^T @ x[e], [G, N, K]
+    (the [out, in] layout of `weight`)."""
+    if _grouped_mm_shape_ok(x, grad_y.shape[-1]):
+        offs = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return torch._grouped_mm(grad_y.t(), x, offs=offs).to(out_dtype)
+    pairs = zip(torch.split(grad_y, list(counts)), torch.split(x, list(counts)))
+    return torch.stack([(gy.t() @ xe).to(out_dtype) for gy, xe in pairs])
+
+
+class _GroupedLinearDelayedWgrad(torch.autograd.Function):
+    """`grouped_linear(x, weight, counts)` whose backward computes the input gradient only and hands
+    (x, grad_y, weight dtype) to `keep`; `CometGroupedMLP.backward_dw` computes the weight gradient
+    later.
+
+    `weight` is detached (the parameters get no gradient from autograd); `anchor`, a leaf that
+    requires grad, keeps the node in the graph when `x` needs no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, anchor, counts, keep):
+        ctx.save_for_backward(x, weight)
+        ctx.counts, ctx.keep = counts, keep
+        return grouped_linear(x, weight, counts)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        # detached: the forward graph is not kept alive until backward_dw
+        ctx.keep(x.detach(), grad_y, weight.dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), ctx.counts)
+        return grad_x, None, None, None, None
+
+
+class _ReferenceWgrads:
+    """What one reference-path forward's weight gradients need, per backward pass over it.
+
+    In every backward pass fc2's node runs before fc1's (fc1's output gradient comes through fc2):
+    fc2's opens an entry at the end of the experts' FIFO, fc1's completes it."""
+
+    def __init__(self, experts: CometGroupedMLP, counts: List[int]):
+        self.experts, self.counts = experts, counts
+        self.entry: dict | None = None
+
+    def keep_fc2(self, h, grad_y, dtype):
+        self.entry = {"fc2": (grad_y, h, dtype)}
+        self.experts.defer_wgrad(functools.partial(self._weight_grads, self.entry))
+
+    def keep_fc1(self, x, grad_y, dtype):
+        if self.entry is None:
+            raise RuntimeError("comet experts: fc1 backward without fc2 backward (delayed wgrad)")
+        self.entry["fc1"] = (grad_y, x, dtype)
+        self.entry = None
+
+    def _weight_grads(self, entry):
+        if "fc1" not in entry:
+            raise RuntimeError(
+                "comet experts: backward_dw() ran before the backward pass of this micro-batch "
+                "reached the experts' first linear layer; call it after the layer's backward."
+            )
+        (g1, x, t1), (g2, h, t2) = entry.pop("fc1"), entry.pop("fc2")
+        return grouped_linear_wgrad(g1, x, self.counts, t1), grouped_linear_wgrad(g2, h, self.counts, t2)
+
+
+def _accumulate_wgrad(param: torch.nn.Parameter, grad: torch.Tensor, ddp_hooks: bool) -> None:
+    """Add a delayed weight gradient where Megatron keeps it.
+
+    Megatron DDP (the parameter has `main_grad`): into `main_grad`, marked with
+    `grad_added_to_main_grad` as Megatron's own linear layers do with gradient-accumulation fusion,
+    so DDP's grad-ready hook does not add it a second time; when such hooks are registered, a
+    placeholder `param.grad` (which the hook drops) satisfies their `param.grad is not None` check
+    under --overlap-grad-reduce. Otherwise: into `param.grad`, as autograd would."""
+    if not param.requires_grad:
+        return
+    main_grad = getattr(param, "main_grad", None)
+    if main_grad is not None:
+        main_grad.add_(grad)
+        if hasattr(param, "grad_added_to_main_grad"):
+            param.grad_added_to_main_grad = True
+            if ddp_hooks and param.grad is None:
+                param.grad = torch.zeros_like(grad) if getattr(param, "zero_out_wgrad", False) else grad
+    elif param.grad is None:
+        param.grad = grad.to(param.dtype)
+    else:
+        param.grad.add_(grad)
 
 
 def activation(config, pre: torch.Tensor) -> torch.Tensor:
@@ -109,6 +216,93 @@ class CometGroupedMLP(SequentialMLP):
             stacked = torch.stack([p.detach() for p in params])
             for i, p in enumerate(params):
                 p.data = stacked[i]
+        # Delayed weight gradients (config.delay_wgrad_compute): FIFO of pending micro-batches,
+        # each a callable returning (dW1 [El, F1, H], dW2 [El, H, F]); and the grad-ready hooks
+        # Megatron's DDP registers through `register_wgrad_accumulation_and_reduce_hooks`.
+        self._pending_wgrads: collections.deque[Callable] = collections.deque()
+        self._wgrad_hooks: list[Callable] = []
+        self._warned_no_ddp_hooks = False
+        if getattr(self.config, "delay_wgrad_compute", False):
+            for expert in self.local_experts:
+                for linear in (expert.linear_fc1, expert.linear_fc2):
+                    if hasattr(linear, "register_wgrad_accumulation_and_reduce_hooks"):
+                        raise CometConfigError(
+                            "--delay-wgrad-compute with --moe-token-dispatcher-type comet: the "
+                            f"expert linears are {type(linear).__name__} (Transformer Engine), which "
+                            "would defer their own weight gradients too; use --moe-grouped-gemm "
+                            "(comet then holds the expert weights in Megatron's local linears) or "
+                            "the local layer spec"
+                        )
+            # Megatron's DDP (with DistributedDataParallelConfig.delay_wgrad_compute) then
+            # registers these parameters' grad-ready hooks on this module instead of on autograd.
+            for param in self._expert_weights():
+                param.skip_backward_post_hook = True
+
+    # ------------------------------------------------------------------ delayed weight gradients
+    def _expert_weights(self) -> list[torch.nn.Parameter]:
+        return [getattr(e, linear).weight
+                for linear in ("linear_fc1", "linear_fc2") for e in self.local_experts]
+
+    def delays_wgrad(self) -> bool:
+        """Whether the current forward defers the expert weight gradients to `backward_dw()`."""
+        return (
+            bool(getattr(self.config, "delay_wgrad_compute", False))
+            and torch.is_grad_enabled()
+            and any(p.requires_grad for p in self._expert_weights())
+        )
+
+    def delayed_fc_weights(self):
+        """(w1, w2, anchor) for a delayed-wgrad forward: the stacked weights detached from autograd,
+        and a fresh leaf that requires grad to keep the experts' backward in the graph."""
+        with torch.no_grad():
+            w1, w2 = self.fc_weights()
+        anchor = torch.empty(0, device=w1.device, dtype=w1.dtype, requires_grad=True)
+        return w1, w2, anchor
+
+    def defer_wgrad(self, weight_grads: Callable) -> None:
+        """Queue one micro-batch's weight gradients (called from the experts' backward)."""
+        self._pending_wgrads.append(weight_grads)
+
+    @property
+    def pending_wgrads(self) -> int:
+        """Micro-batches whose backward ran but whose weight gradients `backward_dw()` has not computed."""
+        return len(self._pending_wgrads)
+
+    def register_wgrad_accumulation_and_reduce_hooks(self, hook: Callable) -> None:
+        """Megatron DDP's entry point for parameters marked `skip_backward_post_hook` (as with
+        Transformer Engine's linears): `hook` runs after every `backward_dw()` that produced
+        gradients, and tells DDP that they are in `main_grad` (grad-ready / bucket reduce)."""
+        self._wgrad_hooks.append(hook)
+
+    def backward_dw(self) -> bool:
+        """Compute the expert weight gradients of the oldest pending backward pass (FIFO).
+
+        Megatron's `MoELayer.backward_dw(routed_experts=True)` calls this once after each backward
+        pass over the layer. The gradients go into `param.main_grad` under Megatron DDP, else into
+        `param.grad`; then DDP's registered hooks run. With nothing pending (delay off, or every
+        backward already processed) it does nothing and returns False, as Transformer Engine's
+        `GroupedLinear.backward_dw` does on an empty queue."""
+        if not self._pending_wgrads:
+            return False
+        hooks = bool(self._wgrad_hooks)
+        with torch.no_grad():
+            dw1, dw2 = self._pending_wgrads.popleft()()
+            for linear, dw in (("linear_fc2", dw2), ("linear_fc1", dw1)):
+                for expert, grad in zip(self.local_experts, dw.unbind(0)):
+                    _accumulate_wgrad(getattr(expert, linear).weight, grad, hooks)
+        if not hooks and not self._warned_no_ddp_hooks and any(
+            hasattr(p, "grad_added_to_main_grad") for p in self._expert_weights()
+        ):
+            self._warned_no_ddp_hooks = True
+            log.warning(
+                "comet: delayed expert weight gradients went into main_grad, but Megatron's DDP "
+                "registered no grad-ready hooks for them: set DistributedDataParallelConfig("
+                "delay_wgrad_compute=True) (Megatron's --delay-wgrad-compute does), or "
+                "--overlap-grad-reduce will not see these gradients"
+            )
+        for hook in self._wgrad_hooks:
+            hook()
+        return True
 
     def fc_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked ([El, F1, H], [El, H, F]) views of the experts' weights (differentiable)."""
@@ -139,14 +333,30 @@ class CometGroupedMLP(SequentialMLP):
                 raise ValueError("moe_apply_probs_on_input only works with moe_router_topk=1")
             x = (probs * x).to(x.dtype)
             probs = torch.ones_like(probs)
-        w1, w2 = self.fc_weights()
         b1, b2 = self.fc_biases()
-        pre = grouped_linear(x, w1, counts)
+        if self.delays_wgrad():  # weight gradients in backward_dw()
+            w1, w2, anchor = self.delayed_fc_weights()
+            wgrads = _ReferenceWgrads(self, counts)
+
+            def fc1(t):
+                return _GroupedLinearDelayedWgrad.apply(t, w1, anchor, counts, wgrads.keep_fc1)
+
+            def fc2(t):
+                return _GroupedLinearDelayedWgrad.apply(t, w2, anchor, counts, wgrads.keep_fc2)
+        else:
+            w1, w2 = self.fc_weights()
+
+            def fc1(t):
+                return grouped_linear(t, w1, counts)
+
+            def fc2(t):
+                return grouped_linear(t, w2, counts)
+        pre = fc1(x)
         if b1 is not None:
             pre = pre + _per_row(b1, counts)
         h = activation(self.config, pre)
         h = (h * probs).to(h.dtype)
-        y = grouped_linear(h, w2, counts)
+        y = fc2(h)
         if b2 is not None:
             y = (y + _per_row(b2, counts) * probs).to(y.dtype)
         return y, None

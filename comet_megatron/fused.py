@@ -4,7 +4,8 @@ Forward, per EP rank:  publish tokens -> dispatch_gemm (dispatch + fc1 + activat
                        -> gemm_combine (fc2 + weighted combine, overlapped) -> combine_reduce
 Backward:              publish grad_out -> dispatch_gemm_backward (dispatch of output gradients +
                        fc2 dgrad + activation backward) -> gemm_combine (fc1 dgrad + return of input
-                       gradients) -> combine_reduce; then the grouped weight-gradient GEMMs.
+                       gradients) -> combine_reduce; then the grouped weight-gradient GEMMs (or,
+                       with config.delay_wgrad_compute, queued for the experts' backward_dw()).
 
 `FusedExperts` owns the kernel configuration and the symmetric workspace of one layer (workspaces
 are shared between layers of equal shapes through `_WORKSPACES`).
@@ -13,6 +14,7 @@ are shared between layers of equal shapes through `_WORKSPACES`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import torch
@@ -121,8 +123,15 @@ def _reporting(runner, direction: str):
 
 
 class _FusedMoE(torch.autograd.Function):
+    """x [T, H], router weights [T, K], w1 [El, H, F1], w2 [El, F, H] -> [T, H].
+
+    With `defer` (delayed weight gradients, `config.delay_wgrad_compute`), w1 and w2 are detached,
+    `anchor` (a leaf that requires grad) keeps the node in the graph, and backward hands a callable
+    computing (dW1 [El, F1, H], dW2 [El, H, F]) to `defer` instead of returning weight gradients."""
+
     @staticmethod
-    def forward(ctx, x, topk_probs, w1, w2, topk_idx, runner):
+    def forward(ctx, x, topk_probs, w1, w2, anchor, topk_idx, runner, defer=None):
+        ctx.defer = defer
         with _reporting(runner, "forward"):
             view = runner.workspace.ensure_capacity(x.shape[0])
             phases = moe_forward(view, x, topk_idx, topk_probs.float(), w1, w2, runner.kernel)
@@ -141,10 +150,18 @@ class _FusedMoE(torch.autograd.Function):
         with _reporting(runner, "backward"):
             phases = moe_backward(view, state, grad_out.contiguous(), w1, w2, runner.kernel)
             grad_x, grad_probs, bstate = run_rank(phases, view)
-        # In the parameters' [out, in] layout, so they reach the expert weights without a copy.
-        dw1, dw2 = expert_weight_grads(state, bstate, out_dtype=w1.dtype, out_features_first=True)
         ctx.state = ctx.runner = None
-        return grad_x, grad_probs.to(ctx.probs_dtype), dw1.transpose(1, 2), dw2.transpose(1, 2), None, None
+        grad_probs = grad_probs.to(ctx.probs_dtype)
+        # In the parameters' [out, in] layout, so they reach the expert weights without a copy.
+        weight_grads = functools.partial(
+            expert_weight_grads, state, bstate, out_dtype=w1.dtype, out_features_first=True
+        )
+        if ctx.defer is not None:
+            ctx.defer(weight_grads)  # the received rows and gradients stay alive until backward_dw()
+            ctx.defer = None
+            return grad_x, grad_probs, None, None, None, None, None, None
+        dw1, dw2 = weight_grads()
+        return grad_x, grad_probs, dw1.transpose(1, 2), dw2.transpose(1, 2), None, None, None, None
 
 
 class FusedExperts:
@@ -179,9 +196,15 @@ class FusedExperts:
             self.kernel = kernel_config(cfg, config, tokens=hidden.shape[0], device=device, dtype=dtype,
                                         world_size=self.workspace.world)
         topk_idx, topk_probs = topk_from_routing(routing_map, probs, self.topk)
-        w1, w2 = experts.fc_weights()  # [El, F1, H], [El, H, F]
+        if experts.delays_wgrad():  # weight gradients in experts.backward_dw()
+            w1, w2, anchor = experts.delayed_fc_weights()
+            defer = experts.defer_wgrad
+        else:
+            w1, w2 = experts.fc_weights()  # [El, F1, H], [El, H, F]
+            anchor = defer = None
         return _FusedMoE.apply(
-            hidden.contiguous(), topk_probs, w1.transpose(1, 2), w2.transpose(1, 2), topk_idx, self
+            hidden.contiguous(), topk_probs, w1.transpose(1, 2), w2.transpose(1, 2), anchor, topk_idx,
+            self, defer,
         )
 
 

@@ -46,7 +46,12 @@ def validate_transformer_config(config) -> None:
 
 
 class CometMoELayer(MoELayer):
-    """Mixture-of-experts layer whose all-to-all is comet's (see module docstring)."""
+    """Mixture-of-experts layer whose all-to-all is comet's (see module docstring).
+
+    `backward_dw(routed_experts=True, shared_experts=False)` is MoELayer's: with
+    `config.delay_wgrad_compute` it reaches `CometGroupedMLP.backward_dw`, which computes the
+    expert weight gradients both paths queued in backward (docs/ARCHITECTURE.md).
+    """
 
     def __init__(
         self,
