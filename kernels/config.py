@@ -29,6 +29,7 @@ class KernelConfig:
     num_stages: int = 3
     group_m: int = 8  # dispatch_gemm: tiles that sweep the column blocks together (L2 reuse of weights)
     group_n: int = 8  # gemm_combine: column chunks per super-chunk (L2 reuse of the A rows)
+    in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
 
 

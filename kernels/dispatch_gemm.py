@@ -9,10 +9,8 @@ One launch per rank, grid (num_comm + num_compute,):
   in forward, the pair id, source rank and routing prob of every row, resolved through the peer's
   `send_order`/`send_offsets`), then release-stores the epoch into the tile's local ready flag.
 - programs [num_comm, grid) COMPUTE, persistent: program p takes work items p, p + num_compute, ... where
-  item w is a (tile, column block) pair (see `_dispatch_item`). A tile made only of this rank's own rows
-  is read in place from the local tokens region (gathered rows, no wait: local rows never wait for
-  communication); any other tile waits for its ready flag and is read from the receive buffer. It
-  computes rows[tile] @ W[expert] (weights through TMA descriptors on Hopper, see operands.py) with
+  item w is a (tile, column block) pair (see `_dispatch_item`). It waits for the tile's ready flag and
+  computes recv[tile] @ W[expert] (weights through TMA descriptors on Hopper, see operands.py) with
   the epilogue fused (items are grouped: GROUP_M consecutive
   tiles sweep the column blocks together, for L2 reuse of the weights):
     forward:  h = act(pre) (gated: act(pre[:, :F]) * pre[:, F:]); stores h and, if asked, pre.
@@ -137,6 +135,70 @@ def _dispatch_item(w, num_tiles, n_blocks, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
+                  w_ptr, stride_we, stride_wk, stride_wn, w_desc,
+                  out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
+                  trace_ptr, clock_ptr, max_tiles,
+                  HIDDEN: tl.constexpr, FFN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                  ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
+                  W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr):
+    """One work item: rows (a_rows: their addresses) @ W[j][:, column block nb] with the fused epilogue."""
+    if TRACE:
+        tl.store(trace_ptr + 2 * (max_tiles + w), now(clock_ptr, GLOBALTIMER))
+    cols = nb * BN + tl.arange(0, BN)
+    cmask = cols < FFN
+    w_j = w_ptr + j.to(tl.int64) * stride_we
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_up = tl.zeros([BM, BN], dtype=tl.float32)  # forward gated: the "up" half (cols + ffn)
+    n0 = nb * BN
+    for k0 in range(0, HIDDEN, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < HIDDEN
+        # The receive rows were written by this launch's communication programs: pointer loads
+        # (see operands.py); the weights may come through TMA.
+        a = load_rows_block(w_desc, a_rows, rs, k0, ks, rmask, kmask, False, EVEN_K)
+        b = load_weight_block(w_desc, w_j, j, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
+                              W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED and not BACKWARD:
+            b_up = load_weight_block(w_desc, w_j + FFN * stride_wn, j, k0, n0 + FFN, ks, cols, kmask,
+                                     cmask, stride_wk, stride_wn, W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+    m2 = rmask[:, None] & cmask[None, :]
+    out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_out
+    pre_rows = pre_ptr + rows.to(tl.int64)[:, None] * stride_pre
+    if not BACKWARD:
+        if GATED:
+            h = _act(acc, ACT) * acc_up
+        else:
+            h = _act(acc, ACT)
+        tl.store(out_rows + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=m2)
+        if STORE_PRE:
+            tl.store(pre_rows + cols[None, :], acc.to(pre_ptr.dtype.element_ty), mask=m2)
+            if GATED:
+                tl.store(pre_rows + FFN + cols[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=m2)
+    else:
+        p = tl.load(recv_prob_ptr + rows, mask=rmask, other=0.0)
+        dh = acc * p[:, None]
+        gate = tl.load(pre_rows + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.load(pre_rows + FFN + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+            act_gate = _act(gate, ACT)
+            h = act_gate * up
+            d_gate = dh * up * _act_grad(gate, ACT)
+            tl.store(out_rows + FFN + cols[None, :], (dh * act_gate).to(out_ptr.dtype.element_ty), mask=m2)
+        else:
+            h = _act(gate, ACT)
+            d_gate = dh * _act_grad(gate, ACT)
+        tl.store(out_rows + cols[None, :], d_gate.to(out_ptr.dtype.element_ty), mask=m2)
+        # Masked columns contribute 0: acc is 0 there (B was loaded as 0).
+        tl.store(gp_part_ptr + rows.to(tl.int64) * n_blocks + nb, tl.sum(acc * h, 1), mask=rmask)
+    if TRACE:
+        tl.store(trace_ptr + 2 * (max_tiles + w) + 1, now(clock_ptr, GLOBALTIMER))
+
+
+@triton.jit
 def _dispatch_gemm_kernel(
     x_table, order_table, offsets_table, probs_table, inputs_ready_ptr,
     seg_start_ptr, seg_count_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
@@ -150,7 +212,7 @@ def _dispatch_gemm_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr, GROUP_M: tl.constexpr,
     ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
     KNOWN_ROWS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
-    GLOBALTIMER: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
+    GLOBALTIMER: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, IN_PLACE: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = HIDDEN % BK == 0
     pid = tl.program_id(0)
@@ -171,81 +233,52 @@ def _dispatch_gemm_kernel(
             q += NUM_COMM
     else:
         n_blocks = tl.cdiv(FFN, BN)
+        # Phase 1: tiles made only of this rank's own rows (ring position 0; they come first in the
+        # processing order) are gathered in place from the local tokens region, without waiting for
+        # the communication programs (which still copy them into the receive buffer for the weight
+        # gradients). Phase 2: every other tile waits for its ready flag and reads the receive buffer.
+        # Two loops rather than one loop with a branch-selected row pointer, which defeats Triton's
+        # software pipelining of the K loop (measured 2x slower on an H100).
         # while loops: the bounds live in device memory (Triton's interpreter cannot range() over them)
+        n_local = 0
+        if IN_PLACE:
+            n_local = tl.load(num_tiles_ptr + 1)
         w = pid - NUM_COMM
-        while w < num_tiles * n_blocks:
-            q, nb = _dispatch_item(w, num_tiles, n_blocks, GROUP_M)
+        while w < n_local * n_blocks:
+            q, nb = _dispatch_item(w, n_local, n_blocks, GROUP_M)
             j = tl.load(tile_expert_ptr + q)
             rs = tl.load(tile_start_ptr + q)
-            re = tl.load(tile_end_ptr + q)
             rows = rs + tl.arange(0, BM)
-            rmask = rows < re
-            # A tile made only of this rank's own rows (ring position 0 comes first in every expert) is
-            # read in place from the local tokens region: no wait for the communication programs,
-            # which still copy it into the receive buffer for the weight gradients.
-            seg0_end = tl.load(seg_start_ptr + j * WORLD) + tl.load(seg_count_ptr + j * WORLD)
-            if re <= seg0_end:
-                if KNOWN_ROWS:
-                    pair = tl.load(recv_pair_ptr + rows, mask=rmask, other=0)
-                else:
-                    first = tl.load(local_offsets_ptr + rank * EL + j) - tl.load(seg_start_ptr + j * WORLD)
-                    pair = tl.load(local_order_ptr + first + rows, mask=rmask, other=0)
-                a_rows = local_tokens_ptr + (pair // TOPK).to(tl.int64) * HIDDEN
+            rmask = rows < tl.load(tile_end_ptr + q)
+            if KNOWN_ROWS:
+                pair = tl.load(recv_pair_ptr + rows, mask=rmask, other=0)
             else:
-                wait_until_geq(tile_ready_ptr + q, epoch, timeout, err_ptr, ERR_DISPATCH_TILE, q, GLOBALTIMER)
-                a_rows = recv_ptr + rows.to(tl.int64) * HIDDEN
-            if TRACE:
-                tl.store(trace_ptr + 2 * (max_tiles + w), now(clock_ptr, GLOBALTIMER))
-            cols = nb * BN + tl.arange(0, BN)
-            cmask = cols < FFN
-            w_j = w_ptr + j.to(tl.int64) * stride_we
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
-            acc_up = tl.zeros([BM, BN], dtype=tl.float32)  # forward gated: the "up" half (cols + ffn)
-            n0 = nb * BN
-            for k0 in range(0, HIDDEN, BK):
-                ks = k0 + tl.arange(0, BK)
-                kmask = ks < HIDDEN
-                # The receive rows were written by this launch's communication programs: pointer loads
-                # (see operands.py); the weights may come through TMA.
-                a = load_rows_block(w_desc, a_rows, rs, k0, ks, rmask, kmask, False, EVEN_K)
-                b = load_weight_block(w_desc, w_j, j, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
-                                      W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-                if GATED and not BACKWARD:
-                    b_up = load_weight_block(w_desc, w_j + FFN * stride_wn, j, k0, n0 + FFN, ks, cols, kmask,
-                                             cmask, stride_wk, stride_wn, W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
-                    acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-            m2 = rmask[:, None] & cmask[None, :]
-            out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_out
-            pre_rows = pre_ptr + rows.to(tl.int64)[:, None] * stride_pre
-            if not BACKWARD:
-                if GATED:
-                    h = _act(acc, ACT) * acc_up
-                else:
-                    h = _act(acc, ACT)
-                tl.store(out_rows + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=m2)
-                if STORE_PRE:
-                    tl.store(pre_rows + cols[None, :], acc.to(pre_ptr.dtype.element_ty), mask=m2)
-                    if GATED:
-                        tl.store(pre_rows + FFN + cols[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=m2)
-            else:
-                p = tl.load(recv_prob_ptr + rows, mask=rmask, other=0.0)
-                dh = acc * p[:, None]
-                gate = tl.load(pre_rows + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-                if GATED:
-                    up = tl.load(pre_rows + FFN + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-                    act_gate = _act(gate, ACT)
-                    h = act_gate * up
-                    d_gate = dh * up * _act_grad(gate, ACT)
-                    tl.store(out_rows + FFN + cols[None, :], (dh * act_gate).to(out_ptr.dtype.element_ty), mask=m2)
-                else:
-                    h = _act(gate, ACT)
-                    d_gate = dh * _act_grad(gate, ACT)
-                tl.store(out_rows + cols[None, :], d_gate.to(out_ptr.dtype.element_ty), mask=m2)
-                # Masked columns contribute 0: acc is 0 there (B was loaded as 0).
-                tl.store(gp_part_ptr + rows.to(tl.int64) * n_blocks + nb, tl.sum(acc * h, 1), mask=rmask)
-            if TRACE:
-                tl.store(trace_ptr + 2 * (max_tiles + w) + 1, now(clock_ptr, GLOBALTIMER))
+                first = tl.load(local_offsets_ptr + rank * EL + j) - tl.load(seg_start_ptr + j * WORLD)
+                pair = tl.load(local_order_ptr + first + rows, mask=rmask, other=0)
+            a_rows = local_tokens_ptr + (pair // TOPK).to(tl.int64) * HIDDEN
+            _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
+                          w_ptr, stride_we, stride_wk, stride_wn, w_desc,
+                          out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
+                          trace_ptr, clock_ptr, max_tiles,
+                          HIDDEN, FFN, BM, BN, BK, ACT, GATED, BACKWARD, STORE_PRE, DOT_PRECISION, TRACE,
+                          GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K)
+            w += NUM_COMPUTE
+        w -= n_local * n_blocks
+        while w < (num_tiles - n_local) * n_blocks:
+            q, nb = _dispatch_item(w, num_tiles - n_local, n_blocks, GROUP_M)
+            q += n_local
+            j = tl.load(tile_expert_ptr + q)
+            rs = tl.load(tile_start_ptr + q)
+            rows = rs + tl.arange(0, BM)
+            rmask = rows < tl.load(tile_end_ptr + q)
+            wait_until_geq(tile_ready_ptr + q, epoch, timeout, err_ptr, ERR_DISPATCH_TILE, q, GLOBALTIMER)
+            a_rows = recv_ptr + rows.to(tl.int64) * HIDDEN
+            _compute_item(w + n_local * n_blocks, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
+                          w_ptr, stride_we, stride_wk, stride_wn, w_desc,
+                          out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
+                          trace_ptr, clock_ptr, max_tiles,
+                          HIDDEN, FFN, BM, BN, BK, ACT, GATED, BACKWARD, STORE_PRE, DOT_PRECISION, TRACE,
+                          GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K)
             w += NUM_COMPUTE
 
 
@@ -266,7 +299,8 @@ class DispatchResult:
 def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, ffn: int, backward: bool,
             activation: str, gated: bool, store_pre: bool, rows: DispatchResult | None, num_comm, num_compute,
             block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int,
-            group_m: int, use_tma: bool | None = None) -> DispatchResult:
+            group_m: int, use_tma: bool | None = None,
+            in_place_local: bool | None = None) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
@@ -311,7 +345,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         KNOWN_ROWS=rows is not None, ROWS_16B=rows_16b_aligned(hidden, dtype), DOT_PRECISION=dot_precision(dtype),
         TRACE=trace,
         GLOBALTIMER=use_globaltimer(view.errors), W_DESC=w_desc is not None, W_K_MAJOR=k_major,
-        num_warps=num_warps, num_stages=num_stages,
+        IN_PLACE=True if in_place_local is None else in_place_local, num_warps=num_warps, num_stages=num_stages,
     )
     r = slice(0, n_rows)
     return DispatchResult(
@@ -325,7 +359,7 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                   gated: bool = True, store_pre: bool = True, num_comm: int | None = None,
                   num_compute: int | None = None, block_n: int = 64, block_k: int = 32, block_h: int = 128,
                   trace: bool = False, num_warps: int = 4, num_stages: int = 3, group_m: int = 8,
-                  use_tma: bool | None = None) -> DispatchResult:
+                  use_tma: bool | None = None, in_place_local: bool | None = None) -> DispatchResult:
     """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
 
     w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain).
@@ -335,14 +369,16 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
     return _launch(view, layout, w1, epoch, ffn=ffn, backward=False, activation=activation, gated=gated,
                    store_pre=store_pre, rows=None, num_comm=num_comm, num_compute=num_compute,
                    block_n=block_n, block_k=block_k, block_h=block_h, trace=trace, num_warps=num_warps,
-                   num_stages=num_stages, group_m=group_m, use_tma=use_tma)
+                   num_stages=num_stages, group_m=group_m, use_tma=use_tma,
+                   in_place_local=in_place_local)
 
 
 def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult, w2: torch.Tensor, epoch: int,
                            *, activation: str = "silu", gated: bool = True, num_comm: int | None = None,
                            num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                            block_h: int = 128, trace: bool = False, num_warps: int = 4,
-                           num_stages: int = 3, group_m: int = 8, use_tma: bool | None = None) -> DispatchResult:
+                           num_stages: int = 3, group_m: int = 8, use_tma: bool | None = None,
+                           in_place_local: bool | None = None) -> DispatchResult:
     """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, fused act backward.
 
     `forward` is the forward round's result (row sources, probs and pre-activation are reused);
@@ -354,4 +390,5 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
     return _launch(view, layout, w2.transpose(1, 2), epoch, ffn=w2.shape[1], backward=True,
                    activation=activation, gated=gated, store_pre=False, rows=forward, num_comm=num_comm,
                    num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace,
-                   num_warps=num_warps, num_stages=num_stages, group_m=group_m, use_tma=use_tma)
+                   num_warps=num_warps, num_stages=num_stages, group_m=group_m, use_tma=use_tma,
+                   in_place_local=in_place_local)

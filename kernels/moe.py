@@ -56,7 +56,8 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
     d = dispatch_gemm(view, layout, w1, epoch, activation=cfg.activation, gated=cfg.gated, store_pre=True,
                       num_comm=cfg.num_comm_dispatch, num_compute=cfg.num_compute, block_n=cfg.block_n,
                       block_k=cfg.block_k, block_h=cfg.block_h, trace=cfg.trace, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.use_tma)
+                      num_stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.use_tma,
+                               in_place_local=cfg.in_place_local)
     trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
                          recv_prob=d.recv_prob, num_comm=cfg.num_comm_combine, num_compute=cfg.num_compute,
                          block_n=cfg.block_n, block_k=cfg.block_k, trace=cfg.trace, num_warps=cfg.num_warps,
@@ -78,7 +79,8 @@ def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Te
     b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, activation=cfg.activation,
                                gated=cfg.gated, num_comm=cfg.num_comm_dispatch, num_compute=cfg.num_compute,
                                block_n=cfg.block_n, block_k=cfg.block_k, block_h=cfg.block_h, trace=cfg.trace,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.use_tma)
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.use_tma,
+                               in_place_local=cfg.in_place_local)
     trace = gemm_combine(view, state.layout, b.out, w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
                          recv_src=b.recv_src, row_scalars=b.grad_prob, num_comm=cfg.num_comm_combine,
                          num_compute=cfg.num_compute, block_n=cfg.block_n, block_k=cfg.block_k, trace=cfg.trace,

@@ -109,7 +109,7 @@ class ReceiveLayout:
     tile_expert: torch.Tensor     # [max_tiles] local expert of each tile, in processing order
     tile_row_start: torch.Tensor  # [max_tiles]
     tile_row_end: torch.Tensor    # [max_tiles] (exclusive)
-    num_tiles: torch.Tensor       # [1] live tiles; entries beyond are padding
+    num_tiles: torch.Tensor       # [2] live tiles (entries beyond are padding), tiles of only local rows
     max_tiles: int                # host-known upper bound (sizes grids of per-tile flags)
 
     def num_rows(self) -> int:
@@ -167,6 +167,8 @@ def _layout_kernel(recv_counts_ptr, ready_ptr, seg_start_ptr, seg_count_ptr, exp
     tl.store(seg_end_ptr + j * WORLD + i, seg_end, mask=live)
     tl.store(pos_base_ptr + j * WORLD + i, pos_base, mask=live)
     tl.store(num_tiles_ptr, total)
+    # tiles whose last row comes from ring position 0: made only of this rank's own rows
+    tl.store(num_tiles_ptr + 1, tl.sum(tl.sum(tl.where(i == 0, c_le, 0), 1), 0))
     tl.debug_barrier()  # the per-tile pass below reads the tables just stored by other threads
     q0 = 0
     while q0 < total:  # only live tiles are placed (entries past num_tiles stay unspecified)
@@ -213,7 +215,7 @@ def receive_layout(view, epoch: int, block_m: int) -> ReceiveLayout:
     seg_count = torch.empty(el, w, dtype=i32, device=dev)
     expert_offsets = torch.empty(el + 1, dtype=i32, device=dev)
     tiles = torch.empty(3, max_tiles, dtype=i32, device=dev)
-    num_tiles = torch.empty(1, dtype=i32, device=dev)
+    num_tiles = torch.empty(2, dtype=i32, device=dev)
     scratch = torch.empty(el + 1 + 2 * el * w, dtype=i32, device=dev)
     _layout_kernel[(1,)](
         view.regions["recv_counts"], view.regions["inputs_ready"], seg_start, seg_count, expert_offsets,
@@ -266,5 +268,6 @@ def receive_layout_torch(view, epoch: int, block_m: int) -> ReceiveLayout:
         block_m=block_m,
         seg_start=seg_start.to(i32), seg_count=seg_count.to(i32), expert_offsets=expert_offsets.to(i32),
         tile_expert=expert[order].to(i32), tile_row_start=row_start[order].to(i32),
-        tile_row_end=row_end[order].to(i32), num_tiles=tile_cum[-1:].to(i32), max_tiles=max_tiles,
+        tile_row_end=row_end[order].to(i32), max_tiles=max_tiles,
+        num_tiles=torch.stack([tile_cum[-1], (valid & (last_source == 0)).sum()]).to(i32),
     )

@@ -150,7 +150,7 @@ def test_receive_order_and_metadata(seed):
         rows = layout.expert_offsets.tolist()
         assert rows[-1] == len(expected)
         # Tiles: never straddle experts; processing order starts with tiles made only of local rows.
-        n = int(layout.num_tiles.item())
+        n = int(layout.num_tiles[0])
         for q in range(n):
             j, a, b = (int(t[q]) for t in (layout.tile_expert, layout.tile_row_start, layout.tile_row_end))
             assert rows[j] <= a < b <= rows[j + 1] and b - a <= layout.block_m
@@ -170,7 +170,7 @@ def test_trace_mode(seed):
     w2 = [p.local_w2(r, torch.float32).to(DEVICE) for r in range(2)]
     fwd = group.forward(to_dev(p.xs), to_dev(p.topk_idx), to_dev(p.topk_probs), w1, w2, cfg)
     for _, state in fwd:
-        n_tiles = int(state.layout.num_tiles.item())
+        n_tiles = int(state.layout.num_tiles[0])
         t = state.dispatch.trace.cpu()
         comm, compute = t[:n_tiles], t[state.layout.max_tiles:]
         assert (comm >= 0).all() and (comm[:, 0] <= comm[:, 1]).all()
