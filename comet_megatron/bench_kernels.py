@@ -122,11 +122,9 @@ class KernelBench:
         view, T = self.view, self.tokens
         nc_d, np_ = default_programs(view.device, cfg.num_comm_dispatch, cfg.num_compute)
         nc_c, _ = default_programs(view.device, cfg.num_comm_combine, cfg.num_compute)
-        common = dict(num_compute=cfg.num_compute, block_n=cfg.block_n, block_k=cfg.block_k,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, use_tma=cfg.use_tma)
-        l0 = dict(common, num_comm=cfg.num_comm_dispatch, activation=cfg.activation, gated=cfg.gated,
-                  block_h=cfg.block_h, group_m=cfg.group_m)
-        l1 = dict(common, num_comm=cfg.num_comm_combine, group_n=cfg.group_n)
+        l0 = cfg.dispatch_kwargs()
+        l0b = cfg.dispatch_kwargs(backward=True)
+        l1 = cfg.combine_kwargs()
         st: dict = {}
 
         def fwd_round(rec, stop_after: str):
@@ -159,7 +157,7 @@ class KernelBench:
             publish(view, self.grad, epoch)
             if stop_after == "L0":
                 rec(0)
-            b = dispatch_gemm_backward(view, layout, d, self.w2, epoch, **l0)
+            b = dispatch_gemm_backward(view, layout, d, self.w2, epoch, **l0b)
             if stop_after == "L0":
                 rec(1)
                 return

@@ -29,8 +29,27 @@ class KernelConfig:
     num_stages: int = 3
     group_m: int = 8  # dispatch_gemm: tiles that sweep the column blocks together (L2 reuse of weights)
     group_n: int = 8  # gemm_combine: column chunks per super-chunk (L2 reuse of the A rows)
+    combine_block_n: int | None = None  # gemm_combine's column chunk (None: block_n)
+    bwd_block_n: int | None = None  # dispatch_gemm_backward's column block (None: block_n)
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
+
+
+    def dispatch_kwargs(self, backward: bool = False) -> dict:
+        """Keyword arguments of `dispatch_gemm` (`dispatch_gemm_backward` when `backward`)."""
+        block_n = (self.bwd_block_n or self.block_n) if backward else self.block_n
+        return dict(activation=self.activation, gated=self.gated, num_comm=self.num_comm_dispatch,
+                    num_compute=self.num_compute, block_n=block_n, block_k=self.block_k,
+                    block_h=self.block_h, trace=self.trace, num_warps=self.num_warps,
+                    num_stages=self.num_stages, group_m=self.group_m, use_tma=self.use_tma,
+                    in_place_local=self.in_place_local)
+
+    def combine_kwargs(self) -> dict:
+        """Keyword arguments of `gemm_combine` (forward and backward)."""
+        return dict(num_comm=self.num_comm_combine, num_compute=self.num_compute,
+                    block_n=self.combine_block_n or self.block_n, block_k=self.block_k, trace=self.trace,
+                    num_warps=self.num_warps, num_stages=self.num_stages, group_n=self.group_n,
+                    use_tma=self.use_tma)
 
 
 def default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:

@@ -53,15 +53,9 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
     publish(view, x, epoch, topk_idx, topk_probs)
     yield "publish"
     layout = receive_layout(view, epoch, cfg.block_m)
-    d = dispatch_gemm(view, layout, w1, epoch, activation=cfg.activation, gated=cfg.gated, store_pre=True,
-                      num_comm=cfg.num_comm_dispatch, num_compute=cfg.num_compute, block_n=cfg.block_n,
-                      block_k=cfg.block_k, block_h=cfg.block_h, trace=cfg.trace, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.use_tma,
-                               in_place_local=cfg.in_place_local)
+    d = dispatch_gemm(view, layout, w1, epoch, store_pre=True, **cfg.dispatch_kwargs())
     trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
-                         recv_prob=d.recv_prob, num_comm=cfg.num_comm_combine, num_compute=cfg.num_compute,
-                         block_n=cfg.block_n, block_k=cfg.block_k, trace=cfg.trace, num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages, group_n=cfg.group_n, use_tma=cfg.use_tma)
+                         recv_prob=d.recv_prob, **cfg.combine_kwargs())
     yield "dispatch_gemm+gemm_combine"
     out, _ = combine_reduce(view, x.shape[0], epoch, num_comm=cfg.num_comm_combine, block_h=cfg.block_h)
     return out, ForwardState(layout, d, x.shape[0], trace)
@@ -76,15 +70,9 @@ def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Te
     epoch = view.next_epoch()
     publish(view, grad_out, epoch)
     yield "publish(grad_out)"
-    b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, activation=cfg.activation,
-                               gated=cfg.gated, num_comm=cfg.num_comm_dispatch, num_compute=cfg.num_compute,
-                               block_n=cfg.block_n, block_k=cfg.block_k, block_h=cfg.block_h, trace=cfg.trace,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, group_m=cfg.group_m, use_tma=cfg.use_tma,
-                               in_place_local=cfg.in_place_local)
+    b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, **cfg.dispatch_kwargs(backward=True))
     trace = gemm_combine(view, state.layout, b.out, w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
-                         recv_src=b.recv_src, row_scalars=b.grad_prob, num_comm=cfg.num_comm_combine,
-                         num_compute=cfg.num_compute, block_n=cfg.block_n, block_k=cfg.block_k, trace=cfg.trace,
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, group_n=cfg.group_n, use_tma=cfg.use_tma)
+                         recv_src=b.recv_src, row_scalars=b.grad_prob, **cfg.combine_kwargs())
     yield "dispatch_gemm_backward+gemm_combine"
     grad_x, grad_probs = combine_reduce(view, state.num_tokens, epoch, num_comm=cfg.num_comm_combine,
                                         scalars=True, block_h=cfg.block_h)

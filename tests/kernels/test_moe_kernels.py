@@ -86,6 +86,9 @@ CASES = {
     "w4_k4_swiglu_one_comm_program": (4, [5, 7, 6, 4], 4, 2, True, "silu", "uniform",
                                       dict(num_comm_dispatch=1, num_comm_combine=1, num_compute=3)),
     "w8_k2_swiglu": (8, [4, 6, 0, 5, 3, 7, 2, 5], 2, 1, True, "silu", "uniform", {}),
+    # Each layer with its own column block (gemm_combine chunk, dispatch backward block).
+    "w2_k2_swiglu_per_layer_blocks": (2, [14, 9], 2, 2, True, "silu", "uniform",
+                                      dict(block_n=32, combine_block_n=16, bwd_block_n=16)),
     # Enough rows per expert that whole M-tiles hold only the receiver's own rows (read in place by the
     # compute programs) next to tiles that mix local and remote rows (wait for the pull).
     "w2_k2_local_tiles_in_place": (2, [45, 38], 2, 1, True, "silu", "uniform", {}),
