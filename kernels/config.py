@@ -30,6 +30,7 @@ class KernelConfig:
     group_m: int = 8  # dispatch_gemm: tiles that sweep the column blocks together (L2 reuse of weights)
     group_n: int = 8  # gemm_combine: column chunks per super-chunk (L2 reuse of the A rows)
     combine_block_n: int | None = None  # gemm_combine's column chunk (None: block_n)
+    combine_num_stages: int | None = None  # gemm_combine's pipeline depth (None: num_stages)
     bwd_block_n: int | None = None  # dispatch_gemm_backward's column block (None: block_n)
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
@@ -48,8 +49,8 @@ class KernelConfig:
         """Keyword arguments of `gemm_combine` (forward and backward)."""
         return dict(num_comm=self.num_comm_combine, num_compute=self.num_compute,
                     block_n=self.combine_block_n or self.block_n, block_k=self.block_k, trace=self.trace,
-                    num_warps=self.num_warps, num_stages=self.num_stages, group_n=self.group_n,
-                    use_tma=self.use_tma)
+                    num_warps=self.num_warps, num_stages=self.combine_num_stages or self.num_stages,
+                    group_n=self.group_n, use_tma=self.use_tma)
 
 
 def default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:
