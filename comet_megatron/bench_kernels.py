@@ -232,7 +232,14 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None) -> 
                 knobs = {**GPU_UNTUNED_DEFAULT, **_tuned(shape, tokens), **overrides}
                 cfg = KernelConfig(gated=shape.gated, **knobs)
                 t0 = time.time()
-                ours = kb.fused(cfg, reps, warmup)
+                try:
+                    ours = kb.fused(cfg, reps, warmup)
+                except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory: report, go on
+                    rec = {"shape": shape.name, "tokens": tokens, "config": knobs,
+                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+                    records.append(rec)
+                    print(f"\n{shape.name} tokens={tokens} config={knobs}: FAILED {rec['error']}", flush=True)
+                    continue
                 progs = ours.pop("_programs")
                 share = kb.sms / progs["compute"]
                 rec = {"shape": shape.name, "tokens": tokens, "config": knobs, "programs": progs,
@@ -249,7 +256,7 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None) -> 
                 rec["kernels"]["L0 fwd"]["cublas_with_act_ms"] = base["L0 fwd +act"]
                 records.append(rec)
                 if progress is not None:
-                    progress()
+                    progress(rec)
             del kb
             torch.cuda.empty_cache()
     return records
@@ -268,16 +275,22 @@ def _tuned(shape, tokens: int) -> dict:
 
 
 def print_table(records) -> None:
-    head = f"{'shape':18s} {'tok':>6s} {'kernel':10s} {'ms':>8s} {'cuBLAS':>8s} {'TF/s':>6s} {'vs cuBLAS':>9s} {'vs SM share':>11s}"
     for rec in records:
-        knobs = {k: v for k, v in rec["config"].items()}
-        print(f"\n{rec['shape']} tokens={rec['tokens']} programs={rec['programs']} config={knobs} "
-              f"routing={rec['routing_ms']:.3f} ms")
-        print(head)
-        for kname, r in rec["kernels"].items():
-            share = f"{r['vs_sm_share']:.3f}" if r["vs_sm_share"] is not None else "-"
-            print(f"{rec['shape']:18s} {rec['tokens']:6d} {kname:10s} {r['ms']:8.3f} {r['cublas_ms']:8.3f} "
-                  f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s}")
+        print_record(rec)
+
+
+def print_record(rec) -> None:
+    if "error" in rec:
+        return
+    head = (f"{'shape':18s} {'tok':>6s} {'kernel':10s} {'ms':>8s} {'cuBLAS':>8s} {'TF/s':>6s} {'vs cuBLAS':>9s} "
+            f"{'vs SM share':>11s}")
+    print(f"\n{rec['shape']} tokens={rec['tokens']} programs={rec['programs']} config={rec['config']} "
+          f"routing={rec['routing_ms']:.3f} ms")
+    print(head)
+    for kname, r in rec["kernels"].items():
+        share = f"{r['vs_sm_share']:.3f}" if r["vs_sm_share"] is not None else "-"
+        print(f"{rec['shape']:18s} {rec['tokens']:6d} {kname:10s} {r['ms']:8.3f} {r['cublas_ms']:8.3f} "
+              f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -300,9 +313,7 @@ def main(argv=None) -> int:
         assert isinstance(configs, list) and all(isinstance(c, dict) for c in configs)
     except (ValueError, AssertionError):
         raise SystemExit(f"bench kernels: --configs must be a JSON list of objects, got {args.configs!r}")
-    records = run(args.shapes, args.tokens, configs, args.reps, args.warmup,
-                  progress=lambda: print(".", end="", flush=True))
-    print_table(records)
+    records = run(args.shapes, args.tokens, configs, args.reps, args.warmup, progress=print_record)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
