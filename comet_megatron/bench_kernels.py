@@ -214,6 +214,26 @@ class KernelBench:
                                f"with {cfg}")
 
 
+def compiled_stats() -> dict:
+    """Registers, spills and shared memory of every compiled variant of the fused kernels (diagnostics:
+    spilling epilogues are the usual reason a fused kernel falls behind its GEMM)."""
+    from comet_megatron.kernels import dispatch_gemm as dg
+    from comet_megatron.kernels import gemm_combine as gc
+
+    out = {}
+    for name, fn in (("dispatch_gemm", dg._dispatch_gemm_kernel), ("gemm_combine", gc._gemm_combine_kernel)):
+        try:
+            for cache in fn.device_caches.values():
+                for i, kernel in enumerate(cache[0].values()):
+                    kernel._init_handles()
+                    # in compilation order: per configuration, forward then backward
+                    out[f"{name}#{i}"] = {"regs": kernel.n_regs, "spills": kernel.n_spills,
+                                          "shared": kernel.metadata.shared}
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            out[name] = f"unavailable: {exc}"
+    return out
+
+
 def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None) -> list[dict]:
     import torch
 
@@ -314,6 +334,9 @@ def main(argv=None) -> int:
     except (ValueError, AssertionError):
         raise SystemExit(f"bench kernels: --configs must be a JSON list of objects, got {args.configs!r}")
     records = run(args.shapes, args.tokens, configs, args.reps, args.warmup, progress=print_record)
+    stats = compiled_stats()
+    for name, st in stats.items():
+        print(f"compiled {name}: {st}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -323,7 +346,7 @@ def main(argv=None) -> int:
 
     meta.update(triton=triton.__version__, commit=_git_commit(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-    (out / "kernels.json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
+    (out / "kernels.json").write_text(json.dumps({"meta": meta, "records": records, "compiled": stats}, indent=1, default=str))
     print(f"\nwrote {out / 'kernels.json'}")
     return 0
 
