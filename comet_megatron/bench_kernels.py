@@ -217,8 +217,10 @@ class KernelBench:
 def compiled_stats() -> dict:
     """Registers, spills and shared memory of every compiled variant of the fused kernels (diagnostics:
     spilling epilogues are the usual reason a fused kernel falls behind its GEMM)."""
-    from comet_megatron.kernels import dispatch_gemm as dg
-    from comet_megatron.kernels import gemm_combine as gc
+    import importlib
+
+    dg = importlib.import_module("comet_megatron.kernels.dispatch_gemm")
+    gc = importlib.import_module("comet_megatron.kernels.gemm_combine")
 
     out = {}
     for name, fn in (("dispatch_gemm", dg._dispatch_gemm_kernel), ("gemm_combine", gc._gemm_combine_kernel)):
