@@ -32,6 +32,7 @@ class KernelConfig:
     combine_block_n: int | None = None  # gemm_combine's column chunk (None: block_n)
     combine_num_stages: int | None = None  # gemm_combine's pipeline depth (None: num_stages)
     bwd_block_n: int | None = None  # dispatch_gemm_backward's column block (None: block_n)
+    fused_act_backward: bool = False  # activation backward in the GEMM epilogue (spills on Hopper) or after
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
 
@@ -39,7 +40,8 @@ class KernelConfig:
     def dispatch_kwargs(self, backward: bool = False) -> dict:
         """Keyword arguments of `dispatch_gemm` (`dispatch_gemm_backward` when `backward`)."""
         block_n = (self.bwd_block_n or self.block_n) if backward else self.block_n
-        return dict(activation=self.activation, gated=self.gated, num_comm=self.num_comm_dispatch,
+        extra = dict(fused_act_backward=self.fused_act_backward) if backward else {}
+        return dict(**extra,activation=self.activation, gated=self.gated, num_comm=self.num_comm_dispatch,
                     num_compute=self.num_compute, block_n=block_n, block_k=self.block_k,
                     block_h=self.block_h, trace=self.trace, num_warps=self.num_warps,
                     num_stages=self.num_stages, group_m=self.group_m, use_tma=self.use_tma,

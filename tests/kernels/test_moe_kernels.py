@@ -86,6 +86,9 @@ CASES = {
     "w4_k4_swiglu_one_comm_program": (4, [5, 7, 6, 4], 4, 2, True, "silu", "uniform",
                                       dict(num_comm_dispatch=1, num_comm_combine=1, num_compute=3)),
     "w8_k2_swiglu": (8, [4, 6, 0, 5, 3, 7, 2, 5], 2, 1, True, "silu", "uniform", {}),
+    # Activation backward in the GEMM epilogue instead of the separate pass (gated and plain).
+    "w2_k2_swiglu_fused_act_backward": (2, [11, 8], 2, 2, True, "silu", "uniform", dict(fused_act_backward=True)),
+    "w2_k2_gelu_fused_act_backward": (2, [9, 12], 2, 2, False, "gelu", "skewed", dict(fused_act_backward=True)),
     # Each layer with its own column block (gemm_combine chunk, dispatch backward block).
     "w2_k2_swiglu_per_layer_blocks": (2, [14, 9], 2, 2, True, "silu", "uniform",
                                       dict(block_n=32, combine_block_n=16, bwd_block_n=16)),
