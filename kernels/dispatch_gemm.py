@@ -15,8 +15,10 @@ One launch per rank, grid (num_comm + num_compute,):
   tiles sweep the column blocks together, for L2 reuse of the weights):
     forward:  h = act(pre) (gated: act(pre[:, :F]) * pre[:, F:]); stores h and, if asked, pre.
     backward: the rows are grad_out rows, W = w2^T, so acc = dhp = g @ w2^T (grad of the prob-scaled
-              hidden). Stores d_pre = act'(pre) * (dhp * p) and the per-(row, column block) partials
-              of grad_prob = rowsum(dhp * h), summed by the launcher in a fixed order (deterministic).
+              hidden). Stores dhp, which `_act_backward_kernel` turns in place into d_pre = act'(pre) *
+              (dhp * p) plus per-(row, column block) partials of grad_prob = rowsum(dhp * h), summed by
+              the launcher in a fixed order (deterministic); `fused_act_backward` does this in the
+              epilogue instead.
 Waiting programs have higher program ids than the programs they wait for, so the kernel also runs in
 Triton's sequential CPU interpreter. On a GPU the grid must be co-resident (num_comm + num_compute <=
 SMs x occupancy) because compute programs spin on flags raised by communication programs.
