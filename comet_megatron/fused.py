@@ -39,9 +39,12 @@ ACTIVATION_NAMES = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu"}
 _WORKSPACES: dict = {}
 
 # Without a tuning-cache entry on a Hopper GPU: the tiles `comet-megatron tune` chose for all three
-# benchmark shapes on an H100 (2.6-4.1x faster than the kernels' small defaults; docs/BENCHMARKS.md).
-# Elsewhere the kernels' defaults stay (their shared-memory needs fit every GPU).
-GPU_UNTUNED_DEFAULT = {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4}
+# benchmark shapes on an H100 (2.6-4.1x faster than the kernels' small defaults), with layer 1 on wider
+# column chunks and 3 stages (`comet-megatron bench kernels`: 1.1-1.2x faster gemm_combine at those
+# shapes; docs/BENCHMARKS.md). Elsewhere the kernels' defaults stay (their shared-memory needs fit
+# every GPU).
+GPU_UNTUNED_DEFAULT = {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4,
+                       "combine_block_n": 256, "combine_num_stages": 3}
 
 
 def _is_hopper(device) -> bool:
