@@ -6,7 +6,7 @@ to the unfused GEMM it replaces, `torch._grouped_mm` on the same rows (pre-sorte
 
     L0 fwd   dispatch_gemm            pull rows + fc1 + activation   vs  grouped_mm fc1 (+ activation)
     L1 fwd   gemm_combine + reduce    fc2 + prob scale + combine     vs  grouped_mm fc2
-    L0 bwd   dispatch_gemm_backward   pull grads + fc2 dgrad + act'  vs  grouped_mm fc2 dgrad (+ act')
+    L0 bwd   dispatch_gemm_backward   pull grads + fc2 dgrad + act'  vs  grouped_mm fc2 dgrad (+ act', in torch)
     L1 bwd   gemm_combine + reduce    fc1 dgrad + return of grads    vs  grouped_mm fc1 dgrad
     wgrad    grouped_wgrad (triton)   dW1, dW2                       vs  grouped_mm (K split by expert)
 
@@ -101,12 +101,32 @@ class KernelBench:
         def act(pre):
             return F.silu(pre[:, :f]) * pre[:, f:] if s.gated else F.silu(pre)
 
+        probs = torch.rand(self.rows, 1, device=self.x.device)
+
+        def act_bwd(dhp):
+            """What an unfused layer does after the fc2 dgrad: the activation backward and grad_prob."""
+            pre = self.pre_sorted.float()
+            dhp = dhp.float()
+            dh = dhp * probs
+            if s.gated:
+                gate, up = pre[:, :f], pre[:, f:]
+                sg = torch.sigmoid(gate)
+                act = gate * sg
+                d_pre = torch.cat([dh * up * sg * (1 + gate * (1 - sg)), dh * act], 1).to(self.x.dtype)
+                gp = (dhp * act * up).sum(1)
+            else:
+                sg = torch.sigmoid(pre)
+                d_pre = (dh * sg * (1 + pre * (1 - sg))).to(self.x.dtype)
+                gp = (dhp * pre * sg).sum(1)
+            return d_pre, gp
+
         w1, w2 = self.w1, self.w2
         out = {
             "L0 fwd": timed(lambda: gm(self.x_sorted, w1, offs=offs)),
             "L0 fwd +act": timed(lambda: act(gm(self.x_sorted, w1, offs=offs))),
             "L1 fwd": timed(lambda: gm(self.h_sorted, w2, offs=offs)),
             "L0 bwd": timed(lambda: gm(self.g_sorted, w2.transpose(1, 2), offs=offs)),
+            "L0 bwd +act": timed(lambda: act_bwd(gm(self.g_sorted, w2.transpose(1, 2), offs=offs))),
             "L1 bwd": timed(lambda: gm(self.pre_sorted, w1.transpose(1, 2), offs=offs)),
             "wgrad dW1": timed(lambda: gm(self.x_sorted.t(), self.pre_sorted, offs=offs)),
             "wgrad dW2": timed(lambda: gm(self.h_sorted.t(), self.g_sorted, offs=offs)),
@@ -276,6 +296,7 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None) -> 
                         "vs_sm_share": ref * share / ms if fused_kernel else None,
                     }
                 rec["kernels"]["L0 fwd"]["cublas_with_act_ms"] = base["L0 fwd +act"]
+                rec["kernels"]["L0 bwd"]["cublas_with_act_ms"] = base["L0 bwd +act"]
                 records.append(rec)
                 if progress is not None:
                     progress(rec)
@@ -305,14 +326,15 @@ def print_record(rec) -> None:
     if "error" in rec:
         return
     head = (f"{'shape':18s} {'tok':>6s} {'kernel':10s} {'ms':>8s} {'cuBLAS':>8s} {'TF/s':>6s} {'vs cuBLAS':>9s} "
-            f"{'vs SM share':>11s}")
+            f"{'vs SM share':>11s} {'cuBLAS+act':>10s}")
     print(f"\n{rec['shape']} tokens={rec['tokens']} programs={rec['programs']} config={rec['config']} "
           f"routing={rec['routing_ms']:.3f} ms")
     print(head)
     for kname, r in rec["kernels"].items():
         share = f"{r['vs_sm_share']:.3f}" if r["vs_sm_share"] is not None else "-"
+        act = f"{r['cublas_with_act_ms']:10.3f}" if "cublas_with_act_ms" in r else f"{'-':>10s}"
         print(f"{rec['shape']:18s} {rec['tokens']:6d} {kname:10s} {r['ms']:8.3f} {r['cublas_ms']:8.3f} "
-              f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s}", flush=True)
+              f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s} {act}", flush=True)
 
 
 def main(argv=None) -> int:
