@@ -6,7 +6,7 @@ to the unfused GEMM it replaces, `torch._grouped_mm` on the same rows (pre-sorte
 
     L0 fwd   dispatch_gemm            pull rows + fc1 + activation   vs  grouped_mm fc1 (+ activation)
     L1 fwd   gemm_combine + reduce    fc2 + prob scale + combine     vs  grouped_mm fc2
-    L0 bwd   dispatch_gemm_backward   pull grads + fc2 dgrad + act'  vs  grouped_mm fc2 dgrad (+ act', in torch)
+    L0 bwd   dispatch_gemm_backward   pull grads + fc2 dgrad + act'  vs  grouped_mm fc2 dgrad
     L1 bwd   gemm_combine + reduce    fc1 dgrad + return of grads    vs  grouped_mm fc1 dgrad
     wgrad    grouped_wgrad (triton)   dW1, dW2                       vs  grouped_mm (K split by expert)
 
@@ -101,32 +101,12 @@ class KernelBench:
         def act(pre):
             return F.silu(pre[:, :f]) * pre[:, f:] if s.gated else F.silu(pre)
 
-        probs = torch.rand(self.rows, 1, device=self.x.device)
-
-        def act_bwd(dhp):
-            """What an unfused layer does after the fc2 dgrad: the activation backward and grad_prob."""
-            pre = self.pre_sorted.float()
-            dhp = dhp.float()
-            dh = dhp * probs
-            if s.gated:
-                gate, up = pre[:, :f], pre[:, f:]
-                sg = torch.sigmoid(gate)
-                act = gate * sg
-                d_pre = torch.cat([dh * up * sg * (1 + gate * (1 - sg)), dh * act], 1).to(self.x.dtype)
-                gp = (dhp * act * up).sum(1)
-            else:
-                sg = torch.sigmoid(pre)
-                d_pre = (dh * sg * (1 + pre * (1 - sg))).to(self.x.dtype)
-                gp = (dhp * pre * sg).sum(1)
-            return d_pre, gp
-
         w1, w2 = self.w1, self.w2
         out = {
             "L0 fwd": timed(lambda: gm(self.x_sorted, w1, offs=offs)),
             "L0 fwd +act": timed(lambda: act(gm(self.x_sorted, w1, offs=offs))),
             "L1 fwd": timed(lambda: gm(self.h_sorted, w2, offs=offs)),
             "L0 bwd": timed(lambda: gm(self.g_sorted, w2.transpose(1, 2), offs=offs)),
-            "L0 bwd +act": timed(lambda: act_bwd(gm(self.g_sorted, w2.transpose(1, 2), offs=offs))),
             "L1 bwd": timed(lambda: gm(self.pre_sorted, w1.transpose(1, 2), offs=offs)),
             "wgrad dW1": timed(lambda: gm(self.x_sorted.t(), self.pre_sorted, offs=offs)),
             "wgrad dW2": timed(lambda: gm(self.h_sorted.t(), self.g_sorted, offs=offs)),
@@ -296,7 +276,6 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None) -> 
                         "vs_sm_share": ref * share / ms if fused_kernel else None,
                     }
                 rec["kernels"]["L0 fwd"]["cublas_with_act_ms"] = base["L0 fwd +act"]
-                rec["kernels"]["L0 bwd"]["cublas_with_act_ms"] = base["L0 bwd +act"]
                 records.append(rec)
                 if progress is not None:
                     progress(rec)
