@@ -289,11 +289,13 @@ def _dispatch_gemm_kernel(
 
 
 @triton.jit
-def _act_backward_kernel(out_ptr, stride_out, pre_ptr, stride_pre, prob_ptr, gp_part_ptr, n_rows, n_col_blocks,
-                         FFN: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, BR: tl.constexpr,
-                         BC: tl.constexpr):
+def _act_backward_kernel(out_ptr, stride_out, pre_ptr, stride_pre, prob_ptr, gp_part_ptr, hp_ptr, n_rows,
+                         n_col_blocks, FFN: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                         STORE_HP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     """Grid (cdiv(R, BR), cdiv(F, BC)). In place: out[:, :F] holds dhp = g @ w2^T (from the GEMM);
-    writes d_pre = act'(pre) * dhp * p into out (both gated halves) and rowsum(dhp * h) partials."""
+    writes d_pre = act'(pre) * dhp * p into out (both gated halves) and rowsum(dhp * h) partials, and
+    with STORE_HP the prob-scaled activation h * p [R, F] (operand of dW2, recomputed from pre so that
+    the forward need not keep h)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     rmask = rows < n_rows
@@ -315,6 +317,9 @@ def _act_backward_kernel(out_ptr, stride_out, pre_ptr, stride_pre, prob_ptr, gp_
         d_gate = dh * _act_grad(gate, ACT)
     tl.store(out_rows + cols[None, :], d_gate.to(out_ptr.dtype.element_ty), mask=m)
     tl.store(gp_part_ptr + rows.to(tl.int64) * n_col_blocks + tl.program_id(1), tl.sum(dhp * h, 1), mask=rmask)
+    if STORE_HP:
+        hp = (h * p[:, None]).to(hp_ptr.dtype.element_ty)
+        tl.store(hp_ptr + rows.to(tl.int64)[:, None] * FFN + cols[None, :], hp, mask=m)
 
 
 @dataclass
@@ -329,6 +334,7 @@ class DispatchResult:
     pre: torch.Tensor | None    # forward with store_pre: pre-activation [R, F1]
     grad_prob: torch.Tensor | None  # backward: [R] fp32 rowsum(dhp * h)
     trace: torch.Tensor | None  # [max_tiles + max_tiles * n_blocks, 2] int64 (see docs/KERNELS.md)
+    hp: torch.Tensor | None = None  # backward (separate activation pass): [R, F] h * p, operand of dW2
 
 
 def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, ffn: int, backward: bool,
@@ -359,6 +365,8 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
     act_block = 128  # columns per program of the separate activation backward
     gp_cols = n_blocks if fused_bwd else triton.cdiv(ffn, act_block)
     gp_part = torch.empty(alloc, gp_cols, dtype=torch.float32, device=dev) if backward else None
+    # backward, separate activation pass: it also writes h * p (dW2's operand), so the forward's h can go
+    hp = torch.empty(alloc, ffn, dtype=dtype, device=dev) if backward and not fused_bwd else None
     trace_buf = (torch.full((layout.max_tiles * (1 + n_blocks), 2), -1, dtype=torch.int64, device=dev)
                  if trace else None)
     tile_ready = view.scratch("dispatch_tile_ready", layout.max_tiles)
@@ -388,14 +396,16 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
     )
     if backward and not fused_bwd and n_rows > 0:
         _act_backward_kernel[(triton.cdiv(n_rows, 32), gp_cols)](
-            out, out.stride(0), pre, pre.stride(0), recv_prob, gp_part, n_rows, gp_cols,
-            FFN=ffn, ACT=ACTIVATIONS[activation], GATED=gated, BR=32, BC=act_block, num_warps=4,
+            out, out.stride(0), pre, pre.stride(0), recv_prob, gp_part, hp if hp is not None else out, n_rows,
+            gp_cols, FFN=ffn, ACT=ACTIVATIONS[activation], GATED=gated, STORE_HP=hp is not None, BR=32,
+            BC=act_block, num_warps=4,
         )
     r = slice(0, n_rows)
     return DispatchResult(
         recv=recv[r], recv_pair=recv_pair[r], recv_src=recv_src[r], recv_prob=recv_prob[r], out=out[r],
         pre=pre[r] if pre is not None else None,
         grad_prob=gp_part[r].sum(1) if gp_part is not None else None, trace=trace_buf,
+        hp=hp[r] if hp is not None else None,
     )
 
 

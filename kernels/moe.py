@@ -32,7 +32,7 @@ class ForwardState:
     """What the backward round and the weight gradients need from the forward round."""
 
     layout: ReceiveLayout
-    dispatch: DispatchResult  # recv (x rows), pair/src/prob of rows, out = h, pre
+    dispatch: DispatchResult  # recv (x rows), pair/src/prob of rows, pre; out = h only if fused_act_backward
     num_tokens: int
     combine_trace: torch.Tensor | None
 
@@ -56,6 +56,10 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
     d = dispatch_gemm(view, layout, w1, epoch, store_pre=True, **cfg.dispatch_kwargs())
     trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
                          recv_prob=d.recv_prob, **cfg.combine_kwargs())
+    if not cfg.fused_act_backward:
+        # The backward's activation pass recomputes h * p from pre: h need not live until backward
+        # ([R, F] per layer). Freeing it now is stream-ordered, so the pending gemm_combine still reads it.
+        d.out = None
     yield "dispatch_gemm+gemm_combine"
     out, _ = combine_reduce(view, x.shape[0], epoch, num_comm=cfg.num_comm_combine, block_h=cfg.block_h)
     return out, ForwardState(layout, d, x.shape[0], trace)
@@ -84,13 +88,18 @@ def expert_weight_grads(fwd: ForwardState, bwd: BackwardState, *, backend: str =
                         out_features_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW1 [El, H, F1], dW2 [El, F, H]) from the saved receive rows; deferrable (no communication).
 
-    dW1[e] = recv_x[e]^T @ d_pre[e];  dW2[e] = (h * p)[e]^T @ grad_out_rows[e].
+    dW1[e] = recv_x[e]^T @ d_pre[e];  dW2[e] = (h * p)[e]^T @ grad_out_rows[e] (h * p written by the
+    backward's activation pass, or from the forward's h when the activation backward is fused).
     With `out_features_first`, the same gradients in the [out, in] layout of linear-layer weights
     (dW1 [El, F1, H], dW2 [El, H, F]), computed directly in that layout (no transposed copy).
     """
     offsets = fwd.layout.expert_offsets
     d = fwd.dispatch
-    hp = (d.out.float() * d.recv_prob[:, None]).to(d.out.dtype)
+    hp = bwd.dispatch.hp
+    if hp is None:  # activation backward fused in the GEMM epilogue: the forward kept h
+        if d.out is None:
+            raise ValueError("expert_weight_grads: neither the backward's h * p nor the forward's h was kept")
+        hp = (d.out.float() * d.recv_prob[:, None]).to(d.out.dtype)
     pairs = [(d.recv, bwd.dispatch.out), (hp, bwd.dispatch.recv)]
     if out_features_first:
         pairs = [(b, a) for a, b in pairs]
