@@ -10,11 +10,15 @@ stores the fastest in a JSON cache. `comet_megatron.fused.kernel_config` reads i
 
 Search (coordinate descent, few candidates):
     1. tiles: (block_m, block_n, block_k, num_warps, num_stages) with the default comm counts
-    2. num_comm_dispatch over the comm grid, with the best tiles
-    3. num_comm_combine over the comm grid, with the best of 2
+       (gemm_combine on the same block_n and num_stages)
+    2. combine tiles: (combine_block_n, combine_num_stages) of gemm_combine, with the best tiles
+    3. num_comm_dispatch over the comm grid, with the best of 2
+    4. num_comm_combine over the comm grid, with the best of 3
 Every candidate is timed with `triton.testing.do_bench` (median; CPU interpreter: wall-clock median).
 A candidate that fails (too much shared memory, a compile error, a timed-out wait) is recorded and
-skipped. The search stops at `budget_s` seconds or `max_candidates` timings, keeping the best so far.
+skipped. The search stops at `budget_s` seconds or `max_candidates` timings, keeping the best so far;
+stages 1 and 2 may only use part of `budget_s` (`TILE_BUDGET_SHARE`, `COMBINE_BUDGET_SHARE`) so the
+comm counts are always searched.
 
 Cache file (`CometConfig.tune_cache`, default ~/.cache/comet-megatron/tune.json), see docs/TUNING.md:
     {"version": 1, "entries": {KEY_STRING: {"key": {...}, "config": {...}, "ms": .., ...}}}
@@ -44,12 +48,17 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger("comet_megatron")
 
 CACHE_VERSION = 1
-# KernelConfig fields a cache entry may set (the tuner searches the first seven).
+# KernelConfig fields a cache entry may set (the tuner searches the first nine: `Candidate`'s fields;
+# an entry without combine_block_n / combine_num_stages means gemm_combine on block_n / num_stages).
 TUNED_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "num_comm_dispatch",
-                "num_comm_combine", "group_m", "group_n")
+                "num_comm_combine", "combine_block_n", "combine_num_stages", "group_m", "group_n")
+BLOCK_FIELDS = ("block_m", "block_n", "block_k", "combine_block_n")  # powers of two >= 16
 MAX_COMM_PROGRAMS = 64  # the workspaces' `max_comm_programs` (comet_megatron.transport.workspace)
 CPU_GPU_NAME = "cpu-interpreter"
-TILE_BUDGET_SHARE = 0.6  # of --budget-s for the tiles stage; the comm stages get the rest
+# Of --budget-s, elapsed from the start: the tiles stage runs until TILE_BUDGET_SHARE, the combine-tiles
+# stage until COMBINE_BUDGET_SHARE; the comm stages get the rest (they always get searched).
+TILE_BUDGET_SHARE = 0.6
+COMBINE_BUDGET_SHARE = 0.75
 
 # (block_m, block_n, block_k, num_warps, num_stages), most promising first (the budget may cut the
 # tail). The first entry is KernelConfig's defaults: the baseline the result is compared with.
@@ -62,8 +71,13 @@ GPU_TILES = (
     (128, 256, 32, 8, 3),
     (64, 64, 64, 4, 4),
 )
+# (combine_block_n, combine_num_stages) tried with the best tiles; the best tiles' own (block_n,
+# num_stages), gemm_combine's default, is the stage's base (already timed). 256-wide chunks with 3 stages
+# made gemm_combine 1.1-1.2x faster on an H100 (fused.GPU_UNTUNED_DEFAULT).
+GPU_COMBINE = ((256, 3), (256, 4), (128, 3), (256, 2))
 GPU_COMM_AT_132_SMS = (8, 16, 24, 32, 48)  # scaled by SMs / 132 (Comet: 18..46 of 132 SMs)
 CPU_TILES = ((64, 64, 32, 4, 3), (16, 16, 16, 1, 1))
+CPU_COMBINE = ((16, 1), (32, 1))
 CPU_COMM = (1, 2)
 
 
@@ -157,7 +171,7 @@ def _valid_config(cfg: Any) -> dict | None:
         out[name] = value
     if out.get("num_comm_dispatch", 1) > MAX_COMM_PROGRAMS or out.get("num_comm_combine", 1) > MAX_COMM_PROGRAMS:
         return None
-    for name in ("block_m", "block_n", "block_k"):
+    for name in BLOCK_FIELDS:
         if name in out and (out[name] < 16 or out[name] & (out[name] - 1)):
             return None
     return out
@@ -309,6 +323,10 @@ def log_once(key: TuneKey, message: str) -> None:
 # ----------------------------------------------------------------------------------- candidates
 @dataclass(frozen=True)
 class Candidate:
+    """One point of the search: `KernelConfig` fields. combine_block_n / combine_num_stages left out
+    (None) become block_n / num_stages when built, so a candidate (and its cache entry) always holds
+    concrete ints and equal configs compare equal."""
+
     block_m: int
     block_n: int
     block_k: int
@@ -316,12 +334,30 @@ class Candidate:
     num_stages: int
     num_comm_dispatch: int
     num_comm_combine: int
+    combine_block_n: int = None  # type: ignore[assignment] # None -> block_n
+    combine_num_stages: int = None  # type: ignore[assignment] # None -> num_stages
+
+    def __post_init__(self) -> None:
+        if self.combine_block_n is None:
+            object.__setattr__(self, "combine_block_n", self.block_n)
+        if self.combine_num_stages is None:
+            object.__setattr__(self, "combine_num_stages", self.num_stages)
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Candidate | None:
+        """The candidate of a cache entry's config (old entries lack the combine fields); None when a
+        field without a default is missing."""
+        fields = dataclasses.fields(cls)
+        if not all(f.name in cfg for f in fields if f.default is dataclasses.MISSING):
+            return None
+        return cls(**{f.name: cfg[f.name] for f in fields if f.name in cfg})
 
     def config(self) -> dict:
         return dataclasses.asdict(self)
 
     def label(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages} "
+                f"combine {self.combine_block_n} s{self.combine_num_stages} "
                 f"comm {self.num_comm_dispatch}/{self.num_comm_combine}")
 
 
@@ -330,6 +366,7 @@ class Grid:
     tiles: Sequence[tuple[int, int, int, int, int]]
     comm: Sequence[int]
     default_comm: int
+    combine: Sequence[tuple[int, int]] = ()  # (combine_block_n, combine_num_stages) options
 
 
 def sm_count(device) -> int | None:
@@ -344,10 +381,10 @@ def sm_count(device) -> int | None:
 def default_grid(device) -> Grid:
     sms = sm_count(device)
     if sms is None:
-        return Grid(tiles=CPU_TILES, comm=CPU_COMM, default_comm=2)
+        return Grid(tiles=CPU_TILES, comm=CPU_COMM, default_comm=2, combine=CPU_COMBINE)
     limit = min(MAX_COMM_PROGRAMS, sms // 2)
     comm = sorted({min(limit, max(1, round(c * sms / 132))) for c in GPU_COMM_AT_132_SMS})
-    return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8))
+    return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8), combine=GPU_COMBINE)
 
 
 @dataclass
@@ -371,12 +408,17 @@ class TuneResult:
     cached_entry: dict | None = None
 
 
+STAGE_BUDGET_SHARES = {"tiles": TILE_BUDGET_SHARE, "combine tiles": COMBINE_BUDGET_SHARE}
+
+
 def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, budget_s: float,
                        max_candidates: int, on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
-    """Tiles with default comm counts, then num_comm_dispatch, then num_comm_combine.
+    """Tiles with default comm counts, then gemm_combine's (combine_block_n, combine_num_stages), then
+    num_comm_dispatch, then num_comm_combine.
 
-    The tiles stage may use `TILE_BUDGET_SHARE` of `budget_s`, so that the comm counts (Comet's
-    adaptive assignment) are always searched.
+    The tiles stage runs until `TILE_BUDGET_SHARE` of `budget_s` has elapsed, the combine-tiles stage
+    until `COMBINE_BUDGET_SHARE`, so that the comm counts (Comet's adaptive assignment) are always
+    searched.
 
     `measure(candidate) -> ms` may raise: the candidate is recorded as failed. A candidate already
     measured is not measured again. Returns every trial in order (failed and skipped included).
@@ -391,10 +433,11 @@ def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, bud
         trial = Trial(stage, cand)
         seen[cand] = trial
         measured = sum(1 for t in trials if t.error is None or not t.error.startswith("skipped"))
+        share = STAGE_BUDGET_SHARES.get(stage)
         if measured >= max_candidates:
             trial.error = f"skipped: --max-candidates {max_candidates}"
-        elif time.monotonic() - start > budget_s * (TILE_BUDGET_SHARE if stage == "tiles" else 1.0):
-            trial.error = f"skipped: budget {budget_s:g} s" + (" (tiles' share)" if stage == "tiles" else "")
+        elif time.monotonic() - start > budget_s * (share or 1.0):
+            trial.error = f"skipped: budget {budget_s:g} s" + (f" ({stage}' share)" if share else "")
         else:
             t0 = time.monotonic()
             try:
@@ -415,6 +458,10 @@ def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, bud
     dc = grid.default_comm
     for tile in grid.tiles:
         attempt("tiles", Candidate(*tile, num_comm_dispatch=dc, num_comm_combine=dc))
+    base = best()
+    for combine_block_n, combine_num_stages in (grid.combine if base is not None else ()):
+        attempt("combine tiles", dataclasses.replace(base, combine_block_n=combine_block_n,
+                                                     combine_num_stages=combine_num_stages))
     for name, stage in (("num_comm_dispatch", "comm dispatch"), ("num_comm_combine", "comm combine")):
         base = best()
         if base is None:
@@ -522,7 +569,7 @@ class RoundBench:
 # ------------------------------------------------------------------------------------------ tune
 def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens: int, world: int = 1,
          dtype=None, device=None, cache_path: str | None = None, grid: Grid | None = None,
-         budget_s: float = 150.0, max_candidates: int = 16, force: bool = False,
+         budget_s: float = 150.0, max_candidates: int = 20, force: bool = False,
          measure: Callable[[Candidate], float] | None = None, progress: bool = True) -> TuneResult:
     """Tune one shape at one token count; store the best in the cache and return what was tried.
 
@@ -545,9 +592,7 @@ def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens:
         entries = cache.read()
         if key.string() in entries:
             entry = entries[key.string()]
-            cfg = entry["config"]
-            cand = Candidate(**{f.name: cfg[f.name] for f in dataclasses.fields(Candidate)}) \
-                if all(f.name in cfg for f in dataclasses.fields(Candidate)) else None
+            cand = Candidate.from_config(entry["config"])
             return TuneResult(key, cache.path, cand, entry.get("ms"), entry.get("baseline_ms"), [],
                               from_cache=True, cached_entry=entry)
     grid = grid or default_grid(device)
@@ -575,7 +620,7 @@ def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens:
 
 
 def _run_search(measure, grid, *, budget_s, max_candidates, progress, title) -> list[Trial]:
-    total = min(max_candidates, len(grid.tiles) + 2 * len(grid.comm))
+    total = min(max_candidates, len(grid.tiles) + len(grid.combine) + 2 * len(grid.comm))
     if not progress:
         return coordinate_descent(measure, grid, budget_s=budget_s, max_candidates=max_candidates)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -606,9 +651,11 @@ def print_result(result: TuneResult, console=None) -> None:
                       f"--force re-tunes): {result.cached_entry['config']}, {result.best_ms} ms")
         return
     table = Table(title=f"{key.shape_string()} on {key.gpu} (median ms of one forward+backward round)")
-    for col in ("#", "stage", "block_m", "block_n", "block_k", "warps", "stages", "comm disp", "comm comb",
-                "ms", "note"):
-        table.add_column(col, justify="left" if col in ("stage", "note") else "right")
+    # "comb n", "comb st": gemm_combine's combine_block_n, combine_num_stages
+    for col in ("#", "stage", "block_m", "block_n", "block_k", "warps", "stages", "comb n", "comb st",
+                "comm disp", "comm comb", "ms", "note"):
+        table.add_column(col, justify="left" if col in ("stage", "note") else "right",
+                         min_width=28 if col == "note" else None)
     for i, t in enumerate(result.trials, 1):
         c = t.candidate
         note = t.error or ""
@@ -617,7 +664,8 @@ def print_result(result: TuneResult, console=None) -> None:
         elif i == 1 and t.ms is not None:
             note = "baseline"
         table.add_row(str(i), t.stage, str(c.block_m), str(c.block_n), str(c.block_k), str(c.num_warps),
-                      str(c.num_stages), str(c.num_comm_dispatch), str(c.num_comm_combine),
+                      str(c.num_stages), str(c.combine_block_n), str(c.combine_num_stages),
+                      str(c.num_comm_dispatch), str(c.num_comm_combine),
                       "-" if t.ms is None else f"{t.ms:.3f}", note)
     console.print(table)
     if result.best is None:
@@ -642,10 +690,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cache file (default: the YAML's comet.tune_cache, else ~/.cache/comet-megatron/tune.json)")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="seconds of search in all (split over the token counts); the best so far is kept")
-    p.add_argument("--max-candidates", type=int, default=16, help="most timings per token count")
+    p.add_argument("--max-candidates", type=int, default=20, help="most timings per token count")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the YAML's; fp32 on the CPU)")
     p.add_argument("--tiles", default=None,
                    help="tile candidates, comma-separated BMxBNxBKxWARPSxSTAGES (first = baseline)")
+    p.add_argument("--combine-tiles", default=None,
+                   help="gemm_combine options for the best tiles, comma-separated COMBINE_BNxSTAGES (e.g. 256x3)")
     p.add_argument("--comm", default=None, help="comm-program counts to try, comma-separated")
     p.add_argument("--force", action="store_true", help="re-tune even when the cache has this key")
 
@@ -660,6 +710,18 @@ def _parse_grid(args, device) -> Grid:
                 raise ValueError(f"--tiles {item!r}: expected BMxBNxBKxWARPSxSTAGES, e.g. 128x128x64x8x3")
             tiles.append(tuple(int(p) for p in parts))
         grid.tiles = tiles
+    if getattr(args, "combine_tiles", None):
+        combine = []
+        for item in args.combine_tiles.split(","):
+            parts = item.strip().lower().split("x")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts):
+                raise ValueError(f"--combine-tiles {item!r}: expected COMBINE_BNxSTAGES, e.g. 256x3")
+            block_n, stages = (int(p) for p in parts)
+            if block_n < 16 or block_n & (block_n - 1) or stages < 1:
+                raise ValueError(f"--combine-tiles {item!r}: the column chunk must be a power of two >= 16 "
+                                 f"and the stages >= 1, e.g. 256x3")
+            combine.append((block_n, stages))
+        grid.combine = combine
     if args.comm:
         try:
             grid.comm = [int(c) for c in args.comm.split(",")]

@@ -71,7 +71,8 @@ def test_tune_end_to_end_then_cached(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY_YAML)
     cache = tmp_path / "sub" / "tune.json"
     args = ("--config", str(tmp_path / "tiny.yaml"), "--cache", str(cache), "--tiles",
-            "16x16x16x1x1,32x32x16x1x1", "--comm", "1,2", "--max-candidates", "3")
+            "16x16x16x1x1,32x32x16x1x1", "--combine-tiles", "16x1,32x1", "--comm", "1,2",
+            "--max-candidates", "3")
     first = _cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "chose" in first.stdout and "skipped: --max-candidates 3" in first.stdout, first.stdout
@@ -83,7 +84,9 @@ def test_tune_end_to_end_then_cached(tmp_path):
                             "triton": tune.triton_version()}
     assert name == tune.TuneKey(**entry["key"]).string()
     assert entry["trials"] == 3 and entry["ms"] > 0
-    assert entry["config"]["block_m"] in (16, 32) and set(entry["config"]) == set(tune.TUNED_FIELDS[:7])
+    assert entry["config"]["block_m"] in (16, 32) and set(entry["config"]) == set(tune.TUNED_FIELDS[:9])
+    assert set(tune.TUNED_FIELDS[:9]) == {f.name for f in tune.dataclasses.fields(tune.Candidate)}
+    assert entry["config"]["combine_block_n"] in (16, 32) and entry["config"]["combine_num_stages"] == 1
     before = cache.read_bytes()
     # second run: served from the cache, nothing timed, file untouched
     second = _cli(*args, cwd=tmp_path)
@@ -94,6 +97,7 @@ def test_tune_end_to_end_then_cached(tmp_path):
     kc = kernel_config(CometConfig(tune_cache=str(cache)), _layer_config(), tokens=16, device="cpu",
                        dtype=torch.float32)
     assert kc.block_m == entry["config"]["block_m"] and kc.num_comm_combine == entry["config"]["num_comm_combine"]
+    assert kc.combine_kwargs()["block_n"] == entry["config"]["combine_block_n"]
 
 
 def test_cli_wiring_and_cpu_refuses_big_shapes(tmp_path):
@@ -133,7 +137,13 @@ def test_coordinate_descent_order_failures_and_caps(tmp_path):
     assert all(t.error.startswith("skipped: budget") for t in out_of_time)
 
 
-def test_budget_keeps_a_share_for_the_comm_stages(monkeypatch):
+@pytest.mark.parametrize("budget_s, expected", [
+    # tiles stop at 60% of the budget (6 s), combine tiles at 75% (7.5 s): the comm stages still run
+    (10, ["tiles", "tiles", "comm dispatch"]),
+    # 7.2 s and 9 s: one combine option fits, then the comm stages
+    (12, ["tiles", "tiles", "combine tiles", "comm dispatch"]),
+])
+def test_budget_keeps_a_share_for_the_comm_stages(monkeypatch, budget_s, expected):
     clock = [0.0]
     monkeypatch.setattr(tune.time, "monotonic", lambda: clock[0])
 
@@ -142,10 +152,57 @@ def test_budget_keeps_a_share_for_the_comm_stages(monkeypatch):
         return 1.0
 
     grid = tune.Grid(tiles=[(64, 64, 32, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3)], comm=[8, 16],
-                     default_comm=16)
-    trials = tune.coordinate_descent(measure, grid, budget_s=10, max_candidates=100)
+                     default_comm=16, combine=[(256, 3), (256, 4)])
+    trials = tune.coordinate_descent(measure, grid, budget_s=budget_s, max_candidates=100)
     ran = [t.stage for t in trials if t.ms is not None]
-    assert ran == ["tiles", "tiles", "comm dispatch"]  # tiles stopped at 60% of the budget
+    assert ran == expected
+    skipped = {t.stage: t.error for t in trials if t.ms is None}
+    assert skipped["tiles"] == f"skipped: budget {budget_s} s (tiles' share)"
+    assert skipped["combine tiles"] == f"skipped: budget {budget_s} s (combine tiles' share)"
+
+
+def test_combine_tiles_stage_keeps_its_best(tmp_path):
+    # old-style construction: the combine knobs follow block_n / num_stages, as concrete ints
+    cand = tune.Candidate(*(128, 128, 64, 8, 4), num_comm_dispatch=16, num_comm_combine=16)
+    assert (cand.combine_block_n, cand.combine_num_stages) == (128, 4)
+    assert cand == tune.Candidate(128, 128, 64, 8, 4, 16, 16, 128, 4) and "combine 128 s4" in cand.label()
+    assert cand.config()["combine_block_n"] == 128
+    grid = tune.Grid(tiles=[(64, 64, 32, 4, 3), (128, 128, 64, 8, 4)], comm=[8, 16], default_comm=16,
+                     combine=[(256, 3), (128, 4), (512, 3), (256, 4)])  # (128, 4): the base, not re-timed
+    calls = []
+
+    def measure(c):
+        calls.append(c)
+        if c.combine_block_n == 512:
+            raise RuntimeError("OutOfResources: out of registers")
+        return (2.0 if c.block_m == 64 else 1.0) - 0.1 * ((c.combine_block_n, c.combine_num_stages) == (256, 3)) \
+            + abs(c.num_comm_dispatch - 8) / 100
+
+    trials = tune.coordinate_descent(measure, grid, budget_s=1e9, max_candidates=100)
+    assert [t.stage for t in trials] == ["tiles"] * 2 + ["combine tiles"] * 3 + ["comm dispatch", "comm combine"]
+    assert len(calls) == len(set(calls)) == 7
+    assert [(t.candidate.combine_block_n, t.candidate.combine_num_stages) for t in trials[2:5]] == \
+        [(256, 3), (512, 3), (256, 4)]
+    assert all(t.candidate.block_m == 128 for t in trials[2:])  # with the best tiles
+    assert trials[3].ms is None and "registers" in trials[3].error
+    assert all((t.candidate.combine_block_n, t.candidate.num_comm_dispatch) == (256, 8) for t in trials[5:])
+    # through tune(): the best is kept, cached with concrete ints, and applied by kernel_config
+    cache = str(tmp_path / "tune.json")
+    res = tune.tune(**TINY, tokens=64, device="cpu", cache_path=cache, grid=grid, measure=measure, progress=False)
+    assert res.best == tune.Candidate(128, 128, 64, 8, 4, 8, 16, 256, 3)
+    [entry] = json.loads(Path(cache).read_text())["entries"].values()
+    assert entry["config"] == res.best.config() and entry["config"]["combine_block_n"] == 256
+    kc = kernel_config(CometConfig(tune_cache=cache), _layer_config(), tokens=64, device="cpu",
+                       dtype=torch.float32)
+    assert (kc.combine_block_n, kc.combine_num_stages, kc.block_n, kc.num_stages) == (256, 3, 128, 4)
+    assert (kc.combine_kwargs()["block_n"], kc.combine_kwargs()["num_stages"]) == (256, 3)
+    assert kc.dispatch_kwargs()["block_n"] == 128
+    from rich.console import Console
+
+    console = Console(width=150, record=True)
+    tune.print_result(res, console)
+    text = console.export_text()
+    assert "comb n" in text and "combine tiles" in text and "combine 256 s3" in text
 
 
 def test_tune_api_stores_and_second_call_does_not_time(tmp_path):
@@ -179,6 +236,55 @@ def test_tune_api_stores_and_second_call_does_not_time(tmp_path):
 
 
 # ------------------------------------------------------------------ kernel_config and the cache
+def test_old_entry_without_combine_fields_loads_and_applies(tmp_path):
+    cache = str(tmp_path / "tune.json")
+    _store(cache, _key(tokens=64), TUNED)  # written before the combine knobs existed
+    [entry] = tune.TuneCache(cache).read().values()
+    assert entry["config"] == TUNED
+    kc = kernel_config(CometConfig(tune_cache=cache), _layer_config(), tokens=64, device="cpu",
+                       dtype=torch.float32)
+    assert (kc.combine_block_n, kc.combine_num_stages) == (None, None)  # gemm_combine on block_n / stages
+    assert (kc.combine_kwargs()["block_n"], kc.combine_kwargs()["num_stages"]) == (128, 4)
+    # the tuner serves it from the cache, as a candidate with the combine knobs resolved
+    res = tune.tune(**TINY, tokens=64, device="cpu", cache_path=cache, progress=False,
+                    measure=lambda c: (_ for _ in ()).throw(AssertionError("re-timed a cached key")))
+    assert res.from_cache and res.best == tune.Candidate(**TUNED, combine_block_n=128, combine_num_stages=4)
+    tune.print_result(res)
+
+
+@pytest.mark.parametrize("bad", [dict(combine_block_n=24), dict(combine_block_n=8), dict(combine_block_n=0),
+                                 dict(combine_block_n=True), dict(combine_block_n="256"),
+                                 dict(combine_block_n=256.0), dict(combine_num_stages=0),
+                                 dict(combine_num_stages=-1), dict(combine_num_stages=None)])
+def test_invalid_combine_fields_are_rejected(tmp_path, bad):
+    assert tune._valid_config({**TUNED, "combine_block_n": 256, "combine_num_stages": 3}) is not None
+    assert tune._valid_config({**TUNED, **bad}) is None
+    path = tmp_path / "tune.json"
+    path.write_text(json.dumps({"version": 1, "entries": {
+        "bad": {"key": tune.dataclasses.asdict(_key()), "config": {**TUNED, **bad}}}}))
+    with pytest.warns(RuntimeWarning, match="malformed"):
+        assert tune.TuneCache(path).read() == {}
+
+
+def test_combine_tiles_option(tmp_path, capsys):
+    def grid(value):
+        return tune._parse_grid(SimpleNamespace(tiles=None, comm=None, combine_tiles=value), "cpu")
+
+    assert grid(None).combine == tune.CPU_COMBINE
+    assert grid("256x3, 128X4").combine == [(256, 3), (128, 4)]
+    for value in ("256", "256x3x1", "ax3", "256x3,", "24x3", "8x1", "256x0"):
+        with pytest.raises(ValueError, match="--combine-tiles"):
+            grid(value)
+    from comet_megatron.cli import build_parser
+
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML)
+    args = build_parser().parse_args(["tune", "--config", str(tmp_path / "tiny.yaml"), "--cache",
+                                      str(tmp_path / "tune.json"), "--combine-tiles", "256-3"])
+    assert tune.main(args) == 2
+    assert "--combine-tiles '256-3': expected COMBINE_BNxSTAGES" in capsys.readouterr().err
+    assert not (tmp_path / "tune.json").exists()
+
+
 def test_kernel_config_auto_uses_cache_explicit_values_win(tmp_path):
     cache = str(tmp_path / "tune.json")
     _store(cache, _key(tokens=64))
