@@ -97,8 +97,9 @@ def kernel_config(cfg: CometConfig, config, *, tokens: int | None = None, device
         tune.log_once(key, how)
     if cfg.tile_m != "auto":
         kc.block_m = cfg.tile_m
-    if cfg.tile_n != "auto":
+    if cfg.tile_n != "auto":  # an explicit tile width applies to every GEMM of both layers
         kc.block_n = cfg.tile_n
+        kc.combine_block_n = kc.bwd_block_n = None
     if cfg.tile_k != "auto":
         kc.block_k = cfg.tile_k
     if cfg.comm_programs != "auto":

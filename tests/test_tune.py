@@ -304,6 +304,14 @@ def test_kernel_config_auto_uses_cache_explicit_values_win(tmp_path):
     cfg = CometConfig(tune_cache=cache, tile_m=16, tile_n=16, tile_k=16, comm_programs=1)
     kc = kernel_config(cfg, _layer_config(), tokens=64, device="cpu", dtype=torch.float32)
     assert (kc.block_m, kc.num_warps) == (16, KernelConfig().num_warps)
+    # an explicit tile width is every GEMM's: a cached layer-1 chunk no longer applies
+    _store(cache, _key(), {**TUNED, "combine_block_n": 256, "combine_num_stages": 3})
+    kc = kernel_config(CometConfig(tune_cache=cache), _layer_config(), tokens=64, device="cpu", dtype=torch.float32)
+    assert kc.combine_kwargs()["block_n"] == 256
+    kc = kernel_config(CometConfig(tune_cache=cache, tile_n=32), _layer_config(), tokens=64, device="cpu",
+                       dtype=torch.float32)
+    assert kc.combine_kwargs()["block_n"] == 32 and kc.dispatch_kwargs(backward=True)["block_n"] == 32
+    assert kc.combine_kwargs()["num_stages"] == 3  # stages still from the cache
     # another shape, dtype, or no token count: the kernels' defaults
     default = KernelConfig()
     for kwargs in (dict(config=_layer_config(hidden=64), dtype=torch.float32),
