@@ -15,6 +15,13 @@ target for plain GEMMs) and `vs SM share` = t_cublas * SMs / compute programs / 
 kernels give `num_comm` SMs to communication, so at world size 1 their floor is the cuBLAS time
 scaled by the share of SMs left to compute (target: >= 0.95, i.e. within 5%).
 
+With `--world N` the N expert-parallel ranks are EMULATED on this GPU (one process, one workspace per
+rank, ranks' kernels serialized on one stream) and rank 0's kernels are timed: 1/N of its rows are
+local (read in place, combined without the communication programs), the rest go through the pull
+and the combine's communication programs; the cuBLAS baseline does rank 0's GEMMs on as many rows.
+This measures the cost of the remote path on one GPU, not an overlap speedup (there is no link to
+hide). L1 then times rank 0's gemm_combine alone (its combine_reduce would wait for emulated peers).
+
 Median of CUDA-event timings of `--reps` calls after `--warmup` calls. Several kernel configurations
 can be compared in one run (`--configs '[{"block_n": 256}, {"use_tma": false}]'`); the first is the
 tuning cache's choice (or the Hopper default) unless given.
@@ -45,34 +52,44 @@ def _events_ms(fn, reps: int, warmup: int) -> float:
 
 
 class KernelBench:
-    """One shape at one token count: inputs, a one-rank workspace and the timed closures."""
+    """One shape at one token count per rank: inputs, a workspace of `world` ranks (emulated on this
+    GPU when world > 1, labelled so) and the timed closures. Timings are rank 0's kernels."""
 
-    def __init__(self, shape, tokens: int, seed: int = 0):
+    def __init__(self, shape, tokens: int, seed: int = 0, world: int = 1):
         import torch
 
         from comet_megatron.kernels import EmulatedGroup
 
-        self.shape, self.tokens = shape, tokens
+        if shape.experts % world:
+            raise SystemExit(f"bench kernels: {shape.experts} experts do not split over --world {world}")
+        self.shape, self.tokens, self.world = shape, tokens, world
         dev, dt = "cuda", torch.bfloat16
         h, f, e, k = shape.hidden, shape.ffn, shape.experts, shape.topk
         f1 = 2 * f if shape.gated else f
+        self.el = el = e // world
         g = torch.Generator(device=dev).manual_seed(seed)
-        self.x = torch.randn(tokens, h, device=dev, dtype=dt, generator=g)
-        self.grad = torch.randn(tokens, h, device=dev, dtype=dt, generator=g)
-        self.idx = torch.rand(tokens, e, device=dev, generator=g).topk(k, dim=1).indices.to(torch.int32)
-        self.probs = torch.softmax(torch.randn(tokens, k, device=dev, generator=g), 1)
+        self.xs = [torch.randn(tokens, h, device=dev, dtype=dt, generator=g) for _ in range(world)]
+        self.grads = [torch.randn(tokens, h, device=dev, dtype=dt, generator=g) for _ in range(world)]
+        self.idxs = [torch.rand(tokens, e, device=dev, generator=g).topk(k, dim=1).indices.to(torch.int32)
+                     for _ in range(world)]
+        self.probss = [torch.softmax(torch.randn(tokens, k, device=dev, generator=g), 1) for _ in range(world)]
+        self.x, self.grad, self.idx, self.probs = self.xs[0], self.grads[0], self.idxs[0], self.probss[0]
         # Megatron's [out, in] parameter layout, read transposed (as the comet layer does)
         self.w1 = (torch.randn(e, f1, h, device=dev, dtype=dt, generator=g) / h**0.5).transpose(1, 2)
         self.w2 = (torch.randn(e, h, f, device=dev, dtype=dt, generator=g) / f**0.5).transpose(1, 2)
-        self.group = EmulatedGroup(1, capacity_tokens=tokens, topk=k, hidden=h, num_experts=e, dtype=dt,
+        self.w1s = [self.w1[r * el:(r + 1) * el] for r in range(world)]
+        self.w2s = [self.w2[r * el:(r + 1) * el] for r in range(world)]
+        self.group = EmulatedGroup(world, capacity_tokens=tokens, topk=k, hidden=h, num_experts=e, dtype=dt,
                                    device=dev)
-        self.view = self.group.views[0]
-        flat = self.idx.reshape(-1).long()
-        order = torch.sort(flat, stable=True).indices
-        self.x_sorted = self.x[order // k]
-        self.g_sorted = self.grad[order // k]
-        self.offs = torch.cumsum(torch.bincount(flat, minlength=e), 0).to(torch.int32)
-        self.rows = tokens * k
+        self.views = self.group.views
+        self.view = self.views[0]
+        # cuBLAS baseline: the rows rank 0 receives (every rank's pairs routed to experts [0, El)),
+        # pre-sorted by expert
+        counts = sum(torch.bincount(i.reshape(-1).long(), minlength=e) for i in self.idxs)[:el]
+        self.rows = int(counts.sum())
+        self.offs = torch.cumsum(counts, 0).to(torch.int32)
+        self.x_sorted = torch.randn(self.rows, h, device=dev, dtype=dt, generator=g)
+        self.g_sorted = torch.randn(self.rows, h, device=dev, dtype=dt, generator=g)
         self.h_sorted = torch.randn(self.rows, f, device=dev, dtype=dt, generator=g)
         self.pre_sorted = torch.randn(self.rows, f1, device=dev, dtype=dt, generator=g)
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -101,7 +118,7 @@ class KernelBench:
         def act(pre):
             return F.silu(pre[:, :f]) * pre[:, f:] if s.gated else F.silu(pre)
 
-        w1, w2 = self.w1, self.w2
+        w1, w2 = self.w1s[0], self.w2s[0]
         out = {
             "L0 fwd": timed(lambda: gm(self.x_sorted, w1, offs=offs)),
             "L0 fwd +act": timed(lambda: act(gm(self.x_sorted, w1, offs=offs))),
@@ -117,9 +134,11 @@ class KernelBench:
     def fused(self, cfg, reps: int, warmup: int) -> dict:
         from comet_megatron.kernels.config import default_programs
         from comet_megatron.kernels import (combine_reduce, dispatch_gemm, dispatch_gemm_backward,
-                                            gemm_combine, grouped_wgrad, publish, receive_layout)
+                                            check_errors, gemm_combine, grouped_wgrad, publish,
+                                            receive_layout)
 
-        view, T = self.view, self.tokens
+        view, views, T, W = self.view, self.views, self.tokens, self.world
+        w1, w2 = self.w1s[0], self.w2s[0]
         nc_d, np_ = default_programs(view.device, cfg.num_comm_dispatch, cfg.num_compute)
         nc_c, _ = default_programs(view.device, cfg.num_comm_combine, cfg.num_compute)
         l0 = cfg.dispatch_kwargs()
@@ -127,8 +146,13 @@ class KernelBench:
         l1 = cfg.combine_kwargs()
         st: dict = {}
 
+        def new_epoch() -> int:
+            return [v.next_epoch() for v in views][0]  # every rank takes part in every round
+
         def fwd_round(rec, stop_after: str):
-            epoch = view.next_epoch()
+            epoch = new_epoch()
+            for r in range(1, W):
+                publish(views[r], self.xs[r], epoch, self.idxs[r], self.probss[r])
             if stop_after == "routing":
                 rec(0)
             publish(view, self.x, epoch, self.idx, self.probs)
@@ -139,32 +163,36 @@ class KernelBench:
                 return
             if stop_after == "L0":
                 rec(0)
-            d = dispatch_gemm(view, layout, self.w1, epoch, store_pre=True, **l0)
+            d = dispatch_gemm(view, layout, w1, epoch, store_pre=True, **l0)
             if stop_after == "L0":
                 rec(1)
                 return
             rec(0)
-            gemm_combine(view, layout, d.out, self.w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
+            gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
                          recv_prob=d.recv_prob, **l1)
-            combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine)
+            if W == 1:  # with emulated peers their deliveries never come: rank 0's gemm_combine only
+                combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine)
             rec(1)
             st.update(layout=layout, d=d, epoch=epoch)
 
         def bwd_round(rec, stop_after: str):
             fwd_round(lambda i: None, "L1")
             layout, d = st["layout"], st["d"]
-            epoch = view.next_epoch()
+            epoch = new_epoch()
+            for r in range(1, W):
+                publish(views[r], self.grads[r], epoch)
             publish(view, self.grad, epoch)
             if stop_after == "L0":
                 rec(0)
-            b = dispatch_gemm_backward(view, layout, d, self.w2, epoch, **l0b)
+            b = dispatch_gemm_backward(view, layout, d, w2, epoch, **l0b)
             if stop_after == "L0":
                 rec(1)
                 return
             rec(0)
-            gemm_combine(view, layout, b.out, self.w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
+            gemm_combine(view, layout, b.out, w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
                          recv_src=b.recv_src, row_scalars=b.grad_prob, **l1)
-            combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine, scalars=True)
+            if W == 1:
+                combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine, scalars=True)
             rec(1)
             st.update(b=b)
 
@@ -187,6 +215,7 @@ class KernelBench:
         out["wgrad dW1"] = wg(d.recv, b.out)
         out["wgrad dW2"] = wg(d.out, b.recv)
         out["_programs"] = {"comm_dispatch": nc_d, "comm_combine": nc_c, "compute": np_}
+        check_errors(view, "bench kernels")  # a timed-out wait would make the timings meaningless
         self.check(cfg)
         return out
 
@@ -195,9 +224,13 @@ class KernelBench:
         import torch
         import torch.nn.functional as F
 
-        from comet_megatron.kernels import moe_forward, run_rank
+        # a fresh group: the timing rounds left the peers' combine signals behind rank 0's epochs
+        from comet_megatron.kernels import EmulatedGroup
 
-        out, _ = run_rank(moe_forward(self.view, self.x, self.idx, self.probs, self.w1, self.w2, cfg), self.view)
+        s0 = self.shape
+        group = EmulatedGroup(self.world, capacity_tokens=self.tokens, topk=s0.topk, hidden=s0.hidden,
+                              num_experts=s0.experts, dtype=self.x.dtype, device=self.x.device)
+        out = group.forward(self.xs, self.idxs, self.probss, self.w1s, self.w2s, cfg)[0][0]
         s, k = self.shape, self.shape.topk
         flat = self.idx.reshape(-1).long()
         sel = torch.arange(min(self.tokens, 256), device=self.x.device)
@@ -236,7 +269,7 @@ def compiled_stats() -> dict:
     return out
 
 
-def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None) -> list[dict]:
+def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, world: int = 1) -> list[dict]:
     import torch
 
     from comet_megatron.bench import load_shape
@@ -247,7 +280,7 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None) -> 
     for name in shapes:
         shape = load_shape(name)
         for tokens in tokens_list:
-            kb = KernelBench(shape, tokens)
+            kb = KernelBench(shape, tokens, world=world)
             flops = kb.flops()
             base = kb.cublas(reps, warmup)
             for overrides in configs:
@@ -264,7 +297,9 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None) -> 
                     continue
                 progs = ours.pop("_programs")
                 share = kb.sms / progs["compute"]
-                rec = {"shape": shape.name, "tokens": tokens, "config": knobs, "programs": progs,
+                rec = {"shape": shape.name, "tokens": tokens, "world": world,
+                       "ranks": "emulated on one GPU" if world > 1 else "one", "rows_rank0": kb.rows,
+                       "l1_includes_combine_reduce": world == 1, "config": knobs, "programs": progs,
                        "sms": kb.sms, "routing_ms": ours.pop("routing"), "kernels": {},
                        "seconds": round(time.time() - t0, 1)}
                 for kname, ms in ours.items():
@@ -306,7 +341,8 @@ def print_record(rec) -> None:
         return
     head = (f"{'shape':18s} {'tok':>6s} {'kernel':10s} {'ms':>8s} {'cuBLAS':>8s} {'TF/s':>6s} {'vs cuBLAS':>9s} "
             f"{'vs SM share':>11s} {'cuBLAS+act':>10s}")
-    print(f"\n{rec['shape']} tokens={rec['tokens']} programs={rec['programs']} config={rec['config']} "
+    ep = f" EP={rec['world']} (ranks emulated on one GPU; L1 = rank 0's gemm_combine only)" if rec["world"] > 1 else ""
+    print(f"\n{rec['shape']} tokens={rec['tokens']}{ep} programs={rec['programs']} config={rec['config']} "
           f"routing={rec['routing_ms']:.3f} ms")
     print(head)
     for kname, r in rec["kernels"].items():
@@ -323,6 +359,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192])
     parser.add_argument("--configs", default="[{}]",
                         help="JSON list of KernelConfig overrides to compare (default: the tuned/default one)")
+    parser.add_argument("--world", type=int, default=1,
+                        help="expert-parallel ranks EMULATED on this GPU (rank 0's kernels are timed: its "
+                             "remote tiles go through the pull, its remote rows through the combine's "
+                             "communication programs); default 1")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="bench-out")
@@ -336,7 +376,10 @@ def main(argv=None) -> int:
         assert isinstance(configs, list) and all(isinstance(c, dict) for c in configs)
     except (ValueError, AssertionError):
         raise SystemExit(f"bench kernels: --configs must be a JSON list of objects, got {args.configs!r}")
-    records = run(args.shapes, args.tokens, configs, args.reps, args.warmup, progress=print_record)
+    if args.world < 1:
+        raise SystemExit(f"bench kernels: --world must be >= 1, got {args.world}")
+    records = run(args.shapes, args.tokens, configs, args.reps, args.warmup, progress=print_record,
+                  world=args.world)
     stats = compiled_stats()
     for name, st in stats.items():
         print(f"compiled {name}: {st}")
