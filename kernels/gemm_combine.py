@@ -8,11 +8,13 @@
   computes y = a[tile] @ W[expert][:, chunk] (a = h forward, d_pre backward), scales the rows by their
   routing prob in fp32 when `scale` (forward), stores the chunk into a local staging buffer and
   release-stores the epoch into the item's local done flag.
-- programs [num_compute, grid) COMMUNICATE: comm program c takes items c, c + num_comm, ... in the same
-  order, waits for each item's done flag and writes every row of the chunk into the combine region of
-  the row's owner rank at slot `pair` (t*K + k) through the address tables; with `row_scalars` it also
+- programs [num_compute, grid) COMMUNICATE: comm program c takes (super-chunk, tile) groups c, c + num_comm,
+  ... in the same order; for a tile with remote rows it waits for the done flags of the tile's chunks in
+  that super-chunk and writes every remote row of those chunks into the combine region of the row's
+  owner rank at slot `pair` (t*K + k) through the address tables (rows owned by this rank were stored
+  by the compute program); with `row_scalars` it also
   writes one fp32 per row into the owner's combine_scalars[pair] (backward: grad of the routing prob).
-  When all its items are done it release-stores the epoch into arrival[rank, c] of EVERY rank, so an
+  When all its groups are done it release-stores the epoch into arrival[rank, c] of EVERY rank, so an
   owner knows that comm program c of this rank has delivered everything it had for it.
 
 The prob scaling happens in the compute epilogue (on the fp32 accumulator, before rounding to the
@@ -61,7 +63,7 @@ def _gemm_combine_kernel(
     NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
     SCALE: tl.constexpr, SCALARS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
+    TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr, BLOCK_N_ITEMS: tl.constexpr,
     A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = K_DIM % BK == 0
@@ -116,36 +118,50 @@ def _gemm_combine_kernel(
             w += NUM_COMPUTE
     else:
         cid = pid - NUM_COMPUTE
-        w = cid
-        while w < total:
-            wait_until_geq(done_ptr + w, epoch, timeout, err_ptr, ERR_COMBINE_CHUNK, w, GLOBALTIMER)
-            q, chunk = _combine_item(w, num_tiles, n_chunks, GROUP_N)
-            cols = chunk * BN + tl.arange(0, BN)
-            cmask = cols < HIDDEN
+        # Communication works per (super-chunk, tile): one wait for the tile's chunks of the super-chunk,
+        # the rows' metadata and owner addresses loaded once, then the chunks moved back to back (per
+        # item, the dependent metadata loads and the wait cost more than moving the rows). Tiles
+        # without remote rows (every tile at EP=1, the local tiles at EP>1) are skipped outright.
+        n_super = tl.cdiv(n_chunks, GROUP_N)
+        g = cid
+        while g < n_super * num_tiles:
+            sc = g // num_tiles
+            q = g % num_tiles
+            first_chunk = sc * GROUP_N
+            chunks_here = tl.minimum(n_chunks - first_chunk, GROUP_N)
+            w0 = sc * num_tiles * GROUP_N + q * chunks_here  # the tile's first item in this super-chunk
             rows = tl.load(tile_start_ptr + q) + tl.arange(0, BM)
             rmask = rows < tl.load(tile_end_ptr + q)
-            src = tl.load(recv_src_ptr + rows, mask=rmask, other=0)
+            src = tl.load(recv_src_ptr + rows, mask=rmask, other=rank)
             rmask = rmask & (src != rank)  # local rows were stored by the compute program
-            pair = tl.load(recv_pair_ptr + rows, mask=rmask, other=0).to(tl.int64)
-            dst = tl.zeros([BM], dtype=tl.int64)  # per row: address of its owner's combine region
-            for s in tl.static_range(WORLD):
-                dst = tl.where(src == s, tl.load(combine_table + s), dst)
-            m2 = rmask[:, None] & cmask[None, :]
-            v = tl.load(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :], mask=m2)
-            dst_rows = dst.to(tl.pointer_type(stage_ptr.dtype.element_ty), bitcast=True) + pair * HIDDEN
-            if ROWS_16B:  # see dispatch_gemm: lets Triton vectorize stores to table-derived addresses
-                dst_rows = tl.multiple_of(dst_rows, 16)
-            tl.store(dst_rows[:, None] + cols[None, :], v, mask=m2)
-            if SCALARS:
-                if chunk == 0:
-                    sdst = tl.zeros([BM], dtype=tl.int64)
-                    for s in tl.static_range(WORLD):
-                        sdst = tl.where(src == s, tl.load(scalars_table + s), sdst)
-                    tl.store(sdst.to(tl.pointer_type(tl.float32), bitcast=True) + pair,
-                             tl.load(row_scalars_ptr + rows, mask=rmask, other=0.0), mask=rmask)
-            if TRACE:
-                tl.store(trace_ptr + 2 * (max_items + w), now(clock_ptr, GLOBALTIMER))
-            w += NUM_COMM
+            if tl.max(rmask.to(tl.int32), 0) > 0:
+                wait_all_geq(done_ptr + w0, chunks_here, epoch, timeout, err_ptr, ERR_COMBINE_CHUNK, w0,
+                             BLOCK_N_ITEMS, GLOBALTIMER)
+                pair = tl.load(recv_pair_ptr + rows, mask=rmask, other=0).to(tl.int64)
+                dst = tl.zeros([BM], dtype=tl.int64)  # per row: address of its owner's combine region
+                for s in tl.static_range(WORLD):
+                    dst = tl.where(src == s, tl.load(combine_table + s), dst)
+                dst_rows = dst.to(tl.pointer_type(stage_ptr.dtype.element_ty), bitcast=True) + pair * HIDDEN
+                if ROWS_16B:  # see dispatch_gemm: lets Triton vectorize stores to table-derived addresses
+                    dst_rows = tl.multiple_of(dst_rows, 16)
+                stage_rows = stage_ptr + rows.to(tl.int64) * HIDDEN
+                i = 0
+                while i < chunks_here:
+                    cols = (first_chunk + i) * BN + tl.arange(0, BN)
+                    m2 = rmask[:, None] & (cols < HIDDEN)[None, :]
+                    v = tl.load(stage_rows[:, None] + cols[None, :], mask=m2)
+                    tl.store(dst_rows[:, None] + cols[None, :], v, mask=m2)
+                    if TRACE:
+                        tl.store(trace_ptr + 2 * (max_items + w0 + i), now(clock_ptr, GLOBALTIMER))
+                    i += 1
+                if SCALARS:
+                    if sc == 0:
+                        sdst = tl.zeros([BM], dtype=tl.int64)
+                        for s in tl.static_range(WORLD):
+                            sdst = tl.where(src == s, tl.load(scalars_table + s), sdst)
+                        tl.store(sdst.to(tl.pointer_type(tl.float32), bitcast=True) + pair,
+                                 tl.load(row_scalars_ptr + rows, mask=rmask, other=0.0), mask=rmask)
+            g += NUM_COMM
         for s in tl.static_range(WORLD):
             peer_arrival = tl.load(arrival_table + s).to(tl.pointer_type(tl.int32), bitcast=True)
             store_release(peer_arrival + rank * MAX_COMM + cid, epoch)
@@ -192,7 +208,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         BM=layout.block_m, BN=block_n, BK=block_k, GROUP_N=group_n,
         SCALE=recv_prob is not None, SCALARS=row_scalars is not None, ROWS_16B=rows_16b_aligned(hidden, dtype),
         DOT_PRECISION=dot_precision(a.dtype),
-        TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors),
+        TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), BLOCK_N_ITEMS=triton.next_power_of_2(group_n),
         A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major,
         num_warps=num_warps, num_stages=num_stages,
     )
