@@ -83,6 +83,11 @@ class CometConfig:
         False,
         "Bitwise run-to-run identical results: fixed reduction order for the top-k sum.",
     )
+    pre_reduce: bool = _knob(
+        False,
+        "Fused path: rows of one token whose top-k experts share a rank are summed there and sent "
+        "once (less combine traffic at EP > 1; not yet measured on multi-GPU).",
+    )
     tune_cache: str = _knob(
         DEFAULT_TUNE_CACHE, "Path of the tuner's cache file (JSON), keyed by shape and GPU."
     )
@@ -130,7 +135,7 @@ class CometConfig:
                 f"--comet-wait-timeout-s={self.wait_timeout_s}: must be > 0 (a bounded wait); "
                 "use a large value such as 600 for slow debugging sessions."
             )
-        for name in ("grow_workspace", "trace", "deterministic"):
+        for name in ("grow_workspace", "trace", "deterministic", "pre_reduce"):
             if not isinstance(getattr(self, name), bool):
                 raise CometConfigError(
                     f"{flag_name(name)} must be true or false, got {getattr(self, name)!r}."

@@ -78,6 +78,7 @@ def kernel_config(cfg: CometConfig, config, *, tokens: int | None = None, device
         activation=ACTIVATION_NAMES[config.activation_func],
         gated=bool(config.gated_linear_unit),
         trace=cfg.trace,
+        pre_reduce=cfg.pre_reduce,
     )
     auto = "auto" in (cfg.tile_m, cfg.tile_n, cfg.tile_k, cfg.comm_programs)
     if auto and tokens is not None:

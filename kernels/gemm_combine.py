@@ -37,6 +37,7 @@ from .config import default_programs, dot_precision, rows_16b_aligned
 from .operands import load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import (ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_all_geq,
+                      wait_gather_geq,
                       wait_until_geq)
 
 
@@ -53,10 +54,55 @@ def _combine_item(w, num_tiles, n_chunks, GROUP_N: tl.constexpr):
 
 
 @triton.jit
+def _partner_map_kernel(recv_src_ptr, recv_pair_ptr, n_rows, inv_row_ptr, inv_epoch_ptr, rank, epoch,
+                        CK: tl.constexpr, BLOCK: tl.constexpr):
+    """Pre-reduce: for every remote receive row, inv[src, pair] = row (tagged with the round's epoch), so
+    a row can find the other rows of its token that met on this rank."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = rows < n_rows
+    src = tl.load(recv_src_ptr + rows, mask=m, other=rank)
+    m = m & (src != rank)
+    idx = src.to(tl.int64) * CK + tl.load(recv_pair_ptr + rows, mask=m, other=0)
+    tl.store(inv_row_ptr + idx, rows, mask=m)
+    tl.store(inv_epoch_ptr + idx, tl.zeros([BLOCK], dtype=tl.int32) + epoch, mask=m)
+
+
+@triton.jit
+def _partner(src, pair, rmask, kk, inv_row_ptr, inv_epoch_ptr, epoch, TOPK: tl.constexpr, CK: tl.constexpr):
+    """(row of slot kk of each row's token on this rank, whether it is another row of the token here)."""
+    idx = src.to(tl.int64) * CK + (pair // TOPK) * TOPK + kk
+    here = rmask & (tl.load(inv_epoch_ptr + idx, mask=rmask, other=0) == epoch) & (pair % TOPK != kk)
+    return tl.load(inv_row_ptr + idx, mask=here, other=0), here
+
+
+@triton.jit
+def _row_tile(prow, mask, tile_index_ptr, expert_offsets_ptr, EL: tl.constexpr, WORLD: tl.constexpr,
+              BM: tl.constexpr, SEARCH_STEPS: tl.constexpr):
+    """Processing position of the M-tile holding receive row `prow` (see routing.ReceiveLayout.tile_index)."""
+    lo = tl.zeros_like(prow)
+    hi = tl.zeros_like(prow) + (EL - 1)
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi + 1) // 2
+        ok = tl.load(expert_offsets_ptr + mid, mask=mask, other=0) <= prow
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    off = tl.load(expert_offsets_ptr + lo, mask=mask, other=0)
+    t = (prow - off) // BM
+    row_end = tl.minimum(off + (t + 1) * BM, tl.load(expert_offsets_ptr + lo + 1, mask=mask, other=0))
+    seg_end_ptr = tile_index_ptr + EL + 1
+    last = tl.zeros_like(prow)
+    for r in tl.static_range(WORLD):
+        last += (tl.load(seg_end_ptr + lo * WORLD + r, mask=mask, other=0) <= row_end - 1).to(tl.int32)
+    last = tl.minimum(last, WORLD - 1)
+    return tl.load(tile_index_ptr + EL + 1 + EL * WORLD + lo * WORLD + last, mask=mask, other=0) + t
+
+
+@triton.jit
 def _gemm_combine_kernel(
     a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc, recv_prob_ptr,
     stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr, local_combine_ptr, local_scalars_ptr,
     combine_table, scalars_table, arrival_table,
+    inv_row_ptr, inv_epoch_ptr, tile_index_ptr, expert_offsets_ptr,
     tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_items,
     K_DIM: tl.constexpr, HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr,
@@ -64,6 +110,7 @@ def _gemm_combine_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr,
     SCALE: tl.constexpr, SCALARS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr, BLOCK_N_ITEMS: tl.constexpr,
+    PRE_REDUCE: tl.constexpr, TOPK: tl.constexpr, CK: tl.constexpr, EL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = K_DIM % BK == 0
@@ -145,11 +192,32 @@ def _gemm_combine_kernel(
                 if ROWS_16B:  # see dispatch_gemm: lets Triton vectorize stores to table-derived addresses
                     dst_rows = tl.multiple_of(dst_rows, 16)
                 stage_rows = stage_ptr + rows.to(tl.int64) * HIDDEN
+                send = rmask
+                if PRE_REDUCE:
+                    # Rows of one token that met on this rank travel as one: the row with the smallest k
+                    # (the leader) sends their sum; the owner's combine_reduce reads only leader slots.
+                    for kk in tl.static_range(TOPK):
+                        prow, here = _partner(src, pair, rmask, kk, inv_row_ptr, inv_epoch_ptr, epoch, TOPK, CK)
+                        send = send & ~(here & (kk < pair % TOPK))
                 i = 0
                 while i < chunks_here:
                     cols = (first_chunk + i) * BN + tl.arange(0, BN)
-                    m2 = rmask[:, None] & (cols < HIDDEN)[None, :]
+                    m2 = send[:, None] & (cols < HIDDEN)[None, :]
                     v = tl.load(stage_rows[:, None] + cols[None, :], mask=m2)
+                    if PRE_REDUCE:
+                        acc = v.to(tl.float32)
+                        for kk in tl.static_range(TOPK):
+                            prow, here = _partner(src, pair, send, kk, inv_row_ptr, inv_epoch_ptr, epoch, TOPK,
+                                                  CK)
+                            pos = _row_tile(prow, here, tile_index_ptr, expert_offsets_ptr, EL, WORLD, BM,
+                                            SEARCH_STEPS)
+                            item = sc * num_tiles * GROUP_N + pos * chunks_here + i
+                            wait_gather_geq(done_ptr + item, here, epoch, timeout, err_ptr, ERR_COMBINE_CHUNK,
+                                            w0 + i, done_ptr + w0, GLOBALTIMER)
+                            pm = here[:, None] & (cols < HIDDEN)[None, :]
+                            acc += tl.load(stage_ptr + prow.to(tl.int64)[:, None] * HIDDEN + cols[None, :], mask=pm,
+                                           other=0.0).to(tl.float32)
+                        v = acc.to(stage_ptr.dtype.element_ty)
                     tl.store(dst_rows[:, None] + cols[None, :], v, mask=m2)
                     if TRACE:
                         tl.store(trace_ptr + 2 * (max_items + w0 + i), now(clock_ptr, GLOBALTIMER))
@@ -172,8 +240,12 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  row_scalars: torch.Tensor | None = None, num_comm: int | None = None,
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                  trace: bool = False, num_warps: int = 4, num_stages: int = 3,
-                 group_n: int = 8, use_tma: bool | None = None) -> torch.Tensor | None:
+                 group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
+
+    pre_reduce: rows of one token that meet on this rank are summed and sent once, into the slot of the
+    smallest k (the owner must then call `combine_reduce(..., topk_idx=...)`, which reads only those
+    slots for experts on other ranks). Needs a layout from `receive_layout` (its `tile_index`).
 
     a: [R, Kd] receive-order rows (forward: h, Kd = F; backward: d_pre, Kd = F1).
     w: [El, Kd, H] (forward: w2; backward: w1.transpose(1, 2), a strided view is fine).
@@ -194,6 +266,19 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     trace_buf = torch.full((2 * max_items, 2), -1, dtype=torch.int64, device=dev) if trace else None
     a_desc = rows_descriptor(a, layout.block_m, block_k, force=use_tma)
     w_desc, k_major = weight_descriptor(w, block_k, block_n, force=use_tma)
+    ck = lay.capacity_tokens * lay.topk
+    el = lay.local_experts
+    if pre_reduce:
+        if layout.tile_index is None:
+            raise ValueError("pre_reduce needs the layout built by receive_layout (tile_index)")
+        inv_row = view.scratch("partner_row", view.world_size * ck)
+        inv_epoch = view.scratch("partner_epoch", view.world_size * ck)
+        if a.shape[0] > 0:
+            _partner_map_kernel[(triton.cdiv(a.shape[0], 256),)](
+                recv_src, recv_pair, a.shape[0], inv_row, inv_epoch, view.rank, epoch, CK=ck, BLOCK=256)
+        tile_index = layout.tile_index
+    else:
+        inv_row = inv_epoch = tile_index = done
     _gemm_combine_kernel[(num_compute + num_comm,)](
         a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2),
         a_desc if a_desc is not None else a, w_desc if w_desc is not None else w,
@@ -201,6 +286,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         stage, done, recv_pair, recv_src, row_scalars if row_scalars is not None else stage,
         view.regions["combine"], view.regions["combine_scalars"],
         view.tables["combine"], view.tables["combine_scalars"], view.tables["arrival"],
+        inv_row, inv_epoch, tile_index, layout.expert_offsets,
         layout.tile_expert, layout.tile_row_start, layout.tile_row_end, layout.num_tiles,
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock, max_items,
         K_DIM=a.shape[1], HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs,
@@ -209,6 +295,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         SCALE=recv_prob is not None, SCALARS=row_scalars is not None, ROWS_16B=rows_16b_aligned(hidden, dtype),
         DOT_PRECISION=dot_precision(a.dtype),
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), BLOCK_N_ITEMS=triton.next_power_of_2(group_n),
+        PRE_REDUCE=pre_reduce, TOPK=lay.topk, CK=ck, EL=el, SEARCH_STEPS=el.bit_length(),
         A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -216,10 +303,11 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
 
 
 @triton.jit
-def _combine_reduce_kernel(combine_ptr, out_ptr, arrival_ptr, num_tokens, epoch, timeout, err_ptr,
+def _combine_reduce_kernel(combine_ptr, out_ptr, arrival_ptr, num_tokens, epoch, timeout, err_ptr, topk_idx_ptr, rank,
                            HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr, NUM_COMM: tl.constexpr,
                            BLOCK_C: tl.constexpr,
-                           TOPK: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, GLOBALTIMER: tl.constexpr):
+                           TOPK: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, GLOBALTIMER: tl.constexpr,
+                           PRE_REDUCE: tl.constexpr, EL: tl.constexpr):
     for s in tl.static_range(WORLD):
         wait_all_geq(arrival_ptr + s * MAX_COMM, NUM_COMM, epoch, timeout, err_ptr, ERR_COMBINE_ARRIVAL,
                      s * MAX_COMM, BLOCK_C, GLOBALTIMER)
@@ -227,17 +315,32 @@ def _combine_reduce_kernel(combine_ptr, out_ptr, arrival_ptr, num_tokens, epoch,
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     m = (tokens < num_tokens)[:, None] & (cols < HIDDEN)[None, :]
     acc = tl.zeros([BT, BH], dtype=tl.float32)
+    tmask = tokens < num_tokens
     for k in tl.static_range(TOPK):
         slot = (tokens * TOPK + k).to(tl.int64)
-        acc += tl.load(combine_ptr + slot[:, None] * HIDDEN + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        mk = m
+        if PRE_REDUCE:
+            # a slot holds data if its expert is on this rank (stored locally, never pre-reduced) or it is
+            # the leader (smallest k) of its token's slots on the expert's rank (the pre-reduced sum)
+            owner_k = tl.load(topk_idx_ptr + slot, mask=tmask, other=0) // EL
+            valid = owner_k == rank
+            leader = tmask
+            for kk in tl.static_range(k):
+                leader = leader & (tl.load(topk_idx_ptr + tokens.to(tl.int64) * TOPK + kk, mask=tmask, other=0) // EL
+                                   != owner_k)
+            mk = m & (valid | leader)[:, None]
+        acc += tl.load(combine_ptr + slot[:, None] * HIDDEN + cols[None, :], mask=mk, other=0.0).to(tl.float32)
     tl.store(out_ptr + tokens.to(tl.int64)[:, None] * HIDDEN + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=m)
 
 
 def combine_reduce(view, num_tokens: int, epoch: int, *, num_comm: int | None = None, scalars: bool = False,
-                   out_dtype: torch.dtype | None = None, block_t: int = 16,
-                   block_h: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   out_dtype: torch.dtype | None = None, block_t: int = 16, block_h: int = 128,
+                   topk_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """On the owner: wait for every peer's deliveries of round `epoch`, sum the K slots of each token.
+
+    `topk_idx` ([T, K] global expert ids of this rank's tokens): the peers pre-reduced (gemm_combine's
+    `pre_reduce`): for experts on other ranks only the slot of the smallest k per rank is summed.
 
     Returns (out [T, H], grad_probs [T, K] fp32 copied from combine_scalars when `scalars`, else None).
     `num_comm` must equal the value every rank passed to gemm_combine.
@@ -251,9 +354,11 @@ def combine_reduce(view, num_tokens: int, epoch: int, *, num_comm: int | None = 
     grid = (max(triton.cdiv(num_tokens, block_t), 1), triton.cdiv(hidden, block_h))
     _combine_reduce_kernel[grid](
         view.regions["combine"], out, view.regions["arrival"], num_tokens, epoch, view.timeout,
-        view.errors, HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm,
+        view.errors, topk_idx if topk_idx is not None else view.errors, view.rank,
+        HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm,
         BLOCK_C=triton.next_power_of_2(num_comm), TOPK=k,
         BT=block_t, BH=block_h, GLOBALTIMER=use_globaltimer(view.errors),
+        PRE_REDUCE=topk_idx is not None, EL=lay.local_experts,
     )
     grad_probs = view.regions["combine_scalars"][: num_tokens * k].view(num_tokens, k).clone() if scalars else None
     return out[:num_tokens], grad_probs

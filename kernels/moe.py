@@ -35,6 +35,7 @@ class ForwardState:
     dispatch: DispatchResult  # recv (x rows), pair/src/prob of rows, pre; out = h only if fused_act_backward
     num_tokens: int
     combine_trace: torch.Tensor | None
+    topk_idx: torch.Tensor | None = None  # [T, K]: the owner's slot mask when the combine pre-reduces
 
 
 @dataclass
@@ -61,8 +62,9 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
         # ([R, F] per layer). Freeing it now is stream-ordered, so the pending gemm_combine still reads it.
         d.out = None
     yield "dispatch_gemm+gemm_combine"
-    out, _ = combine_reduce(view, x.shape[0], epoch, num_comm=cfg.num_comm_combine, block_h=cfg.block_h)
-    return out, ForwardState(layout, d, x.shape[0], trace)
+    out, _ = combine_reduce(view, x.shape[0], epoch, num_comm=cfg.num_comm_combine, block_h=cfg.block_h,
+                            topk_idx=topk_idx if cfg.pre_reduce else None)
+    return out, ForwardState(layout, d, x.shape[0], trace, topk_idx)
 
 
 def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
@@ -79,7 +81,8 @@ def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Te
                          recv_src=b.recv_src, row_scalars=b.grad_prob, **cfg.combine_kwargs())
     yield "dispatch_gemm_backward+gemm_combine"
     grad_x, grad_probs = combine_reduce(view, state.num_tokens, epoch, num_comm=cfg.num_comm_combine,
-                                        scalars=True, block_h=cfg.block_h)
+                                        scalars=True, block_h=cfg.block_h,
+                                        topk_idx=state.topk_idx if cfg.pre_reduce else None)
     return grad_x, grad_probs, BackwardState(b, trace)
 
 

@@ -111,6 +111,10 @@ class ReceiveLayout:
     tile_row_end: torch.Tensor    # [max_tiles] (exclusive)
     num_tiles: torch.Tensor       # [2] live tiles (entries beyond are padding), tiles of only local rows
     max_tiles: int                # host-known upper bound (sizes grids of per-tile flags)
+    # [El+1 + 2*El*W]: tile_first [El+1] (first global tile of expert j), seg_end [El, W], pos_base [El, W]
+    # (processing position of tile t of expert j whose last row comes from ring position i: pos_base + t);
+    # lets a kernel find the tile of any receive row (`layout_kernel` only; None from the torch build)
+    tile_index: torch.Tensor | None = None
 
     def num_rows(self) -> int:
         """Total receive rows. THE host sync of a round (see module doc)."""
@@ -228,7 +232,7 @@ def receive_layout(view, epoch: int, block_m: int) -> ReceiveLayout:
     return ReceiveLayout(
         block_m=block_m, seg_start=seg_start, seg_count=seg_count, expert_offsets=expert_offsets,
         tile_expert=tiles[0], tile_row_start=tiles[1], tile_row_end=tiles[2], num_tiles=num_tiles,
-        max_tiles=max_tiles,
+        max_tiles=max_tiles, tile_index=scratch,
     )
 
 

@@ -158,6 +158,32 @@ def wait_all_geq(flag_ptr, count, target, timeout, err_ptr, err_code, index_base
 
 
 @triton.jit
+def wait_gather_geq(ptrs, mask, target, timeout, err_ptr, err_code, index, safe_ptr, GLOBALTIMER: tl.constexpr):
+    """Spin until `*ptrs[i] >= target` for every lane i with `mask[i]` (flags at arbitrary addresses; lanes
+    off the mask poll `safe_ptr`, any valid flag). Failure handling as `wait_until_geq` (reports `index`)."""
+    p = tl.where(mask, ptrs, safe_ptr)
+    vals = tl.where(mask, load_acquire(p, GLOBALTIMER), target)
+    alive = tl.load(err_ptr, volatile=True) == 0
+    if GLOBALTIMER:
+        deadline = _globaltimer() + timeout
+        while (tl.min(vals, 0) < target) & alive & (_globaltimer() < deadline):
+            vals = tl.where(mask, load_acquire(p, GLOBALTIMER), target)
+    else:
+        spins = 0
+        while (tl.min(vals, 0) < target) & alive & (spins < timeout):
+            vals = tl.where(mask, load_acquire(p, GLOBALTIMER), target)
+            spins += 1
+    ok = tl.min(vals, 0) >= target
+    if not ok:
+        if tl.atomic_cas(err_ptr, 0, err_code) == 0:
+            tl.store(err_ptr + 1, index)
+            tl.store(err_ptr + 2, tl.min(vals, 0))
+            tl.store(err_ptr + 3, target)
+    tl.debug_barrier()
+    return ok
+
+
+@triton.jit
 def signal_peers(flag_table_ptr, slot, epoch, WORLD: tl.constexpr):
     """Release-store `epoch` into `flag[slot]` of every rank's flag region (address table `flag_table_ptr`)."""
     for peer in tl.static_range(WORLD):

@@ -146,4 +146,5 @@ def run_layer_case(rank: int, overrides: dict, routing: str, seed: int, seq: int
         "type": type(com).__name__,
         "ref_type": type(ref).__name__,
         "transport": getattr(com, "transport", None),
+        "pre_reduce": bool(getattr(getattr(getattr(com, "_fused", None), "kernel", None), "pre_reduce", False)),
     }

@@ -89,6 +89,14 @@ CASES = {
     # Activation backward in the GEMM epilogue instead of the separate pass (gated and plain).
     "w2_k2_swiglu_fused_act_backward": (2, [11, 8], 2, 2, True, "silu", "uniform", dict(fused_act_backward=True)),
     "w2_k2_gelu_fused_act_backward": (2, [9, 12], 2, 2, False, "gelu", "skewed", dict(fused_act_backward=True)),
+    # Rows of one token that meet on an expert rank are summed before they travel (pre_reduce): several
+    # of a token's top-k experts per rank, partner rows in other tiles and super-chunks, a rank without
+    # tokens, skewed loads, fp32 forward and backward (grad_x, grad_probs, weight gradients).
+    "w2_k4_swiglu_pre_reduce": (2, [13, 9], 4, 3, True, "silu", "uniform",
+                                dict(pre_reduce=True, group_n=2)),
+    "w4_k4_gelu_pre_reduce_skewed": (4, [10, 0, 12, 7], 4, 2, False, "gelu", "skewed", dict(pre_reduce=True)),
+    "w3_k2_swiglu_pre_reduce_grouped": (3, [15, 11, 8], 2, 1, True, "silu", "uniform",
+                                        dict(pre_reduce=True, group_m=2, group_n=2)),
     # Each layer with its own column block (gemm_combine chunk, dispatch backward block).
     "w2_k2_swiglu_per_layer_blocks": (2, [14, 9], 2, 2, True, "silu", "uniform",
                                       dict(block_n=32, combine_block_n=16, bwd_block_n=16)),
@@ -247,3 +255,31 @@ def test_tma_descriptor_path(world, tokens, topk, k_major, seed, poison, monkeyp
         monkeypatch.setattr(p, "local_w1", lambda r, dt: real_w1(r, dt).transpose(1, 2).contiguous().transpose(1, 2))
         monkeypatch.setattr(p, "local_w2", lambda r, dt: real_w2(r, dt).transpose(1, 2).contiguous().transpose(1, 2))
     run_and_check(p, make_group(p, torch.float32), cfg, torch.float32, 1e-4, seed + 1)
+
+
+def test_pre_reduce_sends_one_row_per_token_and_rank(seed, poison):
+    """With pre_reduce, of the rows of one token that meet on an expert rank only one crosses to the
+    owner: the owner's combine slots of the other k stay untouched (NaN from the poisoned workspace),
+    the leader slots (smallest k per remote rank) hold data, and the output still equals the reference."""
+    p = make_problem(seed, world=2, tokens=[16, 12], topk=4, hidden=HIDDEN, ffn=FFN, experts_per_rank=3)
+    group = make_group(p, torch.float32)
+    cfg = KernelConfig(**{**SMALL, "pre_reduce": True})
+    w1 = [p.local_w1(r, torch.float32).to(DEVICE) for r in range(p.world)]
+    w2 = [p.local_w2(r, torch.float32).to(DEVICE) for r in range(p.world)]
+    fwd = group.forward(to_dev(p.xs), to_dev(p.topk_idx), to_dev(p.topk_probs), w1, w2, cfg)
+    ref = reference_rank_outputs(p)
+    skipped = 0
+    for r in range(p.world):
+        assert rel_err(fwd[r][0].cpu(), ref[r]) < 1e-4
+        combine = group.views[r].regions["combine"].cpu()
+        for t, experts in enumerate(p.topk_idx[r].tolist()):
+            for k, e in enumerate(experts):
+                owner = e // p.local_experts
+                slot = combine[t * p.topk + k]
+                leader = all(experts[kk] // p.local_experts != owner for kk in range(k))
+                if owner == r or leader:
+                    assert torch.isfinite(slot).all(), (r, t, k)
+                else:
+                    assert torch.isnan(slot).all(), f"rank {r} token {t} slot {k}: a pre-reduced row was sent"
+                    skipped += 1
+    assert skipped > 0  # the routing put several of a token's experts on one remote rank
