@@ -352,6 +352,26 @@ def print_record(rec) -> None:
               f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s} {act}", flush=True)
 
 
+def parse_configs(text: str) -> list[dict]:
+    """`--configs`: a JSON list of objects whose keys are KernelConfig fields (clear error otherwise)."""
+    import dataclasses
+
+    from comet_megatron.kernels import KernelConfig
+
+    try:
+        configs = json.loads(text)
+    except ValueError:
+        configs = None
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        raise SystemExit(f"bench kernels: --configs must be a JSON list of objects, got {text!r}")
+    fields = {f.name for f in dataclasses.fields(KernelConfig)}
+    for c in configs:
+        unknown = sorted(set(c) - fields)
+        if unknown:
+            raise SystemExit(f"bench kernels: --configs: unknown knob(s) {unknown}; known: {sorted(fields)}")
+    return configs or [{}]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="comet-megatron bench kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -367,17 +387,22 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
+    configs = parse_configs(args.configs)
+    if args.world < 1:
+        raise SystemExit(f"bench kernels: --world must be >= 1, got {args.world}")
+    if any(t < 1 for t in args.tokens) or args.reps < 1 or args.warmup < 0:
+        raise SystemExit("bench kernels: --tokens and --reps must be >= 1, --warmup >= 0")
+    from comet_megatron.bench import load_shape
+
+    for name in args.shapes:  # unknown names fail here, naming the known configs
+        shape = load_shape(name)
+        if shape.experts % args.world:
+            raise SystemExit(f"bench kernels: {shape.experts} experts of {name} do not split over --world "
+                             f"{args.world}")
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("bench kernels: needs a CUDA GPU (the fused kernels are timed compiled)")
-    try:
-        configs = json.loads(args.configs)
-        assert isinstance(configs, list) and all(isinstance(c, dict) for c in configs)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"bench kernels: --configs must be a JSON list of objects, got {args.configs!r}")
-    if args.world < 1:
-        raise SystemExit(f"bench kernels: --world must be >= 1, got {args.world}")
     records = run(args.shapes, args.tokens, configs, args.reps, args.warmup, progress=print_record,
                   world=args.world)
     stats = compiled_stats()

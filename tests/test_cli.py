@@ -278,3 +278,26 @@ def test_pretrain_tiny_end_to_end_on_cpu(tmp_path):
     assert math.isfinite(summary["final_loss"]) and 0 < summary["final_loss"] < 20
     assert summary["mean_tokens_per_s"] > 0
     assert [line for line in proc.stdout.splitlines() if line.startswith("step 3/3 loss")]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--configs", "{}"], "must be a JSON list of objects"),
+    (["--configs", "[{\"block_q\": 64}]"], "unknown knob(s) ['block_q']"),
+    (["--world", "0"], "--world must be >= 1"),
+    (["--shapes", "no-such-model"], "no config 'no-such-model'"),
+    (["--shapes", "qwen2-moe-a2.7b", "--world", "7"], "do not split over --world 7"),
+])
+def test_bench_kernels_rejects_bad_input_before_touching_a_gpu(argv, message):
+    from comet_megatron import bench_kernels
+
+    with pytest.raises(SystemExit) as exc:
+        bench_kernels.main(argv)
+    assert message in str(exc.value)
+
+
+def test_bench_kernels_accepts_knobs_of_kernel_config():
+    from comet_megatron import bench_kernels
+
+    assert bench_kernels.parse_configs('[{"combine_block_n": 256, "use_tma": false}, {}]') == [
+        {"combine_block_n": 256, "use_tma": False}, {}]
+    assert bench_kernels.parse_configs("[]") == [{}]
