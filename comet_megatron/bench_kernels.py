@@ -43,6 +43,14 @@ def _events_ms(fn, reps: int, warmup: int) -> float:
         fn(lambda i: None)
     times = []
     for _ in range(reps):
+        if not torch.cuda.is_available():  # CPU smoke run (interpreter): wall clock, meaningless as a timing
+            marks = [0.0, 0.0]
+
+            def mark(i, marks=marks):
+                marks[i] = time.perf_counter()
+            fn(mark)
+            times.append((marks[1] - marks[0]) * 1e3)
+            continue
         ev = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
         fn(lambda i: ev[i].record())
         ev[1].synchronize()
@@ -63,7 +71,8 @@ class KernelBench:
         if shape.experts % world:
             raise SystemExit(f"bench kernels: {shape.experts} experts do not split over --world {world}")
         self.shape, self.tokens, self.world = shape, tokens, world
-        dev, dt = "cuda", torch.bfloat16
+        # CPU: the smoke run of the tests (Triton interpreter, fp32); timings there mean nothing
+        dev, dt = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
         h, f, e, k = shape.hidden, shape.ffn, shape.experts, shape.topk
         f1 = 2 * f if shape.gated else f
         self.el = el = e // world
@@ -92,7 +101,7 @@ class KernelBench:
         self.g_sorted = torch.randn(self.rows, h, device=dev, dtype=dt, generator=g)
         self.h_sorted = torch.randn(self.rows, f, device=dev, dtype=dt, generator=g)
         self.pre_sorted = torch.randn(self.rows, f1, device=dev, dtype=dt, generator=g)
-        self.sms = torch.cuda.get_device_properties(0).multi_processor_count
+        self.sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else None
 
     def flops(self) -> dict:
         s, r = self.shape, self.rows
@@ -105,7 +114,8 @@ class KernelBench:
         import torch
         import torch.nn.functional as F
 
-        s, gm, offs = self.shape, torch._grouped_mm, self.offs
+        s, offs = self.shape, self.offs
+        gm = torch._grouped_mm if self.x.is_cuda else _grouped_loop
         f = s.ffn
 
         def timed(body):
@@ -284,7 +294,8 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
             flops = kb.flops()
             base = kb.cublas(reps, warmup)
             for overrides in configs:
-                knobs = {**GPU_UNTUNED_DEFAULT, **_tuned(shape, tokens), **overrides}
+                gpu_default = GPU_UNTUNED_DEFAULT if torch.cuda.is_available() else {}
+                knobs = {**gpu_default, **_tuned(shape, tokens, world), **overrides}
                 cfg = KernelConfig(gated=shape.gated, **knobs)
                 t0 = time.time()
                 try:
@@ -296,7 +307,7 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                     print(f"\n{shape.name} tokens={tokens} config={knobs}: FAILED {rec['error']}", flush=True)
                     continue
                 progs = ours.pop("_programs")
-                share = kb.sms / progs["compute"]
+                share = kb.sms / progs["compute"] if kb.sms else 1.0
                 rec = {"shape": shape.name, "tokens": tokens, "world": world,
                        "ranks": "emulated on one GPU" if world > 1 else "one", "rows_rank0": kb.rows,
                        "l1_includes_combine_reduce": world == 1, "config": knobs, "programs": progs,
@@ -315,18 +326,32 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                 if progress is not None:
                     progress(rec)
             del kb
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return records
 
 
-def _tuned(shape, tokens: int) -> dict:
+def _grouped_loop(a, w, offs):
+    """torch._grouped_mm's semantics on the CPU (smoke runs): 2-D a with offsets, a^T (K split) too."""
+    import torch
+
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    if w.dim() == 2:  # wgrad form: a [K, M]^T-view, w [M', N] split along the shared dim
+        return torch.stack([a[:, s:e] @ w[s:e] for s, e in zip(starts, ends)])
+    return torch.cat([a[s:e] @ w[g] for g, (s, e) in enumerate(zip(starts, ends))])
+
+
+def _tuned(shape, tokens: int, world: int = 1) -> dict:
     import torch
 
     from comet_megatron import tune
     from comet_megatron.config import CometConfig
 
     key = tune.make_key(hidden=shape.hidden, ffn=shape.ffn, experts=shape.experts, topk=shape.topk,
-                        gated=shape.gated, world=1, tokens=tokens, dtype=torch.bfloat16, device="cuda")
+                        gated=shape.gated, world=world, tokens=tokens,
+                        dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                        device="cuda" if torch.cuda.is_available() else "cpu")
     cached, _ = tune.cached_config(CometConfig().tune_cache, key)
     return dict(cached or {})
 
@@ -399,10 +424,13 @@ def main(argv=None) -> int:
         if shape.experts % args.world:
             raise SystemExit(f"bench kernels: {shape.experts} experts of {name} do not split over --world "
                              f"{args.world}")
+    import os
+
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench kernels: needs a CUDA GPU (the fused kernels are timed compiled)")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("bench kernels: needs a CUDA GPU (the fused kernels are timed compiled); "
+                         "TRITON_INTERPRET=1 runs a CPU smoke test whose timings mean nothing")
     records = run(args.shapes, args.tokens, configs, args.reps, args.warmup, progress=print_record,
                   world=args.world)
     stats = compiled_stats()
@@ -410,7 +438,8 @@ def main(argv=None) -> int:
         print(f"compiled {name}: {st}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    meta = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu-interpreter (smoke)",
+            "torch": torch.__version__}
     import triton
 
     from comet_megatron.bench import _git_commit
