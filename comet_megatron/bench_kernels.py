@@ -63,7 +63,7 @@ class KernelBench:
     """One shape at one token count per rank: inputs, a workspace of `world` ranks (emulated on this
     GPU when world > 1, labelled so) and the timed closures. Timings are rank 0's kernels."""
 
-    def __init__(self, shape, tokens: int, seed: int = 0, world: int = 1):
+    def __init__(self, shape, tokens: int, seed: int = 0, world: int = 1, dtype=None):
         import torch
 
         from comet_megatron.kernels import EmulatedGroup
@@ -73,6 +73,7 @@ class KernelBench:
         self.shape, self.tokens, self.world = shape, tokens, world
         # CPU: the smoke run of the tests (Triton interpreter, fp32); timings there mean nothing
         dev, dt = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+        dt = dtype or dt
         h, f, e, k = shape.hidden, shape.ffn, shape.experts, shape.topk
         f1 = 2 * f if shape.gated else f
         self.el = el = e // world
@@ -141,7 +142,9 @@ class KernelBench:
         return out
 
     # --- fused kernels ----------------------------------------------------------------------------
-    def fused(self, cfg, reps: int, warmup: int) -> dict:
+    def fused(self, cfg, reps: int, warmup: int, kernels_only: bool = False) -> dict:
+        """Median ms of each fused kernel (and the round's routing, the Triton wgrad, a self-check);
+        `kernels_only`: the four fused kernels alone (the tuner's `--timing kernels`)."""
         from comet_megatron.kernels.config import default_programs
         from comet_megatron.kernels import (combine_reduce, dispatch_gemm, dispatch_gemm_backward,
                                             check_errors, gemm_combine, grouped_wgrad, publish,
@@ -206,13 +209,16 @@ class KernelBench:
             rec(1)
             st.update(b=b)
 
-        out = {
-            "routing": _events_ms(lambda rec: fwd_round(rec, "routing"), reps, warmup),
+        out = {} if kernels_only else {"routing": _events_ms(lambda rec: fwd_round(rec, "routing"), reps, warmup)}
+        out.update({
             "L0 fwd": _events_ms(lambda rec: fwd_round(rec, "L0"), reps, warmup),
             "L1 fwd": _events_ms(lambda rec: fwd_round(rec, "L1"), reps, warmup),
             "L0 bwd": _events_ms(lambda rec: bwd_round(rec, "L0"), reps, warmup),
             "L1 bwd": _events_ms(lambda rec: bwd_round(rec, "L1"), reps, warmup),
-        }
+        })
+        if kernels_only:
+            check_errors(view, "bench kernels")
+            return out
         d, b, offsets = st["d"], st["b"], st["layout"].expert_offsets
 
         def wg(a, bb):

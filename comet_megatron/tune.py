@@ -566,11 +566,39 @@ class RoundBench:
             raise
 
 
+class KernelTimingBench:
+    """`--timing kernels`: a candidate's time is the sum of the CUDA-event medians of the four fused
+    kernels of rank 0 (`comet-megatron bench kernels`'s measurement), without a round's host-side work
+    (publish, layout, host sync, launches), which does not depend on the knobs but made round timings
+    noisy on small shapes (docs/TUNING.md)."""
+
+    def __init__(self, *, hidden: int, ffn: int, experts: int, topk: int, gated: bool, world: int, tokens: int,
+                 dtype, reps: int = 10, warmup: int = 2):
+        from comet_megatron.bench import Shape
+        from comet_megatron.bench_kernels import KernelBench
+
+        self.gated, self.reps, self.warmup = gated, reps, warmup
+        self.bench = KernelBench(Shape("tune", hidden, ffn, experts, topk, gated), tokens, world=world,
+                                 dtype=dtype)
+
+    def measure(self, cand: Candidate) -> float:
+        from comet_megatron.kernels import KernelConfig
+
+        kc = KernelConfig(activation="silu", gated=self.gated, **cand.config())
+        times = self.bench.fused(kc, self.reps, self.warmup, kernels_only=True)
+        return float(sum(times.values()))
+
+
+TIMINGS = {"round": "forward+backward round (no wgrad), median ms",
+           "kernels": "sum of the four fused kernels' medians (CUDA events, rank 0), ms"}
+
+
 # ------------------------------------------------------------------------------------------ tune
 def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens: int, world: int = 1,
          dtype=None, device=None, cache_path: str | None = None, grid: Grid | None = None,
          budget_s: float = 150.0, max_candidates: int = 20, force: bool = False,
-         measure: Callable[[Candidate], float] | None = None, progress: bool = True) -> TuneResult:
+         measure: Callable[[Candidate], float] | None = None, progress: bool = True,
+         timing: str = "round") -> TuneResult:
     """Tune one shape at one token count; store the best in the cache and return what was tried.
 
     With an entry for exactly this key in the cache (and not `force`), nothing is timed. `measure`
@@ -596,6 +624,11 @@ def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens:
             return TuneResult(key, cache.path, cand, entry.get("ms"), entry.get("baseline_ms"), [],
                               from_cache=True, cached_entry=entry)
     grid = grid or default_grid(device)
+    if timing not in TIMINGS:
+        raise ValueError(f"timing {timing!r} not in {sorted(TIMINGS)}")
+    if measure is None and timing == "kernels":
+        measure = KernelTimingBench(hidden=hidden, ffn=ffn, experts=experts, topk=topk, gated=gated, world=world,
+                                    tokens=tokens, dtype=dtype).measure
     if measure is None:
         bench = RoundBench(hidden=hidden, ffn=ffn, experts=experts, topk=topk, gated=gated, world=world,
                            tokens=tokens, dtype=dtype, device=device,
@@ -614,7 +647,7 @@ def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens:
             "baseline_ms": None if baseline_ms is None else round(baseline_ms, 6),
             "trials": len([t for t in trials if not (t.error or "").startswith("skipped")]),
             "tuned_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "tokens": int(tokens), "timing": "forward+backward round (no wgrad), median ms",
+            "tokens": int(tokens), "timing": TIMINGS[timing],
         })
     return result
 
@@ -698,6 +731,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gemm_combine options for the best tiles, comma-separated COMBINE_BNxSTAGES (e.g. 256x3)")
     p.add_argument("--comm", default=None, help="comm-program counts to try, comma-separated")
     p.add_argument("--force", action="store_true", help="re-tune even when the cache has this key")
+    p.add_argument("--timing", choices=sorted(TIMINGS), default="round",
+                   help="round: one fused forward+backward round per candidate (default); kernels: the sum of "
+                        "the four fused kernels timed alone with CUDA events (less noise on small shapes)")
 
 
 def _parse_grid(args, device) -> Grid:
@@ -792,7 +828,7 @@ def main(args: argparse.Namespace) -> int:
         result = tune(hidden=shape.hidden, ffn=shape.ffn, experts=shape.experts, topk=shape.topk,
                       gated=shape.gated, tokens=tokens, world=args.world, dtype=dtype, device=device,
                       cache_path=cache_path, grid=grid, budget_s=args.budget_s / len(tokens_list),
-                      max_candidates=args.max_candidates, force=args.force)
+                      max_candidates=args.max_candidates, force=args.force, timing=args.timing)
         print_result(result, console)
         if result.best is None:
             status = 1

@@ -389,3 +389,18 @@ def test_tokens_bucket_and_dtype_names():
     assert [tune.tokens_bucket(t) for t in (1, 2, 3, 4096, 4097, 8192)] == [1, 2, 4, 4096, 8192, 8192]
     assert tune.dtype_name(torch.bfloat16) == tune.dtype_name("bf16") == "bfloat16"
     assert tune.gpu_name("cpu") == "cpu-interpreter"
+
+
+def test_tune_timing_kernels_end_to_end(tmp_path):
+    """`--timing kernels` (each fused kernel timed alone, summed) searches and caches like the round
+    timing, and says which timing the entry holds."""
+    (tmp_path / "tiny.yaml").write_text(TINY_YAML)
+    cache = tmp_path / "tune.json"
+    proc = _cli("--config", str(tmp_path / "tiny.yaml"), "--cache", str(cache), "--tiles",
+                "16x16x16x1x1,32x32x16x1x1", "--combine-tiles", "32x1", "--comm", "1,2", "--max-candidates", "3",
+                "--timing", "kernels", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [(_, entry)] = json.loads(cache.read_text())["entries"].items()
+    assert entry["timing"] == tune.TIMINGS["kernels"] and entry["ms"] > 0 and entry["trials"] == 3
+    bad = _cli("--config", str(tmp_path / "tiny.yaml"), "--timing", "nope", cwd=tmp_path)
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr
