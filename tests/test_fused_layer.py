@@ -49,7 +49,9 @@ def test_fused_layer_matches_megatron_alltoall(world, transport):
 @pytest.mark.slow
 def test_fused_layer_pre_reduce_matches_megatron_alltoall():
     """--comet-pre-reduce at EP=2: top-4 of 8 experts puts several of a token's experts on each rank."""
-    cases = [(dict(moe_router_topk=4), "uniform"), (dict(moe_router_topk=2), "skewed")]
+    cases = [(dict(moe_router_topk=4), "uniform"), (dict(moe_router_topk=2), "skewed"),
+             # dropped tokens: their free slots carry an unused expert at weight 0, grouped like any other
+             (dict(moe_router_topk=2, moe_expert_capacity_factor=1.0), "skewed")]
     results = run_distributed(_body, 2, ep=2, env=INTERPRET, transport="cuda_ipc", cases=cases, pre_reduce=True)
     for rank, per_rank in enumerate(results):
         for overrides, routing, res in per_rank:
