@@ -115,13 +115,38 @@ def wait_until_geq(flag_ptr, target, timeout, err_ptr, err_code, flag_index, GLO
             spins += 1
     ok = val >= target
     if not ok:
-        if tl.atomic_cas(err_ptr, 0, err_code) == 0:
-            tl.store(err_ptr + 1, flag_index)
-            tl.store(err_ptr + 2, val)
-            tl.store(err_ptr + 3, target)
+        _record_failure(err_ptr, err_code, flag_index, val, target)
     # Every thread of the program must observe the acquired data, not just the one that loaded the flag.
     tl.debug_barrier()
     return ok
+
+
+@triton.jit
+def _record_failure(err_ptr, err_code, index, observed, target):
+    """The first failing wait of the rank claims the error buffer: [code, flag index, observed, target]."""
+    if tl.atomic_cas(err_ptr, 0, err_code) == 0:
+        tl.store(err_ptr + 1, index)
+        tl.store(err_ptr + 2, observed)
+        tl.store(err_ptr + 3, target)
+
+
+@triton.jit
+def _poll_lanes(ptrs, mask, target, timeout, err_ptr, GLOBALTIMER: tl.constexpr):
+    """Spin until every lane with `mask` reads a flag >= target (one vector of acquire loads per poll), or
+    the timeout passes, or another wait of the rank has failed. Returns the last values (off-mask lanes:
+    `target`); `ptrs` must be valid addresses on every lane."""
+    vals = tl.where(mask, load_acquire(ptrs, GLOBALTIMER), target)
+    alive = tl.load(err_ptr, volatile=True) == 0
+    if GLOBALTIMER:
+        deadline = _globaltimer() + timeout
+        while (tl.min(vals, 0) < target) & alive & (_globaltimer() < deadline):
+            vals = tl.where(mask, load_acquire(ptrs, GLOBALTIMER), target)
+    else:
+        spins = 0
+        while (tl.min(vals, 0) < target) & alive & (spins < timeout):
+            vals = tl.where(mask, load_acquire(ptrs, GLOBALTIMER), target)
+            spins += 1
+    return vals
 
 
 @triton.jit
@@ -135,24 +160,12 @@ def wait_all_geq(flag_ptr, count, target, timeout, err_ptr, err_code, index_base
     """
     offs = tl.arange(0, BLOCK)
     live = offs < count
-    ptrs = flag_ptr + tl.where(live, offs, 0)  # idle lanes re-read flag 0: always a valid address
-    vals = tl.where(live, load_acquire(ptrs, GLOBALTIMER), target)
-    alive = tl.load(err_ptr, volatile=True) == 0
-    if GLOBALTIMER:
-        deadline = _globaltimer() + timeout
-        while (tl.min(vals, 0) < target) & alive & (_globaltimer() < deadline):
-            vals = tl.where(live, load_acquire(ptrs, GLOBALTIMER), target)
-    else:
-        spins = 0
-        while (tl.min(vals, 0) < target) & alive & (spins < timeout):
-            vals = tl.where(live, load_acquire(ptrs, GLOBALTIMER), target)
-            spins += 1
+    # idle lanes re-read flag 0: always a valid address
+    vals = _poll_lanes(flag_ptr + tl.where(live, offs, 0), live, target, timeout, err_ptr, GLOBALTIMER)
     ok = tl.min(vals, 0) >= target
     if not ok:
-        if tl.atomic_cas(err_ptr, 0, err_code) == 0:
-            tl.store(err_ptr + 1, index_base + tl.min(tl.where(vals < target, offs, BLOCK), 0))
-            tl.store(err_ptr + 2, tl.min(vals, 0))
-            tl.store(err_ptr + 3, target)
+        _record_failure(err_ptr, err_code, index_base + tl.min(tl.where(vals < target, offs, BLOCK), 0),
+                        tl.min(vals, 0), target)
     tl.debug_barrier()
     return ok
 
@@ -161,24 +174,10 @@ def wait_all_geq(flag_ptr, count, target, timeout, err_ptr, err_code, index_base
 def wait_gather_geq(ptrs, mask, target, timeout, err_ptr, err_code, index, safe_ptr, GLOBALTIMER: tl.constexpr):
     """Spin until `*ptrs[i] >= target` for every lane i with `mask[i]` (flags at arbitrary addresses; lanes
     off the mask poll `safe_ptr`, any valid flag). Failure handling as `wait_until_geq` (reports `index`)."""
-    p = tl.where(mask, ptrs, safe_ptr)
-    vals = tl.where(mask, load_acquire(p, GLOBALTIMER), target)
-    alive = tl.load(err_ptr, volatile=True) == 0
-    if GLOBALTIMER:
-        deadline = _globaltimer() + timeout
-        while (tl.min(vals, 0) < target) & alive & (_globaltimer() < deadline):
-            vals = tl.where(mask, load_acquire(p, GLOBALTIMER), target)
-    else:
-        spins = 0
-        while (tl.min(vals, 0) < target) & alive & (spins < timeout):
-            vals = tl.where(mask, load_acquire(p, GLOBALTIMER), target)
-            spins += 1
+    vals = _poll_lanes(tl.where(mask, ptrs, safe_ptr), mask, target, timeout, err_ptr, GLOBALTIMER)
     ok = tl.min(vals, 0) >= target
     if not ok:
-        if tl.atomic_cas(err_ptr, 0, err_code) == 0:
-            tl.store(err_ptr + 1, index)
-            tl.store(err_ptr + 2, tl.min(vals, 0))
-            tl.store(err_ptr + 3, target)
+        _record_failure(err_ptr, err_code, index, tl.min(vals, 0), target)
     tl.debug_barrier()
     return ok
 
