@@ -80,19 +80,20 @@ def test_fused_layer_bf16_matches_megatron_one_rank():
     _check(results, "emulated")
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_fused_layer_bf16_several_ranks_one_gpu_cuda_ipc(world):
-    # Each process is one EP rank on the same GPU; buffers are shared through CUDA IPC and the
-    # process group is gloo (NCCL refuses two ranks on one GPU, and Megatron's alltoall cannot move
-    # CUDA tensors over gloo). The oracle is Megatron's layer with ALL experts on each rank.
-    results = run_distributed(_ipc_body, world, ep=world, timeout=900, world=world)
+@pytest.mark.parametrize("transport,world", [("cuda_ipc", 2), ("cuda_ipc", 4), ("symm_mem", 1), ("symm_mem", 2)])
+def test_fused_layer_bf16_several_ranks_one_gpu(transport, world):
+    # Each process is one EP rank on the same GPU; buffers are shared through CUDA IPC or torch
+    # symmetric memory and the process group is gloo (NCCL refuses two ranks on one GPU, and
+    # Megatron's alltoall cannot move CUDA tensors over gloo). The oracle is Megatron's layer with ALL
+    # experts on each rank. symm_mem at world 1 checks the allocation/rendezvous path alone.
+    results = run_distributed(_ipc_body, world, ep=world, timeout=900, world=world, transport=transport)
     for rank, r in enumerate(results):
-        assert r["transport"] == "cuda_ipc", r
+        assert r["transport"] == transport, r
         bad = {k: v for k, v in r["errs"].items() if not v <= 3e-2}
         assert not bad, f"rank {rank}: {bad}"
 
 
-def _ipc_body(rank, world):
+def _ipc_body(rank, world, transport="cuda_ipc"):
     """EP=world fused layer vs each rank evaluating the full (all experts) layer itself."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -121,7 +122,7 @@ def _ipc_body(rank, world):
 
     from moe_cases import make_config
 
-    comet_megatron.enable(CometConfig(transport="cuda_ipc"))
+    comet_megatron.enable(CometConfig(transport=transport))
     hidden, ffn, experts, topk = shape
     cfg = make_config("comet", hidden_size=hidden, ffn_hidden_size=ffn, moe_ffn_hidden_size=ffn,
                       num_moe_experts=experts, moe_router_topk=topk, params_dtype=dtype, bf16=True,
