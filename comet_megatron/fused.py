@@ -44,7 +44,7 @@ _WORKSPACES: dict = {}
 # shapes; docs/BENCHMARKS.md). Elsewhere the kernels' defaults stay (their shared-memory needs fit
 # every GPU).
 GPU_UNTUNED_DEFAULT = {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4,
-                       "combine_block_n": 256, "combine_num_stages": 3}
+                       "combine_block_n": 256, "combine_num_stages": 3, "bwd_block_n": 256, "bwd_num_stages": 3}
 
 
 def _is_hopper(device) -> bool:

@@ -12,13 +12,14 @@ Search (coordinate descent, few candidates):
     1. tiles: (block_m, block_n, block_k, num_warps, num_stages) with the default comm counts
        (gemm_combine on the same block_n and num_stages)
     2. combine tiles: (combine_block_n, combine_num_stages) of gemm_combine, with the best tiles
-    3. num_comm_dispatch over the comm grid, with the best of 2
-    4. num_comm_combine over the comm grid, with the best of 3
+    3. bwd tiles: (bwd_block_n, bwd_num_stages) of layer 0's backward GEMM, with the best of 2
+    4. num_comm_dispatch over the comm grid, with the best of 3
+    5. num_comm_combine over the comm grid, with the best of 4
 Every candidate is timed with `triton.testing.do_bench` (median; CPU interpreter: wall-clock median).
 A candidate that fails (too much shared memory, a compile error, a timed-out wait) is recorded and
 skipped. The search stops at `budget_s` seconds or `max_candidates` timings, keeping the best so far;
-stages 1 and 2 may only use part of `budget_s` (`TILE_BUDGET_SHARE`, `COMBINE_BUDGET_SHARE`) so the
-comm counts are always searched.
+stages 1 to 3 may only use part of `budget_s` (`STAGE_BUDGET_SHARES`) so the comm counts are always
+searched.
 
 Cache file (`CometConfig.tune_cache`, default ~/.cache/comet-megatron/tune.json), see docs/TUNING.md:
     {"version": 1, "entries": {KEY_STRING: {"key": {...}, "config": {...}, "ms": .., ...}}}
@@ -48,17 +49,20 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger("comet_megatron")
 
 CACHE_VERSION = 1
-# KernelConfig fields a cache entry may set (the tuner searches the first nine: `Candidate`'s fields;
-# an entry without combine_block_n / combine_num_stages means gemm_combine on block_n / num_stages).
+# KernelConfig fields a cache entry may set (the tuner searches the first eleven: `Candidate`'s fields;
+# an entry without combine_* / bwd_* fields means those GEMMs on block_n / num_stages).
 TUNED_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "num_comm_dispatch",
-                "num_comm_combine", "combine_block_n", "combine_num_stages", "group_m", "group_n")
-BLOCK_FIELDS = ("block_m", "block_n", "block_k", "combine_block_n")  # powers of two >= 16
+                "num_comm_combine", "combine_block_n", "combine_num_stages", "bwd_block_n", "bwd_num_stages",
+                "group_m", "group_n")
+BLOCK_FIELDS = ("block_m", "block_n", "block_k", "combine_block_n", "bwd_block_n")  # powers of two >= 16
 MAX_COMM_PROGRAMS = 64  # the workspaces' `max_comm_programs` (comet_megatron.transport.workspace)
 CPU_GPU_NAME = "cpu-interpreter"
 # Of --budget-s, elapsed from the start: the tiles stage runs until TILE_BUDGET_SHARE, the combine-tiles
-# stage until COMBINE_BUDGET_SHARE; the comm stages get the rest (they always get searched).
+# stage until COMBINE_BUDGET_SHARE, the bwd-tiles stage until BWD_BUDGET_SHARE; the comm stages get the
+# rest (they always get searched).
 TILE_BUDGET_SHARE = 0.6
-COMBINE_BUDGET_SHARE = 0.75
+COMBINE_BUDGET_SHARE = 0.7
+BWD_BUDGET_SHARE = 0.8
 
 # (block_m, block_n, block_k, num_warps, num_stages), most promising first (the budget may cut the
 # tail). The first entry is KernelConfig's defaults: the baseline the result is compared with.
@@ -75,9 +79,14 @@ GPU_TILES = (
 # num_stages), gemm_combine's default, is the stage's base (already timed). 256-wide chunks with 3 stages
 # made gemm_combine 1.1-1.2x faster on an H100 (fused.GPU_UNTUNED_DEFAULT).
 GPU_COMBINE = ((256, 3), (256, 4), (128, 3), (256, 2))
+# (bwd_block_n, bwd_num_stages) of dispatch_gemm_backward tried next: with the activation backward out of
+# its epilogue, a 256-wide column block (one accumulator, like the forward's gate + up pair) with 3
+# stages made layer 0's backward 1.14-1.20x faster on an H100 (fused.GPU_UNTUNED_DEFAULT).
+GPU_BWD = ((256, 3), (256, 4), (128, 3))
 GPU_COMM_AT_132_SMS = (8, 16, 24, 32, 48)  # scaled by SMs / 132 (Comet: 18..46 of 132 SMs)
 CPU_TILES = ((64, 64, 32, 4, 3), (16, 16, 16, 1, 1))
 CPU_COMBINE = ((16, 1), (32, 1))
+CPU_BWD = ((16, 1), (32, 1))
 CPU_COMM = (1, 2)
 
 
@@ -323,9 +332,9 @@ def log_once(key: TuneKey, message: str) -> None:
 # ----------------------------------------------------------------------------------- candidates
 @dataclass(frozen=True)
 class Candidate:
-    """One point of the search: `KernelConfig` fields. combine_block_n / combine_num_stages left out
-    (None) become block_n / num_stages when built, so a candidate (and its cache entry) always holds
-    concrete ints and equal configs compare equal."""
+    """One point of the search: `KernelConfig` fields. combine_* / bwd_* left out (None) become block_n /
+    num_stages when built, so a candidate (and its cache entry) always holds concrete ints and equal
+    configs compare equal."""
 
     block_m: int
     block_n: int
@@ -336,16 +345,18 @@ class Candidate:
     num_comm_combine: int
     combine_block_n: int = None  # type: ignore[assignment] # None -> block_n
     combine_num_stages: int = None  # type: ignore[assignment] # None -> num_stages
+    bwd_block_n: int = None  # type: ignore[assignment] # None -> block_n
+    bwd_num_stages: int = None  # type: ignore[assignment] # None -> num_stages
 
     def __post_init__(self) -> None:
-        if self.combine_block_n is None:
-            object.__setattr__(self, "combine_block_n", self.block_n)
-        if self.combine_num_stages is None:
-            object.__setattr__(self, "combine_num_stages", self.num_stages)
+        for name, base in (("combine_block_n", self.block_n), ("combine_num_stages", self.num_stages),
+                           ("bwd_block_n", self.block_n), ("bwd_num_stages", self.num_stages)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, base)
 
     @classmethod
     def from_config(cls, cfg: dict) -> Candidate | None:
-        """The candidate of a cache entry's config (old entries lack the combine fields); None when a
+        """The candidate of a cache entry's config (old entries lack the combine / bwd fields); None when a
         field without a default is missing."""
         fields = dataclasses.fields(cls)
         if not all(f.name in cfg for f in fields if f.default is dataclasses.MISSING):
@@ -358,6 +369,7 @@ class Candidate:
     def label(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages} "
                 f"combine {self.combine_block_n} s{self.combine_num_stages} "
+                f"bwd {self.bwd_block_n} s{self.bwd_num_stages} "
                 f"comm {self.num_comm_dispatch}/{self.num_comm_combine}")
 
 
@@ -367,6 +379,7 @@ class Grid:
     comm: Sequence[int]
     default_comm: int
     combine: Sequence[tuple[int, int]] = ()  # (combine_block_n, combine_num_stages) options
+    bwd: Sequence[tuple[int, int]] = ()  # (bwd_block_n, bwd_num_stages) options
 
 
 def sm_count(device) -> int | None:
@@ -381,10 +394,10 @@ def sm_count(device) -> int | None:
 def default_grid(device) -> Grid:
     sms = sm_count(device)
     if sms is None:
-        return Grid(tiles=CPU_TILES, comm=CPU_COMM, default_comm=2, combine=CPU_COMBINE)
+        return Grid(tiles=CPU_TILES, comm=CPU_COMM, default_comm=2, combine=CPU_COMBINE, bwd=CPU_BWD)
     limit = min(MAX_COMM_PROGRAMS, sms // 2)
     comm = sorted({min(limit, max(1, round(c * sms / 132))) for c in GPU_COMM_AT_132_SMS})
-    return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8), combine=GPU_COMBINE)
+    return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8), combine=GPU_COMBINE, bwd=GPU_BWD)
 
 
 @dataclass
@@ -406,19 +419,21 @@ class TuneResult:
     trials: list[Trial] = field(default_factory=list)
     from_cache: bool = False
     cached_entry: dict | None = None
+    timing: str = "round"  # key of TIMINGS: what `ms` measures
 
 
-STAGE_BUDGET_SHARES = {"tiles": TILE_BUDGET_SHARE, "combine tiles": COMBINE_BUDGET_SHARE}
+STAGE_BUDGET_SHARES = {"tiles": TILE_BUDGET_SHARE, "combine tiles": COMBINE_BUDGET_SHARE,
+                       "bwd tiles": BWD_BUDGET_SHARE}
 
 
 def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, budget_s: float,
                        max_candidates: int, on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
     """Tiles with default comm counts, then gemm_combine's (combine_block_n, combine_num_stages), then
-    num_comm_dispatch, then num_comm_combine.
+    layer 0 backward's (bwd_block_n, bwd_num_stages), then num_comm_dispatch, then num_comm_combine.
 
     The tiles stage runs until `TILE_BUDGET_SHARE` of `budget_s` has elapsed, the combine-tiles stage
-    until `COMBINE_BUDGET_SHARE`, so that the comm counts (Comet's adaptive assignment) are always
-    searched.
+    until `COMBINE_BUDGET_SHARE`, the bwd-tiles stage until `BWD_BUDGET_SHARE`, so that the comm counts
+    (Comet's adaptive assignment) are always searched.
 
     `measure(candidate) -> ms` may raise: the candidate is recorded as failed. A candidate already
     measured is not measured again. Returns every trial in order (failed and skipped included).
@@ -462,6 +477,9 @@ def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, bud
     for combine_block_n, combine_num_stages in (grid.combine if base is not None else ()):
         attempt("combine tiles", dataclasses.replace(base, combine_block_n=combine_block_n,
                                                      combine_num_stages=combine_num_stages))
+    base = best()
+    for bwd_block_n, bwd_num_stages in (grid.bwd if base is not None else ()):
+        attempt("bwd tiles", dataclasses.replace(base, bwd_block_n=bwd_block_n, bwd_num_stages=bwd_num_stages))
     for name, stage in (("num_comm_dispatch", "comm dispatch"), ("num_comm_combine", "comm combine")):
         base = best()
         if base is None:
@@ -596,7 +614,7 @@ TIMINGS = {"round": "forward+backward round (no wgrad), median ms",
 # ------------------------------------------------------------------------------------------ tune
 def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens: int, world: int = 1,
          dtype=None, device=None, cache_path: str | None = None, grid: Grid | None = None,
-         budget_s: float = 150.0, max_candidates: int = 20, force: bool = False,
+         budget_s: float = 150.0, max_candidates: int = 26, force: bool = False,
          measure: Callable[[Candidate], float] | None = None, progress: bool = True,
          timing: str = "round") -> TuneResult:
     """Tune one shape at one token count; store the best in the cache and return what was tried.
@@ -640,7 +658,7 @@ def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens:
     best = min(ok, key=lambda t: t.ms) if ok else None
     baseline_ms = trials[0].ms if trials else None  # the first tile candidate at the default comm counts
     result = TuneResult(key, cache.path, best.candidate if best else None, best.ms if best else None,
-                        baseline_ms, trials)
+                        baseline_ms, trials, timing=timing)
     if best is not None:
         cache.store(key, {
             "config": best.candidate.config(), "ms": round(best.ms, 6),
@@ -653,7 +671,7 @@ def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens:
 
 
 def _run_search(measure, grid, *, budget_s, max_candidates, progress, title) -> list[Trial]:
-    total = min(max_candidates, len(grid.tiles) + len(grid.combine) + 2 * len(grid.comm))
+    total = min(max_candidates, len(grid.tiles) + len(grid.combine) + len(grid.bwd) + 2 * len(grid.comm))
     if not progress:
         return coordinate_descent(measure, grid, budget_s=budget_s, max_candidates=max_candidates)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -683,12 +701,14 @@ def print_result(result: TuneResult, console=None) -> None:
         console.print(f"[bold]{key.string()}[/]: cached entry in {result.cache_path} (not re-timed; "
                       f"--force re-tunes): {result.cached_entry['config']}, {result.best_ms} ms")
         return
-    table = Table(title=f"{key.shape_string()} on {key.gpu} (median ms of one forward+backward round)")
-    # "comb n", "comb st": gemm_combine's combine_block_n, combine_num_stages
-    for col in ("#", "stage", "block_m", "block_n", "block_k", "warps", "stages", "comb n", "comb st",
-                "comm disp", "comm comb", "ms", "note"):
+    table = Table(title=f"{key.shape_string()} on {key.gpu} ({TIMINGS[result.timing]})")
+    # BM/BN/BK: block_m/n/k; w: warps; st: stages; "comb n", "comb st": gemm_combine's combine_block_n,
+    # combine_num_stages; "bwd n", "bwd st": layer 0 backward's bwd_block_n, bwd_num_stages; "comm d",
+    # "comm c": communication programs of dispatch_gemm and gemm_combine
+    for col in ("#", "stage", "BM", "BN", "BK", "w", "st", "comb n", "comb st",
+                "bwd n", "bwd st", "comm d", "comm c", "ms", "note"):
         table.add_column(col, justify="left" if col in ("stage", "note") else "right",
-                         min_width=28 if col == "note" else None)
+                         min_width={"note": 28, "stage": 13}.get(col), no_wrap=col == "stage")
     for i, t in enumerate(result.trials, 1):
         c = t.candidate
         note = t.error or ""
@@ -698,7 +718,7 @@ def print_result(result: TuneResult, console=None) -> None:
             note = "baseline"
         table.add_row(str(i), t.stage, str(c.block_m), str(c.block_n), str(c.block_k), str(c.num_warps),
                       str(c.num_stages), str(c.combine_block_n), str(c.combine_num_stages),
-                      str(c.num_comm_dispatch), str(c.num_comm_combine),
+                      str(c.bwd_block_n), str(c.bwd_num_stages), str(c.num_comm_dispatch), str(c.num_comm_combine),
                       "-" if t.ms is None else f"{t.ms:.3f}", note)
     console.print(table)
     if result.best is None:
@@ -723,17 +743,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cache file (default: the YAML's comet.tune_cache, else ~/.cache/comet-megatron/tune.json)")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="seconds of search in all (split over the token counts); the best so far is kept")
-    p.add_argument("--max-candidates", type=int, default=20, help="most timings per token count")
+    p.add_argument("--max-candidates", type=int, default=26, help="most timings per token count")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the YAML's; fp32 on the CPU)")
     p.add_argument("--tiles", default=None,
                    help="tile candidates, comma-separated BMxBNxBKxWARPSxSTAGES (first = baseline)")
     p.add_argument("--combine-tiles", default=None,
                    help="gemm_combine options for the best tiles, comma-separated COMBINE_BNxSTAGES (e.g. 256x3)")
+    p.add_argument("--bwd-tiles", default=None,
+                   help="layer 0 backward GEMM options for the best tiles, comma-separated BWD_BNxSTAGES (e.g. 256x3)")
     p.add_argument("--comm", default=None, help="comm-program counts to try, comma-separated")
     p.add_argument("--force", action="store_true", help="re-tune even when the cache has this key")
     p.add_argument("--timing", choices=sorted(TIMINGS), default="round",
                    help="round: one fused forward+backward round per candidate (default); kernels: the sum of "
                         "the four fused kernels timed alone with CUDA events (less noise on small shapes)")
+
+
+def _parse_pairs(text: str, flag: str) -> list[tuple[int, int]]:
+    """`--combine-tiles` / `--bwd-tiles`: comma-separated BLOCK_NxSTAGES."""
+    pairs = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"{flag} {item!r}: expected BLOCK_NxSTAGES, e.g. 256x3")
+        block_n, stages = (int(p) for p in parts)
+        if block_n < 16 or block_n & (block_n - 1) or stages < 1:
+            raise ValueError(f"{flag} {item!r}: the column block must be a power of two >= 16 "
+                             f"and the stages >= 1, e.g. 256x3")
+        pairs.append((block_n, stages))
+    return pairs
 
 
 def _parse_grid(args, device) -> Grid:
@@ -746,18 +783,9 @@ def _parse_grid(args, device) -> Grid:
                 raise ValueError(f"--tiles {item!r}: expected BMxBNxBKxWARPSxSTAGES, e.g. 128x128x64x8x3")
             tiles.append(tuple(int(p) for p in parts))
         grid.tiles = tiles
-    if getattr(args, "combine_tiles", None):
-        combine = []
-        for item in args.combine_tiles.split(","):
-            parts = item.strip().lower().split("x")
-            if len(parts) != 2 or not all(p.isdigit() for p in parts):
-                raise ValueError(f"--combine-tiles {item!r}: expected COMBINE_BNxSTAGES, e.g. 256x3")
-            block_n, stages = (int(p) for p in parts)
-            if block_n < 16 or block_n & (block_n - 1) or stages < 1:
-                raise ValueError(f"--combine-tiles {item!r}: the column chunk must be a power of two >= 16 "
-                                 f"and the stages >= 1, e.g. 256x3")
-            combine.append((block_n, stages))
-        grid.combine = combine
+    for attr, flag, what in (("combine_tiles", "--combine-tiles", "combine"), ("bwd_tiles", "--bwd-tiles", "bwd")):
+        if getattr(args, attr, None):
+            setattr(grid, what, _parse_pairs(getattr(args, attr), flag))
     if args.comm:
         try:
             grid.comm = [int(c) for c in args.comm.split(",")]

@@ -32,6 +32,7 @@ class KernelConfig:
     combine_block_n: int | None = None  # gemm_combine's column chunk (None: block_n)
     combine_num_stages: int | None = None  # gemm_combine's pipeline depth (None: num_stages)
     bwd_block_n: int | None = None  # dispatch_gemm_backward's column block (None: block_n)
+    bwd_num_stages: int | None = None  # dispatch_gemm_backward's pipeline depth (None: num_stages)
     pre_reduce: bool = False  # gemm_combine sums rows of one token that met on a rank before sending
     fused_act_backward: bool = False  # activation backward in the GEMM epilogue (spills on Hopper) or after
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
@@ -41,11 +42,12 @@ class KernelConfig:
     def dispatch_kwargs(self, backward: bool = False) -> dict:
         """Keyword arguments of `dispatch_gemm` (`dispatch_gemm_backward` when `backward`)."""
         block_n = (self.bwd_block_n or self.block_n) if backward else self.block_n
+        stages = (self.bwd_num_stages or self.num_stages) if backward else self.num_stages
         extra = dict(fused_act_backward=self.fused_act_backward) if backward else {}
-        return dict(**extra,activation=self.activation, gated=self.gated, num_comm=self.num_comm_dispatch,
+        return dict(**extra, activation=self.activation, gated=self.gated, num_comm=self.num_comm_dispatch,
                     num_compute=self.num_compute, block_n=block_n, block_k=self.block_k,
                     block_h=self.block_h, trace=self.trace, num_warps=self.num_warps,
-                    num_stages=self.num_stages, group_m=self.group_m, use_tma=self.use_tma,
+                    num_stages=stages, group_m=self.group_m, use_tma=self.use_tma,
                     in_place_local=self.in_place_local)
 
     def combine_kwargs(self) -> dict:

@@ -6,6 +6,7 @@ triton is imported); the rest runs in-process with a fake timing function and ne
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -71,7 +72,7 @@ def test_tune_end_to_end_then_cached(tmp_path):
     (tmp_path / "tiny.yaml").write_text(TINY_YAML)
     cache = tmp_path / "sub" / "tune.json"
     args = ("--config", str(tmp_path / "tiny.yaml"), "--cache", str(cache), "--tiles",
-            "16x16x16x1x1,32x32x16x1x1", "--combine-tiles", "16x1,32x1", "--comm", "1,2",
+            "16x16x16x1x1,32x32x16x1x1", "--combine-tiles", "16x1,32x1", "--bwd-tiles", "16x1", "--comm", "1,2",
             "--max-candidates", "3")
     first = _cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -84,9 +85,10 @@ def test_tune_end_to_end_then_cached(tmp_path):
                             "triton": tune.triton_version()}
     assert name == tune.TuneKey(**entry["key"]).string()
     assert entry["trials"] == 3 and entry["ms"] > 0
-    assert entry["config"]["block_m"] in (16, 32) and set(entry["config"]) == set(tune.TUNED_FIELDS[:9])
-    assert set(tune.TUNED_FIELDS[:9]) == {f.name for f in tune.dataclasses.fields(tune.Candidate)}
+    assert entry["config"]["block_m"] in (16, 32) and set(entry["config"]) == set(tune.TUNED_FIELDS[:11])
+    assert set(tune.TUNED_FIELDS[:11]) == {f.name for f in tune.dataclasses.fields(tune.Candidate)}
     assert entry["config"]["combine_block_n"] in (16, 32) and entry["config"]["combine_num_stages"] == 1
+    assert entry["config"]["bwd_block_n"] in (16, 32) and entry["config"]["bwd_num_stages"] == 1
     before = cache.read_bytes()
     # second run: served from the cache, nothing timed, file untouched
     second = _cli(*args, cwd=tmp_path)
@@ -138,9 +140,9 @@ def test_coordinate_descent_order_failures_and_caps(tmp_path):
 
 
 @pytest.mark.parametrize("budget_s, expected", [
-    # tiles stop at 60% of the budget (6 s), combine tiles at 75% (7.5 s): the comm stages still run
+    # tiles stop at 60% of the budget (6 s), combine tiles at 70% (7 s): the comm stages still run
     (10, ["tiles", "tiles", "comm dispatch"]),
-    # 7.2 s and 9 s: one combine option fits, then the comm stages
+    # 7.2 s and 8.4 s: one combine option fits, then the comm stages
     (12, ["tiles", "tiles", "combine tiles", "comm dispatch"]),
 ])
 def test_budget_keeps_a_share_for_the_comm_stages(monkeypatch, budget_s, expected):
@@ -281,7 +283,7 @@ def test_combine_tiles_option(tmp_path, capsys):
     args = build_parser().parse_args(["tune", "--config", str(tmp_path / "tiny.yaml"), "--cache",
                                       str(tmp_path / "tune.json"), "--combine-tiles", "256-3"])
     assert tune.main(args) == 2
-    assert "--combine-tiles '256-3': expected COMBINE_BNxSTAGES" in capsys.readouterr().err
+    assert "--combine-tiles '256-3': expected BLOCK_NxSTAGES" in capsys.readouterr().err
     assert not (tmp_path / "tune.json").exists()
 
 
@@ -404,3 +406,41 @@ def test_tune_timing_kernels_end_to_end(tmp_path):
     assert entry["timing"] == tune.TIMINGS["kernels"] and entry["ms"] > 0 and entry["trials"] == 3
     bad = _cli("--config", str(tmp_path / "tiny.yaml"), "--timing", "nope", cwd=tmp_path)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr
+
+
+def test_bwd_tiles_stage_after_combine_tiles(tmp_path):
+    """Stage 3 varies layer 0 backward's (bwd_block_n, bwd_num_stages) around the best so far; the winner
+    reaches dispatch_gemm_backward (and only it) through kernel_config."""
+    cand = tune.Candidate(128, 128, 64, 8, 4, 16, 16)
+    assert (cand.bwd_block_n, cand.bwd_num_stages) == (128, 4) and "bwd 128 s4" in cand.label()
+    grid = tune.Grid(tiles=[(64, 64, 32, 4, 3), (128, 128, 64, 8, 4)], comm=[16], default_comm=16,
+                     combine=[(256, 3)], bwd=[(256, 3), (128, 4), (512, 3)])  # (128, 4): the base
+
+    def measure(c):
+        if c.bwd_block_n == 512:
+            raise RuntimeError("OutOfResources: out of registers")
+        return (2.0 if c.block_m == 64 else 1.0) - 0.1 * (c.combine_block_n == 256) - 0.2 * (c.bwd_block_n == 256)
+
+    trials = tune.coordinate_descent(measure, grid, budget_s=1e9, max_candidates=100)
+    assert [t.stage for t in trials] == ["tiles"] * 2 + ["combine tiles"] + ["bwd tiles"] * 2
+    bwd = [t for t in trials if t.stage == "bwd tiles"]
+    assert all(t.candidate.combine_block_n == 256 for t in bwd)  # on top of the best combine tiles
+    assert bwd[1].ms is None and "registers" in bwd[1].error
+    cache = str(tmp_path / "tune.json")
+    res = tune.tune(**TINY, tokens=64, device="cpu", cache_path=cache, grid=grid, measure=measure, progress=False)
+    assert (res.best.bwd_block_n, res.best.bwd_num_stages, res.best.block_n) == (256, 3, 128)
+    kc = kernel_config(CometConfig(tune_cache=cache), _layer_config(), tokens=64, device="cpu",
+                       dtype=torch.float32)
+    fwd, bwd_kw = kc.dispatch_kwargs(), kc.dispatch_kwargs(backward=True)
+    assert (fwd["block_n"], fwd["num_stages"]) == (128, 4) and (bwd_kw["block_n"], bwd_kw["num_stages"]) == (256, 3)
+    # an explicit --comet-tile-n applies to every GEMM: the tuned bwd block is dropped
+    kc = kernel_config(CometConfig(tune_cache=cache, tile_n=64), _layer_config(), tokens=64, device="cpu",
+                       dtype=torch.float32)
+    assert kc.dispatch_kwargs(backward=True)["block_n"] == 64
+
+
+@pytest.mark.parametrize("bad", ["256", "256x0", "100x3", "8x2", "axb"])
+def test_bwd_tiles_flag_rejects_bad_values(bad):
+    ns = argparse.Namespace(tiles=None, combine_tiles=None, bwd_tiles=bad, comm=None)
+    with pytest.raises(ValueError, match="--bwd-tiles"):
+        tune._parse_grid(ns, "cpu")

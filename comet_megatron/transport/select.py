@@ -29,21 +29,46 @@ def _symm_mem_available() -> tuple[bool, str]:
     return True, ""
 
 
-def _peers_reachable(group, device: torch.device) -> tuple[bool, str]:
-    """All ranks of `group` on this host and their GPUs peer-accessible from ours."""
+def check_placement(placement: list, rank: int, can_access=None) -> tuple[bool, str, bool]:
+    """(reachable, why-not, shared) for the EP group's `placement`, one (host, GPU index) per rank.
+
+    reachable: every rank on this host and its GPU peer-accessible from `rank`'s (`can_access(a, b)`,
+    default torch's); shared: two ranks use the same GPU (cuda_ipc can share it, torch symmetric
+    memory cannot: its rendezvous refuses allocations of several ranks on one device)."""
+    if len(placement) <= 1:
+        return True, "", False
+    if len({host for host, _ in placement}) > 1:
+        return False, "EP peers span several hosts (inter-node transport is not implemented yet)", False
+    can_access = can_access or torch.cuda.can_device_access_peer
+    mine = placement[rank][1]
+    for _, index in placement:
+        if index != mine and not can_access(mine, index):
+            return False, f"GPU {mine} cannot access GPU {index} peer-to-peer", False
+    indices = [index for _, index in placement]
+    return True, "", len(set(indices)) < len(indices)
+
+
+def _placement(group, device: torch.device) -> tuple[list, int]:
+    """((host, GPU index) of every rank of `group`, this rank's position): one all_gather_object."""
     world = _group_size(group)
     if world == 1:
-        return True, ""
+        return [(None, device.index)], 0
     import socket
 
     hosts: list = [None] * world
     dist.all_gather_object(hosts, (socket.gethostname(), device.index), group=group)
-    if len({h for h, _ in hosts}) > 1:
-        return False, "EP peers span several hosts (inter-node transport is not implemented yet)"
-    for _, index in hosts:
-        if index != device.index and not torch.cuda.can_device_access_peer(device.index, index):
-            return False, f"GPU {device.index} cannot access GPU {index} peer-to-peer"
-    return True, ""
+    return hosts, dist.get_rank(group)
+
+
+def _peers_reachable(group, device: torch.device) -> tuple[bool, str, bool]:
+    """All ranks of `group` on this host and their GPUs peer-accessible from ours; and whether some
+    ranks share a GPU."""
+    placement, rank = _placement(group, device)
+    return check_placement(placement, rank)
+
+
+SHARED_GPU = ("several EP ranks share one GPU and torch symmetric memory needs one GPU per rank "
+              "(its rendezvous refuses them)")
 
 
 def resolve_transport(
@@ -70,11 +95,13 @@ def resolve_transport(
             return "nccl", "no GPU"
         if world == 1:  # the fused kernels only add work when there is nothing to overlap
             return "nccl", "EP size 1, no communication to overlap"
-        reach, why = _peers_reachable(group, device)
+        reach, why, shared = _peers_reachable(group, device)
         if not reach:
             return "nccl", why
-        sm_ok, _ = _symm_mem_available()
-        return ("symm_mem", "") if sm_ok else ("cuda_ipc", "torch symmetric memory unavailable")
+        if shared:
+            return "cuda_ipc", SHARED_GPU
+        sm_ok, why = _symm_mem_available()
+        return ("symm_mem", "") if sm_ok else ("cuda_ipc", why)
 
     if not ok:
         raise TransportUnavailable(
@@ -97,11 +124,14 @@ def resolve_transport(
         sm_ok, why = _symm_mem_available()
         if not sm_ok:
             raise TransportUnavailable(f"--comet-transport symm_mem: {why}; use cuda_ipc or auto")
-        reach, why = _peers_reachable(group, device)
+        reach, why, shared = _peers_reachable(group, device)
         if not reach:
             raise TransportUnavailable(f"--comet-transport symm_mem: {why}; use auto or nccl")
+        if shared:
+            raise TransportUnavailable(f"--comet-transport symm_mem: {SHARED_GPU}; use cuda_ipc (or auto, "
+                                       "which picks it), or give each rank its own GPU")
     if wanted == "cuda_ipc" and on_gpu:
-        reach, why = _peers_reachable(group, device)
+        reach, why, _ = _peers_reachable(group, device)
         if not reach:
             raise TransportUnavailable(f"--comet-transport cuda_ipc: {why}; use auto or nccl")
     return wanted, ""

@@ -80,17 +80,52 @@ def test_fused_layer_bf16_matches_megatron_one_rank():
     _check(results, "emulated")
 
 
-@pytest.mark.parametrize("transport,world", [("cuda_ipc", 2), ("cuda_ipc", 4), ("symm_mem", 1), ("symm_mem", 2)])
+@pytest.mark.parametrize("transport,world", [("cuda_ipc", 2), ("cuda_ipc", 4), ("symm_mem", 1)])
 def test_fused_layer_bf16_several_ranks_one_gpu(transport, world):
     # Each process is one EP rank on the same GPU; buffers are shared through CUDA IPC or torch
     # symmetric memory and the process group is gloo (NCCL refuses two ranks on one GPU, and
     # Megatron's alltoall cannot move CUDA tensors over gloo). The oracle is Megatron's layer with ALL
-    # experts on each rank. symm_mem at world 1 checks the allocation/rendezvous path alone.
+    # experts on each rank. symm_mem at world 1 checks the allocation/rendezvous path alone (torch
+    # refuses two ranks of symmetric memory on one GPU: see the next test).
     results = run_distributed(_ipc_body, world, ep=world, timeout=900, world=world, transport=transport)
     for rank, r in enumerate(results):
         assert r["transport"] == transport, r
         bad = {k: v for k, v in r["errs"].items() if not v <= 3e-2}
         assert not bad, f"rank {rank}: {bad}"
+
+
+def test_symm_mem_on_a_shared_gpu_is_refused_clearly_and_auto_picks_cuda_ipc():
+    results = run_distributed(_shared_gpu_body, 2, ep=2, timeout=300)
+    for r in results:
+        assert "one GPU per rank" in r["explicit"] and "use cuda_ipc" in r["explicit"], r
+        assert r["auto"][0] == "cuda_ipc" and "share one GPU" in r["auto"][1], r
+        assert "overlapping devices" in r["torch"], r  # what our message claims torch does
+
+
+def _shared_gpu_body(rank):
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm
+    from megatron.core import parallel_state as ps
+
+    from comet_megatron import CometConfig
+    from comet_megatron.transport import TransportUnavailable, resolve_transport
+
+    group, dev = ps.get_expert_model_parallel_group(), torch.device("cuda", 0)
+    out = {}
+    try:
+        resolve_transport(CometConfig(transport="symm_mem"), group, dev, (True, ""))
+        out["explicit"] = "no error"
+    except TransportUnavailable as exc:
+        out["explicit"] = str(exc)
+    out["auto"] = resolve_transport(CometConfig(transport="auto"), group, dev, (True, ""))
+    buf = symm.empty(1 << 20, dtype=torch.uint8, device=dev)
+    try:
+        symm.rendezvous(buf, group=group)
+        out["torch"] = "rendezvous succeeded"
+    except RuntimeError as exc:
+        out["torch"] = str(exc)
+    dist.barrier()
+    return out
 
 
 def _ipc_body(rank, world, transport="cuda_ipc"):

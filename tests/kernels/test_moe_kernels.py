@@ -99,7 +99,7 @@ CASES = {
                                         dict(pre_reduce=True, group_m=2, group_n=2)),
     # Each layer with its own column block (gemm_combine chunk, dispatch backward block).
     "w2_k2_swiglu_per_layer_blocks": (2, [14, 9], 2, 2, True, "silu", "uniform",
-                                      dict(block_n=32, combine_block_n=16, bwd_block_n=16)),
+                                      dict(block_n=32, combine_block_n=16, bwd_block_n=16, bwd_num_stages=2)),
     # Enough rows per expert that whole M-tiles hold only the receiver's own rows (read in place by the
     # compute programs) next to tiles that mix local and remote rows (wait for the pull).
     "w2_k2_local_tiles_in_place": (2, [45, 38], 2, 1, True, "silu", "uniform", {}),

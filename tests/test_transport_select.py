@@ -1,0 +1,94 @@
+"""Transport selection (`comet_megatron.transport.select`): where ranks and GPUs are, what each
+`--comet-transport` value then does. No GPU needed: the placement is given, CUDA is not touched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comet_megatron import CometConfig
+from comet_megatron.transport import TransportUnavailable, resolve_transport
+from comet_megatron.transport import select
+
+
+def _all_access(a, b):
+    return True
+
+
+@pytest.mark.parametrize("placement,rank,want", [
+    ([("h", 0)], 0, (True, "", False)),
+    ([("h", 0), ("h", 1)], 1, (True, "", False)),
+    ([("h", 0), ("h", 0)], 0, (True, "", True)),
+    ([("h", 0), ("h", 1), ("h", 1), ("h", 2)], 3, (True, "", True)),
+])
+def test_check_placement_reachable(placement, rank, want):
+    assert select.check_placement(placement, rank, _all_access) == want
+
+
+def test_check_placement_other_host_or_no_peer_access():
+    reach, why, _ = select.check_placement([("a", 0), ("b", 0)], 0, _all_access)
+    assert not reach and "several hosts" in why
+    reach, why, _ = select.check_placement([("h", 0), ("h", 3)], 0, lambda a, b: (a, b) != (0, 3))
+    assert not reach and "GPU 0 cannot access GPU 3" in why
+
+
+@pytest.fixture
+def placed(monkeypatch):
+    """resolve_transport on a pretend 2-rank group whose placement the test sets."""
+    state = {"placement": [("h", 0), ("h", 1)], "symm": (True, "")}
+    monkeypatch.setattr(select, "_group_size", lambda group: len(state["placement"]))
+    monkeypatch.setattr(select, "_peers_reachable",
+                        lambda group, device: select.check_placement(state["placement"], 0, _all_access))
+    monkeypatch.setattr(select, "_symm_mem_available", lambda: state["symm"])
+    return state
+
+
+CUDA0 = torch.device("cuda", 0)  # a device object only: nothing runs on it
+
+
+def test_auto_prefers_symm_mem_one_gpu_per_rank(placed):
+    assert resolve_transport(CometConfig(transport="auto"), None, CUDA0, (True, "")) == ("symm_mem", "")
+
+
+def test_auto_uses_cuda_ipc_when_ranks_share_a_gpu(placed):
+    placed["placement"] = [("h", 0), ("h", 0)]
+    transport, why = resolve_transport(CometConfig(transport="auto"), None, CUDA0, (True, ""))
+    assert transport == "cuda_ipc" and "share one GPU" in why
+
+
+def test_auto_uses_cuda_ipc_without_symmetric_memory(placed):
+    placed["symm"] = (False, "torch.distributed._symmetric_memory is not importable (x)")
+    transport, why = resolve_transport(CometConfig(transport="auto"), None, CUDA0, (True, ""))
+    assert transport == "cuda_ipc" and "not importable" in why
+
+
+def test_auto_falls_back_to_the_reference_path_across_hosts(placed):
+    placed["placement"] = [("a", 0), ("b", 0)]
+    transport, why = resolve_transport(CometConfig(transport="auto"), None, CUDA0, (True, ""))
+    assert transport == "nccl" and "several hosts" in why
+
+
+def test_explicit_symm_mem_on_a_shared_gpu_names_the_fix(placed):
+    placed["placement"] = [("h", 0), ("h", 0)]
+    with pytest.raises(TransportUnavailable, match="one GPU per rank.*use cuda_ipc"):
+        resolve_transport(CometConfig(transport="symm_mem"), None, CUDA0, (True, ""))
+    # cuda_ipc shares the GPU fine
+    assert resolve_transport(CometConfig(transport="cuda_ipc"), None, CUDA0, (True, "")) == ("cuda_ipc", "")
+
+
+def test_explicit_transport_across_hosts_is_refused(placed):
+    placed["placement"] = [("a", 0), ("b", 1)]
+    for transport in ("symm_mem", "cuda_ipc"):
+        with pytest.raises(TransportUnavailable, match="several hosts"):
+            resolve_transport(CometConfig(transport=transport), None, CUDA0, (True, ""))
+
+
+def test_explicit_transport_needs_a_gpu_or_the_interpreter(placed, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(TransportUnavailable, match="needs a CUDA GPU"):
+        resolve_transport(CometConfig(transport="cuda_ipc"), None, torch.device("cpu"), (True, ""))
+    with pytest.raises(TransportUnavailable, match="fused kernels cannot run"):
+        resolve_transport(CometConfig(transport="symm_mem"), None, CUDA0, (False, "expert tensor parallelism"))
+    assert resolve_transport(CometConfig(transport="auto"), None, CUDA0,
+                             (False, "expert tensor parallelism")) == (
+        "nccl", "the fused kernels do not implement expert tensor parallelism")
