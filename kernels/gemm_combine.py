@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import default_programs, dot_precision, rows_16b_aligned
+from .config import compiled_gpu, default_programs, dot_precision, rows_16b_aligned
 from .operands import load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import (ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_all_geq,
@@ -98,6 +98,59 @@ def _row_tile(prow, mask, tile_index_ptr, expert_offsets_ptr, EL: tl.constexpr, 
 
 
 @triton.jit
+def _combine_compute_item(w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc,
+                          w_desc, recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
+                          local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                          rank, epoch, trace_ptr, clock_ptr,
+                          K_DIM: tl.constexpr, HIDDEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr, GROUP_N: tl.constexpr, SCALE: tl.constexpr, SCALARS: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
+                          A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr):
+    """Compute program, one work item w = (tile, column chunk): y = a[tile] @ w[expert][:, chunk] (scaled),
+    local rows stored into their combine slot, remote rows staged; then the item's done flag."""
+    if TRACE:
+        tl.store(trace_ptr + 2 * w, now(clock_ptr, GLOBALTIMER))
+    q, chunk = _combine_item(w, num_tiles, n_chunks, GROUP_N)
+    cols = chunk * BN + tl.arange(0, BN)
+    cmask = cols < HIDDEN
+    j = tl.load(tile_expert_ptr + q)
+    rs = tl.load(tile_start_ptr + q)
+    rows = rs + tl.arange(0, BM)
+    rmask = rows < tl.load(tile_end_ptr + q)
+    a_rows = a_ptr + rows.to(tl.int64) * stride_a
+    w_j = w_ptr + j.to(tl.int64) * stride_we
+    n0 = chunk * BN
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K_DIM, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < K_DIM
+        a = load_rows_block(a_desc, a_rows, rs, k0, ks, rmask, kmask, A_DESC, EVEN_K)
+        b = load_weight_block(w_desc, w_j, j, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
+                              W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    if SCALE:
+        acc = acc * tl.load(recv_prob_ptr + rows, mask=rmask, other=0.0)[:, None]
+    # Rows whose owner is this rank go straight to their combine slot (no staging, no
+    # communication program); the others are staged for the communication programs.
+    src = tl.load(recv_src_ptr + rows, mask=rmask, other=-1)
+    local = rmask & (src == rank)
+    remote = rmask & (src != rank)
+    pair = tl.load(recv_pair_ptr + rows, mask=local, other=0).to(tl.int64)
+    y = acc.to(stage_ptr.dtype.element_ty)
+    tl.store(local_combine_ptr + pair[:, None] * HIDDEN + cols[None, :], y,
+             mask=local[:, None] & cmask[None, :])
+    if SCALARS:
+        if chunk == 0:
+            tl.store(local_scalars_ptr + pair,
+                     tl.load(row_scalars_ptr + rows, mask=local, other=0.0), mask=local)
+    tl.store(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :], y,
+             mask=remote[:, None] & cmask[None, :])
+    store_release(done_ptr + w, epoch)
+    if TRACE:
+        tl.store(trace_ptr + 2 * w + 1, now(clock_ptr, GLOBALTIMER))
+
+
+@triton.jit
 def _gemm_combine_kernel(
     a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc, recv_prob_ptr,
     stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr, local_combine_ptr, local_scalars_ptr,
@@ -111,7 +164,7 @@ def _gemm_combine_kernel(
     SCALE: tl.constexpr, SCALARS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr, BLOCK_N_ITEMS: tl.constexpr,
     PRE_REDUCE: tl.constexpr, TOPK: tl.constexpr, CK: tl.constexpr, EL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
+    A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, FLATTEN: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid = tl.program_id(0)
@@ -120,49 +173,27 @@ def _gemm_combine_kernel(
     total = num_tiles * n_chunks
     # while loops: the bounds live in device memory (Triton's interpreter cannot range() over them)
     if pid < NUM_COMPUTE:
-        w = pid
-        while w < total:
-            if TRACE:
-                tl.store(trace_ptr + 2 * w, now(clock_ptr, GLOBALTIMER))
-            q, chunk = _combine_item(w, num_tiles, n_chunks, GROUP_N)
-            cols = chunk * BN + tl.arange(0, BN)
-            cmask = cols < HIDDEN
-            j = tl.load(tile_expert_ptr + q)
-            rs = tl.load(tile_start_ptr + q)
-            rows = rs + tl.arange(0, BM)
-            rmask = rows < tl.load(tile_end_ptr + q)
-            a_rows = a_ptr + rows.to(tl.int64) * stride_a
-            w_j = w_ptr + j.to(tl.int64) * stride_we
-            n0 = chunk * BN
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
-            for k0 in range(0, K_DIM, BK):
-                ks = k0 + tl.arange(0, BK)
-                kmask = ks < K_DIM
-                a = load_rows_block(a_desc, a_rows, rs, k0, ks, rmask, kmask, A_DESC, EVEN_K)
-                b = load_weight_block(w_desc, w_j, j, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
-                                      W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-            if SCALE:
-                acc = acc * tl.load(recv_prob_ptr + rows, mask=rmask, other=0.0)[:, None]
-            # Rows whose owner is this rank go straight to their combine slot (no staging, no
-            # communication program); the others are staged for the communication programs.
-            src = tl.load(recv_src_ptr + rows, mask=rmask, other=-1)
-            local = rmask & (src == rank)
-            remote = rmask & (src != rank)
-            pair = tl.load(recv_pair_ptr + rows, mask=local, other=0).to(tl.int64)
-            y = acc.to(stage_ptr.dtype.element_ty)
-            tl.store(local_combine_ptr + pair[:, None] * HIDDEN + cols[None, :], y,
-                     mask=local[:, None] & cmask[None, :])
-            if SCALARS:
-                if chunk == 0:
-                    tl.store(local_scalars_ptr + pair,
-                             tl.load(row_scalars_ptr + rows, mask=local, other=0.0), mask=local)
-            tl.store(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :], y,
-                     mask=remote[:, None] & cmask[None, :])
-            store_release(done_ptr + w, epoch)
-            if TRACE:
-                tl.store(trace_ptr + 2 * w + 1, now(clock_ptr, GLOBALTIMER))
-            w += NUM_COMPUTE
+        if FLATTEN:
+            # One flattened loop over (item, K step): Triton's pipeliner then prefetches the next item's
+            # first K steps during this item's epilogue (compiled only: the interpreter cannot range()
+            # over a bound read from device memory).
+            for w in tl.range(pid, total, NUM_COMPUTE, flatten=True):
+                _combine_compute_item(
+                    w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc,
+                    recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
+                    local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                    rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
+                    DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K)
+        else:
+            w = pid
+            while w < total:
+                _combine_compute_item(
+                    w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc,
+                    recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
+                    local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                    rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
+                    DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K)
+                w += NUM_COMPUTE
     else:
         cid = pid - NUM_COMPUTE
         # Communication works per (super-chunk, tile): one wait for the tile's chunks of the super-chunk,
@@ -240,12 +271,15 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  row_scalars: torch.Tensor | None = None, num_comm: int | None = None,
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                  trace: bool = False, num_warps: int = 4, num_stages: int = 3,
-                 group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False) -> torch.Tensor | None:
+                 group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False,
+                 flatten: bool = False) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
 
     pre_reduce: rows of one token that meet on this rank are summed and sent once, into the slot of the
     smallest k (the owner must then call `combine_reduce(..., topk_idx=...)`, which reads only those
     slots for experts on other ranks). Needs a layout from `receive_layout` (its `tile_index`).
+    flatten: the compute programs' item loop and K loop are flattened into one pipelined loop (compiled
+    kernels only; the interpreter runs the plain loop).
 
     a: [R, Kd] receive-order rows (forward: h, Kd = F; backward: d_pre, Kd = F1).
     w: [El, Kd, H] (forward: w2; backward: w1.transpose(1, 2), a strided view is fine).
@@ -297,7 +331,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), BLOCK_N_ITEMS=triton.next_power_of_2(group_n),
         PRE_REDUCE=pre_reduce, TOPK=lay.topk, CK=ck, EL=el, SEARCH_STEPS=el.bit_length(),
         A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major,
-        num_warps=num_warps, num_stages=num_stages,
+        FLATTEN=flatten and compiled_gpu(view.errors), num_warps=num_warps, num_stages=num_stages,
     )
     return trace_buf
 
