@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,6 @@ class KernelConfig:
     fused_act_backward: bool = False  # activation backward in the GEMM epilogue (spills on Hopper) or after
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
-    flatten: bool = False  # compute loops flattened over (item, K step) for cross-item prefetch (GPU only)
 
 
     def dispatch_kwargs(self, backward: bool = False) -> dict:
@@ -50,14 +48,14 @@ class KernelConfig:
                     num_compute=self.num_compute, block_n=block_n, block_k=self.block_k,
                     block_h=self.block_h, trace=self.trace, num_warps=self.num_warps,
                     num_stages=stages, group_m=self.group_m, use_tma=self.use_tma,
-                    in_place_local=self.in_place_local, flatten=self.flatten)
+                    in_place_local=self.in_place_local)
 
     def combine_kwargs(self) -> dict:
         """Keyword arguments of `gemm_combine` (forward and backward)."""
         return dict(num_comm=self.num_comm_combine, num_compute=self.num_compute,
                     block_n=self.combine_block_n or self.block_n, block_k=self.block_k, trace=self.trace,
                     num_warps=self.num_warps, num_stages=self.combine_num_stages or self.num_stages,
-                    group_n=self.group_n, use_tma=self.use_tma, pre_reduce=self.pre_reduce, flatten=self.flatten)
+                    group_n=self.group_n, use_tma=self.use_tma, pre_reduce=self.pre_reduce)
 
 
 def default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:
@@ -78,8 +76,3 @@ def dot_precision(dtype: torch.dtype) -> str:
 def rows_16b_aligned(hidden: int, dtype: torch.dtype) -> bool:
     """True when every row of a [*, hidden] region starts 16-byte aligned (regions are 256-aligned)."""
     return hidden * torch.empty((), dtype=dtype).element_size() % 16 == 0
-
-
-def compiled_gpu(tensor: torch.Tensor) -> bool:
-    """Kernels on `tensor`'s device are compiled for a GPU (not run by Triton's CPU interpreter)."""
-    return tensor.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import compiled_gpu, default_programs, dot_precision, rows_16b_aligned
+from .config import default_programs, dot_precision, rows_16b_aligned
 from .operands import load_rows_block, load_weight_block, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import ERR_DISPATCH_INPUTS, ERR_DISPATCH_TILE, now, store_release, use_globaltimer, wait_until_geq
@@ -250,7 +250,7 @@ def _dispatch_gemm_kernel(
     ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
     KNOWN_ROWS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
     GLOBALTIMER: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, IN_PLACE: tl.constexpr,
-    FUSED_BWD: tl.constexpr, FLATTEN: tl.constexpr,
+    FUSED_BWD: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = HIDDEN % BK == 0
     pid = tl.program_id(0)
@@ -282,30 +282,15 @@ def _dispatch_gemm_kernel(
         if IN_PLACE:
             n_local = tl.load(num_tiles_ptr + 1)
         w = pid - NUM_COMM
-        if FLATTEN:
-            # One flattened loop over (item, K step): Triton's pipeliner prefetches the next item's first
-            # K steps during this item's epilogue (compiled only: the interpreter cannot range() over a
-            # bound read from device memory). Phase 2 waits on flags inside its loop: not flattened.
-            for w1 in tl.range(w, n_local * n_blocks, NUM_COMPUTE, flatten=True):
-                _local_item(w1, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_ptr, recv_pair_ptr,
-                            local_tokens_ptr, local_order_ptr, local_offsets_ptr, seg_start_ptr, rank,
-                            w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-                            out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
-                            trace_ptr, clock_ptr, max_tiles,
-                            TOPK, HIDDEN, FFN, WORLD, EL, BM, BN, BK, GROUP_M, ACT, GATED, BACKWARD, STORE_PRE,
-                            KNOWN_ROWS, DOT_PRECISION, TRACE, GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD)
-            if w < n_local * n_blocks:  # where the plain loop would leave w
-                w += tl.cdiv(n_local * n_blocks - w, NUM_COMPUTE) * NUM_COMPUTE
-        else:
-            while w < n_local * n_blocks:
-                _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_ptr, recv_pair_ptr,
-                            local_tokens_ptr, local_order_ptr, local_offsets_ptr, seg_start_ptr, rank,
-                            w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-                            out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
-                            trace_ptr, clock_ptr, max_tiles,
-                            TOPK, HIDDEN, FFN, WORLD, EL, BM, BN, BK, GROUP_M, ACT, GATED, BACKWARD, STORE_PRE,
-                            KNOWN_ROWS, DOT_PRECISION, TRACE, GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD)
-                w += NUM_COMPUTE
+        while w < n_local * n_blocks:
+            _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_ptr, recv_pair_ptr,
+                        local_tokens_ptr, local_order_ptr, local_offsets_ptr, seg_start_ptr, rank,
+                        w_ptr, stride_we, stride_wk, stride_wn, w_desc,
+                        out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
+                        trace_ptr, clock_ptr, max_tiles,
+                        TOPK, HIDDEN, FFN, WORLD, EL, BM, BN, BK, GROUP_M, ACT, GATED, BACKWARD, STORE_PRE,
+                        KNOWN_ROWS, DOT_PRECISION, TRACE, GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD)
+            w += NUM_COMPUTE
         w -= n_local * n_blocks
         while w < (num_tiles - n_local) * n_blocks:
             q, nb = _dispatch_item(w, num_tiles - n_local, n_blocks, GROUP_M)
@@ -378,8 +363,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
             activation: str, gated: bool, store_pre: bool, rows: DispatchResult | None, num_comm, num_compute,
             block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int,
             group_m: int, use_tma: bool | None = None,
-            in_place_local: bool | None = None, fused_act_backward: bool = False,
-            flatten: bool = False) -> DispatchResult:
+            in_place_local: bool | None = None, fused_act_backward: bool = False) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
@@ -430,7 +414,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         TRACE=trace,
         GLOBALTIMER=use_globaltimer(view.errors), W_DESC=w_desc is not None, W_K_MAJOR=k_major,
         IN_PLACE=True if in_place_local is None else in_place_local, FUSED_BWD=fused_bwd,
-        FLATTEN=flatten and compiled_gpu(view.errors), num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     if backward and not fused_bwd and n_rows > 0:
         _act_backward_kernel[(triton.cdiv(n_rows, 32), gp_cols)](
@@ -451,8 +435,7 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                   gated: bool = True, store_pre: bool = True, num_comm: int | None = None,
                   num_compute: int | None = None, block_n: int = 64, block_k: int = 32, block_h: int = 128,
                   trace: bool = False, num_warps: int = 4, num_stages: int = 3, group_m: int = 8,
-                  use_tma: bool | None = None, in_place_local: bool | None = None,
-                  flatten: bool = False) -> DispatchResult:
+                  use_tma: bool | None = None, in_place_local: bool | None = None) -> DispatchResult:
     """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
 
     w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain).
@@ -463,7 +446,7 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                    store_pre=store_pre, rows=None, num_comm=num_comm, num_compute=num_compute,
                    block_n=block_n, block_k=block_k, block_h=block_h, trace=trace, num_warps=num_warps,
                    num_stages=num_stages, group_m=group_m, use_tma=use_tma,
-                   in_place_local=in_place_local, flatten=flatten)
+                   in_place_local=in_place_local)
 
 
 def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult, w2: torch.Tensor, epoch: int,
@@ -471,8 +454,7 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
                            num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                            block_h: int = 128, trace: bool = False, num_warps: int = 4,
                            num_stages: int = 3, group_m: int = 8, use_tma: bool | None = None,
-                           in_place_local: bool | None = None, fused_act_backward: bool = False,
-                           flatten: bool = False) -> DispatchResult:
+                           in_place_local: bool | None = None, fused_act_backward: bool = False) -> DispatchResult:
     """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, activation backward.
 
     The activation backward runs in the GEMM's epilogue with `fused_act_backward`, else (default) as a
@@ -490,4 +472,4 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
                    activation=activation, gated=gated, store_pre=False, rows=forward, num_comm=num_comm,
                    num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace,
                    num_warps=num_warps, num_stages=num_stages, group_m=group_m, use_tma=use_tma,
-                   in_place_local=in_place_local, fused_act_backward=fused_act_backward, flatten=flatten)
+                   in_place_local=in_place_local, fused_act_backward=fused_act_backward)

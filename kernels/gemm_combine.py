@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import compiled_gpu, default_programs, dot_precision, rows_16b_aligned
+from .config import default_programs, dot_precision, rows_16b_aligned
 from .operands import load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import (ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_all_geq,
@@ -164,7 +164,7 @@ def _gemm_combine_kernel(
     SCALE: tl.constexpr, SCALARS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr, BLOCK_N_ITEMS: tl.constexpr,
     PRE_REDUCE: tl.constexpr, TOPK: tl.constexpr, CK: tl.constexpr, EL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, FLATTEN: tl.constexpr,
+    A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid = tl.program_id(0)
@@ -173,27 +173,15 @@ def _gemm_combine_kernel(
     total = num_tiles * n_chunks
     # while loops: the bounds live in device memory (Triton's interpreter cannot range() over them)
     if pid < NUM_COMPUTE:
-        if FLATTEN:
-            # One flattened loop over (item, K step): Triton's pipeliner then prefetches the next item's
-            # first K steps during this item's epilogue (compiled only: the interpreter cannot range()
-            # over a bound read from device memory).
-            for w in tl.range(pid, total, NUM_COMPUTE, flatten=True):
-                _combine_compute_item(
-                    w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc,
-                    recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
-                    local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-                    rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
-                    DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K)
-        else:
-            w = pid
-            while w < total:
-                _combine_compute_item(
-                    w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc,
-                    recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
-                    local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-                    rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
-                    DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K)
-                w += NUM_COMPUTE
+        w = pid
+        while w < total:
+            _combine_compute_item(
+                w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc,
+                recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
+                local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
+                DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K)
+            w += NUM_COMPUTE
     else:
         cid = pid - NUM_COMPUTE
         # Communication works per (super-chunk, tile): one wait for the tile's chunks of the super-chunk,
@@ -271,15 +259,12 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  row_scalars: torch.Tensor | None = None, num_comm: int | None = None,
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                  trace: bool = False, num_warps: int = 4, num_stages: int = 3,
-                 group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False,
-                 flatten: bool = False) -> torch.Tensor | None:
+                 group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
 
     pre_reduce: rows of one token that meet on this rank are summed and sent once, into the slot of the
     smallest k (the owner must then call `combine_reduce(..., topk_idx=...)`, which reads only those
     slots for experts on other ranks). Needs a layout from `receive_layout` (its `tile_index`).
-    flatten: the compute programs' item loop and K loop are flattened into one pipelined loop (compiled
-    kernels only; the interpreter runs the plain loop).
 
     a: [R, Kd] receive-order rows (forward: h, Kd = F; backward: d_pre, Kd = F1).
     w: [El, Kd, H] (forward: w2; backward: w1.transpose(1, 2), a strided view is fine).
@@ -331,7 +316,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), BLOCK_N_ITEMS=triton.next_power_of_2(group_n),
         PRE_REDUCE=pre_reduce, TOPK=lay.topk, CK=ck, EL=el, SEARCH_STEPS=el.bit_length(),
         A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major,
-        FLATTEN=flatten and compiled_gpu(view.errors), num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return trace_buf
 
