@@ -45,6 +45,14 @@ def _gather_counts(local_counts: torch.Tensor, group, world: int) -> torch.Tenso
     return torch.stack(parts)
 
 
+def _nonzero_known(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """`mask.nonzero()` when the number of True entries is already known on the host: no device sync."""
+    try:
+        return torch.nonzero_static(mask, size=count)
+    except (NotImplementedError, RuntimeError, AttributeError):  # a build without it for this device
+        return mask.nonzero()
+
+
 def build_routing_plan(
     routing_map: torch.Tensor,
     probs: torch.Tensor,
@@ -72,9 +80,6 @@ def build_routing_plan(
         raise ValueError(f"{num_experts} experts do not split into {ep} EP ranks x {el} local")
 
     map_t = routing_map.t().contiguous()  # [E, T]
-    pairs = map_t.nonzero()  # (expert, token), expert-major then token ascending
-    send_token_index = pairs[:, 1].contiguous()
-    send_probs = probs.t().contiguous().masked_select(map_t)
     local_counts = map_t.sum(dim=1).to(torch.int64)  # [E]
 
     # Gather everyone's counts: [W, P, E] indexed (ep rank, tp rank, expert).
@@ -88,10 +93,17 @@ def build_routing_plan(
             counts = _gather_counts(local_counts, group, ep * tp).view(ep, tp, num_experts)
     else:
         counts = local_counts.view(1, 1, num_experts)
-    counts = counts.cpu()
+    counts = counts.cpu()  # the one host synchronisation of the call
+    own = counts[ep_rank, tp_rank]  # == local_counts
+
+    # Send order: (expert, token) pairs, expert-major then token ascending. The row count is known on the
+    # host now, so the pairs come without another synchronisation (nonzero_static; nonzero otherwise).
+    pairs = _nonzero_known(map_t, int(own.sum()))
+    send_token_index = pairs[:, 1].contiguous()
+    send_probs = probs.t().reshape(-1).index_select(0, pairs[:, 0] * num_tokens + pairs[:, 1])
 
     mine = slice(ep_rank * el, (ep_rank + 1) * el)
-    send_splits = local_counts.view(ep, el).sum(dim=1).cpu().tolist()
+    send_splits = own.view(ep, el).sum(dim=1).tolist()
     # c[q][s][e]: rows expert-TP rank q of this EP rank received from EP rank s for local expert e
     c = counts[:, :, mine].permute(1, 0, 2).contiguous()  # [P, W, El]
     recv_splits = c[tp_rank].sum(dim=1).tolist()
