@@ -34,7 +34,6 @@ class KernelConfig:
     bwd_block_n: int | None = None  # dispatch_gemm_backward's column block (None: block_n)
     bwd_num_stages: int | None = None  # dispatch_gemm_backward's pipeline depth (None: num_stages)
     pre_reduce: bool = False  # gemm_combine sums rows of one token that met on a rank before sending
-    pre_reduce_block_n: int = 64  # column slice of that sum (register pressure of the comm programs)
     fused_act_backward: bool = False  # activation backward in the GEMM epilogue (spills on Hopper) or after
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
@@ -56,8 +55,7 @@ class KernelConfig:
         return dict(num_comm=self.num_comm_combine, num_compute=self.num_compute,
                     block_n=self.combine_block_n or self.block_n, block_k=self.block_k, trace=self.trace,
                     num_warps=self.num_warps, num_stages=self.combine_num_stages or self.num_stages,
-                    group_n=self.group_n, use_tma=self.use_tma, pre_reduce=self.pre_reduce,
-                    pre_reduce_block_n=self.pre_reduce_block_n)
+                    group_n=self.group_n, use_tma=self.use_tma, pre_reduce=self.pre_reduce)
 
 
 def default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:

@@ -164,7 +164,7 @@ def _gemm_combine_kernel(
     SCALE: tl.constexpr, SCALARS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr, BLOCK_N_ITEMS: tl.constexpr,
     PRE_REDUCE: tl.constexpr, TOPK: tl.constexpr, CK: tl.constexpr, EL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    PR_BN: tl.constexpr, A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
+    A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid = tl.program_id(0)
@@ -220,32 +220,24 @@ def _gemm_combine_kernel(
                         send = send & ~(here & (kk < pair % TOPK))
                 i = 0
                 while i < chunks_here:
+                    cols = (first_chunk + i) * BN + tl.arange(0, BN)
+                    m2 = send[:, None] & (cols < HIDDEN)[None, :]
+                    v = tl.load(stage_rows[:, None] + cols[None, :], mask=m2)
                     if PRE_REDUCE:
-                        # The chunk in PR_BN-wide column slices: a [BM, BN] fp32 sum plus the partner rows
-                        # spilled registers on Hopper (234 with BN 256). Each partner's item is waited for
-                        # once, on the first slice.
-                        for sub in tl.static_range(BN // PR_BN):
-                            cols = (first_chunk + i) * BN + sub * PR_BN + tl.arange(0, PR_BN)
-                            m2 = send[:, None] & (cols < HIDDEN)[None, :]
-                            acc = tl.load(stage_rows[:, None] + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-                            for kk in tl.static_range(TOPK):
-                                prow, here = _partner(src, pair, send, kk, inv_row_ptr, inv_epoch_ptr, epoch,
-                                                      TOPK, CK)
-                                if sub == 0:
-                                    pos = _row_tile(prow, here, tile_index_ptr, expert_offsets_ptr, EL, WORLD, BM,
-                                                    SEARCH_STEPS)
-                                    item = sc * num_tiles * GROUP_N + pos * chunks_here + i
-                                    wait_gather_geq(done_ptr + item, here, epoch, timeout, err_ptr,
-                                                    ERR_COMBINE_CHUNK, w0 + i, done_ptr + w0, GLOBALTIMER)
-                                pm = here[:, None] & (cols < HIDDEN)[None, :]
-                                acc += tl.load(stage_ptr + prow.to(tl.int64)[:, None] * HIDDEN + cols[None, :],
-                                               mask=pm, other=0.0).to(tl.float32)
-                            tl.store(dst_rows[:, None] + cols[None, :], acc.to(stage_ptr.dtype.element_ty), mask=m2)
-                    else:
-                        cols = (first_chunk + i) * BN + tl.arange(0, BN)
-                        m2 = send[:, None] & (cols < HIDDEN)[None, :]
-                        v = tl.load(stage_rows[:, None] + cols[None, :], mask=m2)
-                        tl.store(dst_rows[:, None] + cols[None, :], v, mask=m2)
+                        acc = v.to(tl.float32)
+                        for kk in tl.static_range(TOPK):
+                            prow, here = _partner(src, pair, send, kk, inv_row_ptr, inv_epoch_ptr, epoch, TOPK,
+                                                  CK)
+                            pos = _row_tile(prow, here, tile_index_ptr, expert_offsets_ptr, EL, WORLD, BM,
+                                            SEARCH_STEPS)
+                            item = sc * num_tiles * GROUP_N + pos * chunks_here + i
+                            wait_gather_geq(done_ptr + item, here, epoch, timeout, err_ptr, ERR_COMBINE_CHUNK,
+                                            w0 + i, done_ptr + w0, GLOBALTIMER)
+                            pm = here[:, None] & (cols < HIDDEN)[None, :]
+                            acc += tl.load(stage_ptr + prow.to(tl.int64)[:, None] * HIDDEN + cols[None, :], mask=pm,
+                                           other=0.0).to(tl.float32)
+                        v = acc.to(stage_ptr.dtype.element_ty)
+                    tl.store(dst_rows[:, None] + cols[None, :], v, mask=m2)
                     if TRACE:
                         tl.store(trace_ptr + 2 * (max_items + w0 + i), now(clock_ptr, GLOBALTIMER))
                     i += 1
@@ -267,15 +259,12 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  row_scalars: torch.Tensor | None = None, num_comm: int | None = None,
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                  trace: bool = False, num_warps: int = 4, num_stages: int = 3,
-                 group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False,
-                 pre_reduce_block_n: int = 64) -> torch.Tensor | None:
+                 group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
 
     pre_reduce: rows of one token that meet on this rank are summed and sent once, into the slot of the
     smallest k (the owner must then call `combine_reduce(..., topk_idx=...)`, which reads only those
-    slots for experts on other ranks). Needs a layout from `receive_layout` (its `tile_index`). Its
-    communication programs sum in `pre_reduce_block_n`-wide column slices (a power of two; the chunk
-    when smaller).
+    slots for experts on other ranks). Needs a layout from `receive_layout` (its `tile_index`).
 
     a: [R, Kd] receive-order rows (forward: h, Kd = F; backward: d_pre, Kd = F1).
     w: [El, Kd, H] (forward: w2; backward: w1.transpose(1, 2), a strided view is fine).
@@ -326,7 +315,6 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         DOT_PRECISION=dot_precision(a.dtype),
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), BLOCK_N_ITEMS=triton.next_power_of_2(group_n),
         PRE_REDUCE=pre_reduce, TOPK=lay.topk, CK=ck, EL=el, SEARCH_STEPS=el.bit_length(),
-        PR_BN=min(block_n, pre_reduce_block_n),
         A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major,
         num_warps=num_warps, num_stages=num_stages,
     )

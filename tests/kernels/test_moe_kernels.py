@@ -97,9 +97,6 @@ CASES = {
     "w4_k4_gelu_pre_reduce_skewed": (4, [10, 0, 12, 7], 4, 2, False, "gelu", "skewed", dict(pre_reduce=True)),
     "w3_k2_swiglu_pre_reduce_grouped": (3, [15, 11, 8], 2, 1, True, "silu", "uniform",
                                         dict(pre_reduce=True, group_m=2, group_n=2)),
-    # The pre-reduce sum in column slices narrower than the combine chunk (2 slices of 16 per 32).
-    "w2_k4_swiglu_pre_reduce_sliced": (2, [14, 10], 4, 2, True, "silu", "skewed",
-                                       dict(pre_reduce=True, combine_block_n=32, pre_reduce_block_n=16)),
     # Each layer with its own column block (gemm_combine chunk, dispatch backward block).
     "w2_k2_swiglu_per_layer_blocks": (2, [14, 9], 2, 2, True, "silu", "uniform",
                                       dict(block_n=32, combine_block_n=16, bwd_block_n=16, bwd_num_stages=2)),
