@@ -35,8 +35,15 @@ import time
 from pathlib import Path
 
 
+# A spin of ~1 ms enqueued before each start event: the host-side launch of what is timed (Triton's
+# launcher, TMA descriptors, torch ops: 0.1-0.3 ms, variable) then overlaps it instead of landing in
+# the timed window, where it made the same 1 ms kernel read 1.1-1.8 ms between configs of one run.
+SLEEP_CYCLES = 2_000_000
+
+
 def _events_ms(fn, reps: int, warmup: int) -> float:
-    """Median ms of the region that `fn(record)` brackets with `record(0)` / `record(1)`."""
+    """Median ms of the region that `fn(record)` brackets with `record(0)` / `record(1)`: device time
+    (on a GPU the start event waits behind a short spin while the host launches the work)."""
     import torch
 
     for _ in range(warmup):
@@ -52,7 +59,12 @@ def _events_ms(fn, reps: int, warmup: int) -> float:
             times.append((marks[1] - marks[0]) * 1e3)
             continue
         ev = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
-        fn(lambda i: ev[i].record())
+
+        def record(i, ev=ev):
+            if i == 0:  # keep the GPU busy while the host launches: the window holds device time only
+                torch.cuda._sleep(SLEEP_CYCLES)
+            ev[i].record()
+        fn(record)
         ev[1].synchronize()
         times.append(ev[0].elapsed_time(ev[1]))
     times.sort()

@@ -27,7 +27,7 @@ size the receive-side output tensors; a caller that sizes them for capacity coul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -115,10 +115,14 @@ class ReceiveLayout:
     # (processing position of tile t of expert j whose last row comes from ring position i: pos_base + t);
     # lets a kernel find the tile of any receive row (`layout_kernel` only; None from the torch build)
     tile_index: torch.Tensor | None = None
+    _num_rows: int | None = field(default=None, repr=False, compare=False)
 
     def num_rows(self) -> int:
-        """Total receive rows. THE host sync of a round (see module doc)."""
-        return int(self.expert_offsets[-1].item())
+        """Total receive rows. THE host sync of a round (see module doc): read once per layout, so the
+        backward round (same layout) and later launches of the round do not synchronise again."""
+        if self._num_rows is None:
+            self._num_rows = int(self.expert_offsets[-1].item())
+        return self._num_rows
 
 
 @triton.jit
