@@ -45,8 +45,8 @@ class CometConfig:
     transport: Transport = _knob(
         "auto",
         "How ranks exchange tokens. auto: symm_mem when EP > 1 and every EP peer is reachable "
-        "over NVLink, else the nccl reference collectives (logged; also at EP size 1, where "
-        "there is nothing to overlap). nccl: torch.distributed "
+        "over NVLink (cuda_ipc when ranks share a GPU), else the nccl reference collectives "
+        "(logged; also at EP size 1, where there is nothing to overlap). nccl: torch.distributed "
         "collectives (any backend, also gloo). symm_mem: torch symmetric memory, one process "
         "per GPU. cuda_ipc: processes sharing buffers through CUDA IPC (several ranks on one "
         "GPU). emulated: N virtual ranks inside one process (tests, benchmarks).",
@@ -86,7 +86,7 @@ class CometConfig:
     pre_reduce: bool = _knob(
         False,
         "Fused path: rows of one token whose top-k experts share a rank are summed there and sent "
-        "once (less combine traffic at EP > 1; not yet measured on multi-GPU).",
+        "once (less combine traffic at EP > 1; slower in single-GPU emulation, not yet measured on multi-GPU).",
     )
     tune_cache: str = _knob(
         DEFAULT_TUNE_CACHE, "Path of the tuner's cache file (JSON), keyed by shape and GPU."
