@@ -1,0 +1,93 @@
+"""Where one MoE layer's forward+backward spends its time: host vs GPU (torch.profiler).
+
+    python examples/profile_layer.py --shape qwen2-moe-a2.7b --tokens 8192 --out prof
+
+For each variant (the `comet-megatron bench layer` variants) it runs a few warm-up calls, then profiles
+`--iters` forward+backward calls and prints: wall time per call, GPU kernel time per call and their
+ratio (below ~0.8 the call is bound by the host: Python, launches, synchronisations), the CUDA kernels
+by total time and the CPU operators by self time. Writes `<out>/<variant>.txt` (the tables) and a
+Chrome trace `<out>/<variant>.trace.json.gz` (open in Perfetto / chrome://tracing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="qwen2-moe-a2.7b", help="config name in configs/ (or a YAML path)")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--variants", nargs="+", default=["megatron+grouped", "comet-reference", "comet-fused"])
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--rows", type=int, default=18, help="rows of each printed table")
+    p.add_argument("--out", default="profile-out")
+    args = p.parse_args(argv)
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from comet_megatron.bench import VARIANTS, _init_distributed, build_layers, load_shape
+
+    if not torch.cuda.is_available():
+        print("profile_layer.py needs a CUDA GPU.", file=sys.stderr)
+        return 2
+    bad = [v for v in args.variants if v not in VARIANTS or v == "experts-only"]
+    if bad:
+        print(f"unknown variants {bad}; choose from {[v for v in VARIANTS if v != 'experts-only']}", file=sys.stderr)
+        return 2
+    _init_distributed()
+    shape = load_shape(args.shape)
+    layers = build_layers(shape, args.variants)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    x = torch.randn(args.tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    summary = []
+    for v in args.variants:
+        layer = layers[v]
+        xg = x.clone().requires_grad_(True)
+
+        def step():
+            y, _ = layer(xg)
+            y.backward(dy)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - t0) * 1e3 / args.iters
+        events = prof.key_averages()
+        gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events
+                     if getattr(e.device_type, "name", "") == "CUDA") / args.iters
+        try:
+            kernels = events.table(sort_by="self_device_time_total", row_limit=args.rows)
+        except (KeyError, AttributeError, ValueError):  # older torch names it after CUDA
+            kernels = events.table(sort_by="self_cuda_time_total", row_limit=args.rows)
+        cpu = events.table(sort_by="self_cpu_time_total", row_limit=args.rows)
+        head = (f"{shape.name}, {args.tokens} tokens, {v}: wall {wall_ms:.3f} ms/call, GPU kernels "
+                f"{gpu_us / 1e3:.3f} ms/call, busy {gpu_us / 1e3 / wall_ms:.2f}")
+        print(head)
+        (out / f"{v}.txt").write_text(f"{head}\n\nby GPU time\n{kernels}\n\nby CPU self time\n{cpu}\n")
+        trace = out / f"{v}.trace.json"
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(trace)
+        summary.append(head)
+    print("\n".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
