@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--variants", nargs="+", default=["megatron+grouped", "comet-reference", "comet-fused"])
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=20, help="untimed calls first (compilation, autotuning)")
     p.add_argument("--rows", type=int, default=18, help="rows of each printed table")
     p.add_argument("--out", default="profile-out")
     args = p.parse_args(argv)
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             y, _ = layer(xg)
             y.backward(dy)
 
-        for _ in range(3):
+        for _ in range(args.warmup):
             step()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -235,7 +235,7 @@ def _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_
                   GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
 def _dispatch_gemm_kernel(
     x_table, order_table, offsets_table, probs_table, inputs_ready_ptr,
     seg_start_ptr, seg_count_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,

@@ -53,7 +53,7 @@ def _combine_item(w, num_tiles, n_chunks, GROUP_N: tl.constexpr):
     return r // chunks_here, first_chunk + r % chunks_here
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
 def _partner_map_kernel(recv_src_ptr, recv_pair_ptr, n_rows, inv_row_ptr, inv_epoch_ptr, rank, epoch,
                         CK: tl.constexpr, BLOCK: tl.constexpr):
     """Pre-reduce: for every remote receive row, inv[src, pair] = row (tagged with the round's epoch), so
@@ -150,7 +150,7 @@ def _combine_compute_item(w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride
         tl.store(trace_ptr + 2 * w + 1, now(clock_ptr, GLOBALTIMER))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
 def _gemm_combine_kernel(
     a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc, recv_prob_ptr,
     stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr, local_combine_ptr, local_scalars_ptr,
@@ -321,7 +321,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     return trace_buf
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
 def _combine_reduce_kernel(combine_ptr, out_ptr, arrival_ptr, num_tokens, epoch, timeout, err_ptr, topk_idx_ptr, rank,
                            HIDDEN: tl.constexpr, WORLD: tl.constexpr, MAX_COMM: tl.constexpr, NUM_COMM: tl.constexpr,
                            BLOCK_C: tl.constexpr,

@@ -54,7 +54,7 @@ def send_plan(topk_idx: torch.Tensor, num_experts: int) -> SendPlan:
     return SendPlan(counts, order, offsets)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
 def _publish_kernel(counts_ptr, recv_counts_table, ready_table, rank, epoch,
                     WORLD: tl.constexpr, EL: tl.constexpr, BLOCK_EL: tl.constexpr, PUSH_COUNTS: tl.constexpr):
     """Grid (1,). Pushes this rank's counts for each peer's experts into the peer's recv_counts[rank]
@@ -125,13 +125,13 @@ class ReceiveLayout:
         return self._num_rows
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
 def _wait_inputs_kernel(ready_ptr, epoch, timeout, err_ptr, WORLD: tl.constexpr, GLOBALTIMER: tl.constexpr):
     """Grid (1,). Waits until every rank's inputs_ready[s] >= epoch (their counts rows have landed)."""
     wait_peers(ready_ptr, epoch, timeout, err_ptr, ERR_LAYOUT_INPUTS, WORLD, GLOBALTIMER)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
 def _layout_kernel(recv_counts_ptr, ready_ptr, seg_start_ptr, seg_count_ptr, expert_offsets_ptr,
                    tile_expert_ptr, tile_start_ptr, tile_end_ptr, num_tiles_ptr,
                    tile_first_ptr, seg_end_ptr, pos_base_ptr,

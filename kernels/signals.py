@@ -197,7 +197,7 @@ def wait_peers(flag_ptr, epoch, timeout, err_ptr, err_code, WORLD: tl.constexpr,
         wait_until_geq(flag_ptr + peer, epoch, timeout, err_ptr, err_code, peer, GLOBALTIMER)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
 def _barrier_kernel(flag_table_ptr, flag_ptr, rank, epoch, timeout, err_ptr,
                     WORLD: tl.constexpr, ARRIVE: tl.constexpr, WAIT: tl.constexpr,
                     GLOBALTIMER: tl.constexpr):
