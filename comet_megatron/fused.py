@@ -24,6 +24,7 @@ from comet_megatron.config import CometConfig
 from comet_megatron.kernels import (
     KernelConfig,
     SignalTimeout,
+    check_errors,
     expert_weight_grads,
     moe_backward,
     moe_forward,
@@ -127,6 +128,25 @@ def _reporting(runner, direction: str):
         ) from exc
 
 
+def _check_after_backward(runner, view) -> None:
+    """Read `view`'s error buffer when the current backward pass ends (an autograd engine callback per
+    layer call; all but the first find the GPU idle and cost one small copy): a timed-out wait of any
+    comet layer's backward round raises `CometTimeout` from `loss.backward()`, before an optimizer step
+    can use the gradients. Checking at the end of each layer's round instead (a host sync) left the GPU
+    idle while the host then handed the expert weight gradients to autograd one parameter at a time
+    (profiled on an H100: 4.7 ms of idle GPU before those adds per forward+backward of a Qwen2-MoE
+    layer, 0.7 ms on the reference path)."""
+
+    def check():
+        with _reporting(runner, "backward (checked at the end of the backward pass)"):
+            check_errors(view, "backward")
+
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(check)
+    except RuntimeError:  # not inside a backward pass (a direct call): check now
+        check()
+
+
 class _FusedMoE(torch.autograd.Function):
     """x [T, H], router weights [T, K], w1 [El, H, F1], w2 [El, F, H] -> [T, H].
 
@@ -154,7 +174,11 @@ class _FusedMoE(torch.autograd.Function):
         view = runner.workspace.view
         with _reporting(runner, "backward"):
             phases = moe_backward(view, state, grad_out.contiguous(), w1, w2, runner.kernel)
-            grad_x, grad_probs, bstate = run_rank(phases, view)
+            # No host sync here: the round's error buffer is read once the whole backward pass is over
+            # (see _check_after_backward), so the host keeps queueing the weight-gradient hand-off and the
+            # other layers' backward while this round runs.
+            grad_x, grad_probs, bstate = run_rank(phases, None)
+        _check_after_backward(runner, view)
         ctx.state = ctx.runner = None
         grad_probs = grad_probs.to(ctx.probs_dtype)
         # In the parameters' [out, in] layout, so they reach the expert weights without a copy.

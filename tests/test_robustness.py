@@ -120,6 +120,13 @@ def _timeout_body(rank, mode):
             ws.ensure_capacity(6)
             time.sleep(20)
             return "peer"
+        if mode == "stuck-in-backward":  # a whole forward, then never its backward round
+            xi = x.clone().requires_grad_(True)
+            h, pp = fused.preprocess(xi, probs.clone().requires_grad_(True), rmap)
+            d, pp = fused.dispatch(h, pp)
+            fused.routed_experts_compute(d, pp)
+            time.sleep(20)
+            return "peer"
         import os
         import signal
 
@@ -133,14 +140,16 @@ def _timeout_body(rank, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["stuck", "dead"])
+@pytest.mark.parametrize("mode", ["stuck", "dead", "stuck-in-backward"])
 def test_peer_that_never_signals_raises_naming_rank_layer_phase(mode):
     results = run_distributed(_timeout_body, 2, ep=2, env=INTERPRET, timeout=300, mode=mode,
                               may_die=(1,))
-    assert results[1] == ("peer" if mode == "stuck" else None)
+    assert results[1] == (None if mode == "dead" else "peer")
     kind, message, seconds = results[0]
     assert kind == "CometTimeout", (kind, message)
-    assert "rank 0/2" in message and "layer" in message and "forward" in message, message
+    # the backward round's wait is read when the backward pass ends, and raised from y.backward()
+    phase = "backward (checked at the end of the backward pass)" if mode == "stuck-in-backward" else "forward"
+    assert "rank 0/2" in message and "layer" in message and phase in message, message
     assert "--comet-wait-timeout-s" in message
     if mode == "stuck":
         assert "timed out waiting for" in message, message  # the kernel's bounded wait
