@@ -48,6 +48,10 @@ GPU_UNTUNED_DEFAULT = {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps
                        "combine_block_n": 256, "combine_num_stages": 3, "bwd_block_n": 256, "bwd_num_stages": 3}
 
 
+# the tiles on which the Hopper default's layer-0 backward knobs were measured (see kernel_config)
+_BWD_DEFAULT_NEEDS = ("block_m", "block_n", "block_k", "num_warps")
+
+
 def _is_hopper(device) -> bool:
     dev = torch.device(device or "cpu")
     return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] == 9
@@ -94,6 +98,13 @@ def kernel_config(cfg: CometConfig, config, *, tokens: int | None = None, device
         if tuned is None and _is_hopper(device):
             tuned = dict(GPU_UNTUNED_DEFAULT)
             how += f"; using {GPU_UNTUNED_DEFAULT}"
+        elif tuned is not None and _is_hopper(device) and "bwd_block_n" not in tuned and all(
+                tuned.get(f) == GPU_UNTUNED_DEFAULT[f] for f in _BWD_DEFAULT_NEEDS):
+            # An entry written before the bwd-tiles stage existed, on the default tiles: its layer-0
+            # backward gets the default's measured-faster 256 x 3 (docs/BENCHMARKS.md) rather than 128 x 4.
+            tuned.update(bwd_block_n=GPU_UNTUNED_DEFAULT["bwd_block_n"],
+                         bwd_num_stages=GPU_UNTUNED_DEFAULT["bwd_num_stages"])
+            how += "; layer-0 backward tiles from the Hopper default (the entry predates them)"
         for name, value in (tuned or {}).items():
             setattr(kc, name, value)
         tune.log_once(key, how)

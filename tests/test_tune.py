@@ -444,3 +444,25 @@ def test_bwd_tiles_flag_rejects_bad_values(bad):
     ns = argparse.Namespace(tiles=None, combine_tiles=None, bwd_tiles=bad, comm=None)
     with pytest.raises(ValueError, match="--bwd-tiles"):
         tune._parse_grid(ns, "cpu")
+
+
+def test_old_cache_entry_on_default_tiles_gets_the_default_backward_tiles(tmp_path, monkeypatch):
+    """A Hopper cache entry written before the bwd-tiles stage, on the default tiles, runs layer 0's backward
+    on the Hopper default's 256 x 3 (measured faster); an entry with its own bwd knobs, or on other tiles,
+    is applied as written (bwd on block_n / num_stages)."""
+    from comet_megatron import fused
+
+    monkeypatch.setattr(fused, "_is_hopper", lambda device: True)
+    default_tiles = {f: fused.GPU_UNTUNED_DEFAULT[f] for f in ("block_m", "block_n", "block_k", "num_warps")}
+    cases = [
+        ({**default_tiles, "num_stages": 4}, (256, 3)),
+        ({**default_tiles, "num_stages": 4, "bwd_block_n": 128, "bwd_num_stages": 4}, (128, 4)),
+        ({**default_tiles, "num_stages": 4, "block_n": 64}, (None, None)),
+    ]
+    for i, (config, want) in enumerate(cases):
+        cache = str(tmp_path / f"tune{i}.json")
+        _store(cache, _key(), config)
+        kc = kernel_config(CometConfig(tune_cache=cache), _layer_config(), tokens=64, device="cpu",
+                           dtype=torch.float32)
+        assert (kc.bwd_block_n, kc.bwd_num_stages) == want, (config, kc)
+        assert kc.block_n == config["block_n"] and kc.num_stages == 4
