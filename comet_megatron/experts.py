@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 from typing import Callable, List, Sequence
 
 import torch
@@ -167,18 +168,58 @@ def is_swiglu(config) -> bool:
     return bool(config.gated_linear_unit) and config.activation_func is F.silu
 
 
+def _main_grads(params) -> list[torch.Tensor] | None:
+    """The `main_grad` buffers of `params` when ALL of them are trainable parameters of Megatron's
+    DistributedDataParallel whose grad-ready hook runs in autograd (it sets `grad_added_to_main_grad`
+    and registers a hook that adds `param.grad` into `main_grad` unless that flag is set), else None."""
+    if os.environ.get("COMET_MAIN_GRAD_HANDOFF", "1") == "0":  # A/B switch for benchmarks
+        return None
+    mains = []
+    for p in params:
+        main = getattr(p, "main_grad", None)
+        if (main is None or not p.requires_grad or not hasattr(p, "grad_added_to_main_grad")
+                or getattr(p, "zero_out_wgrad", False) or getattr(p, "skip_backward_post_hook", False)
+                or main.shape != p.shape):
+            return None
+        mains.append(main)
+    return mains
+
+
+def hand_to_main_grads(params, grad: torch.Tensor) -> bool:
+    """Add the stacked weight gradient `grad` [G, ...] of `params` into their Megatron `main_grad`s in
+    one multi-tensor operation and mark them `grad_added_to_main_grad` (as Megatron's linear layers do
+    with gradient-accumulation fusion), so that DDP's per-parameter hook only drops the placeholder
+    gradient autograd gives it. Returns False (nothing done) when the parameters are not all under
+    Megatron's DDP; the caller then hands the slices to autograd as usual.
+
+    Without this, each of the G parameters gets its slice through autograd, and DDP's Python hook adds
+    it into `main_grad` with one kernel launch per parameter (2 x 64 per Qwen2-MoE layer)."""
+    mains = _main_grads(params)
+    if mains is None:
+        return False
+    torch._foreach_add_(mains, list(grad.unbind(0)))
+    for p in params:
+        p.grad_added_to_main_grad = True
+    return True
+
+
 class _StackedView(torch.autograd.Function):
     """[G, ...] view over G equally shaped parameters that lie back to back in one storage.
 
-    Backward hands each parameter its slice of the stacked gradient: no copy either way."""
+    Backward hands each parameter its slice of the stacked gradient: no copy either way. Under Megatron's
+    DDP the gradient goes into the parameters' `main_grad`s in one multi-tensor add instead
+    (`hand_to_main_grads`); the slices still reach autograd, as the placeholders DDP's hooks expect
+    (they drop them: `grad_added_to_main_grad`)."""
 
     @staticmethod
     def forward(ctx, *params):
+        ctx.params = params
         first = params[0]
         return first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()))
 
     @staticmethod
     def backward(ctx, grad):
+        hand_to_main_grads(ctx.params, grad)
         return tuple(grad.unbind(0))
 
 
