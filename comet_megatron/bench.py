@@ -147,16 +147,31 @@ def build_variant_layers(shape: Shape, variants, make_config, comet_config, move
     return layers
 
 
-def build_layers(shape: Shape, variants):
+def build_layers(shape: Shape, variants, ddp: bool = False):
     """The single-GPU benchmark's layers. comet-fused runs over a one-rank ("emulated") workspace:
-    at EP=1 `auto` would pick the reference path, there being nothing to overlap."""
+    at EP=1 `auto` would pick the reference path, there being nothing to overlap.
+
+    With `ddp`, each layer is wrapped in Megatron's DistributedDataParallel as in a bf16 training run
+    (fp32 `main_grad` buffers, gradients reduced in fp32, one grad-ready hook per parameter), so a
+    backward pays what it pays in training: the gradient hand-off into `main_grad`."""
     from comet_megatron.config import CometConfig
 
-    return build_variant_layers(
+    layers = build_variant_layers(
         shape, variants, lambda dispatcher: _transformer_config(shape, dispatcher),
         lambda v: CometConfig(transport="nccl" if v == "comet-reference" else "emulated"),
         lambda layer: layer.cuda(),
     )
+    if ddp:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        layers = {v: DistributedDataParallel(layer.config, cfg, layer) for v, layer in layers.items()}
+    return layers
+
+
+def unwrap(layer):
+    """The MoE layer itself (under a DDP wrapper or not)."""
+    return getattr(layer, "module", layer)
 
 
 def _time(fn, warmup_ms=100, rep_ms=400) -> float:
@@ -175,10 +190,10 @@ def dense_gemm_tflops() -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=None):
+def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=None, ddp=False):
     import torch
 
-    layers = build_layers(shape, variants)
+    layers = build_layers(shape, variants, ddp=ddp)
     records = []
     for tokens in tokens_list:
         x = torch.randn(tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
@@ -240,7 +255,7 @@ def _time_experts(layers, x, dy, mode) -> float:
     """The grouped expert GEMMs alone on this batch's routing (T_compute)."""
     import torch
 
-    layer = next(l for k, l in layers.items() if k != "megatron")
+    layer = unwrap(next(l for k, l in layers.items() if k != "megatron"))
     with torch.no_grad():
         probs, routing_map = layer.router(x)
     counts = routing_map.sum(0).tolist()
@@ -265,7 +280,8 @@ def print_table(records, meta):
         for r in records:
             print(asdict(r))
         return
-    table = Table(title=f"MoE layer, {meta['gpu']}, EP=1, bf16 (median ms; x = vs megatron+grouped)")
+    ddp = ", under Megatron DDP" if meta.get("ddp") else ""
+    table = Table(title=f"MoE layer, {meta['gpu']}, EP=1, bf16{ddp} (median ms; x = vs megatron+grouped)")
     for col in ("shape", "tokens", "mode", "variant", "ms", "TFLOP/s", "x grouped", "of floor"):
         table.add_column(col, justify="right" if col not in ("shape", "mode", "variant") else "left")
     for r in records:
@@ -351,6 +367,10 @@ def main(argv=None) -> int:
     parser.add_argument("--timeline", action="store_true",
                         help="also trace one fused forward (first shape, first token count) and "
                              "draw timeline.png")
+    parser.add_argument("--ddp", action="store_true",
+                        help="wrap every layer in Megatron's DistributedDataParallel (fp32 main_grad, "
+                             "per-parameter grad hooks) so that fwd+bwd includes the gradient hand-off "
+                             "a training run pays")
     args = parser.parse_args(argv)
 
     import torch
@@ -369,6 +389,7 @@ def main(argv=None) -> int:
         "triton": __import__("triton").__version__, "commit": _git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
         "command": "comet-megatron bench layer " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "ddp": bool(args.ddp),
     }
     meta["dense_bf16_tflops"] = dense_gemm_tflops()
     records = []
@@ -378,7 +399,7 @@ def main(argv=None) -> int:
     with Progress(transient=not sys.stdout.isatty()) as progress:
         task = progress.add_task("timing", total=total)
         for shape in shapes:
-            records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task)
+            records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task, ddp=args.ddp)
     add_ratios(records, meta["dense_bf16_tflops"])
     if args.timeline:
         meta["timeline"] = draw_timeline(shapes[0], args.tokens[0], out / "timeline.png")

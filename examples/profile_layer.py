@@ -5,7 +5,9 @@
 For each variant (the `comet-megatron bench layer` variants) it runs a few warm-up calls, then profiles
 `--iters` forward+backward calls and prints: wall time per call, GPU kernel time per call and their
 ratio (below ~0.8 the call is bound by the host: Python, launches, synchronisations), the CUDA kernels
-by total time and the CPU operators by self time. Writes `<out>/<variant>.txt` (the tables) and a
+by total time, the CPU operators by self time, and the host synchronisations of one call (each a point
+where the GPU drains while the host waits; `torch.cuda.set_sync_debug_mode`) with the source line that
+caused them. `--ddp` wraps the layers in Megatron's DistributedDataParallel, as in training. Writes `<out>/<variant>.txt` (the tables) and a
 Chrome trace `<out>/<variant>.trace.json.gz` (open in Perfetto / chrome://tracing).
 """
 
@@ -29,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="untimed calls first (compilation, autotuning)")
     p.add_argument("--rows", type=int, default=18, help="rows of each printed table")
     p.add_argument("--out", default="profile-out")
+    p.add_argument("--ddp", action="store_true", help="wrap the layers in Megatron's DistributedDataParallel")
     args = p.parse_args(argv)
 
     import torch
@@ -45,7 +48,7 @@ def main(argv=None) -> int:
         return 2
     _init_distributed()
     shape = load_shape(args.shape)
-    layers = build_layers(shape, args.variants)
+    layers = build_layers(shape, args.variants, ddp=args.ddp)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     x = torch.randn(args.tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
@@ -62,6 +65,7 @@ def main(argv=None) -> int:
         for _ in range(args.warmup):
             step()
         torch.cuda.synchronize()
+        syncs = host_syncs(step)
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             for _ in range(args.iters):
@@ -77,9 +81,12 @@ def main(argv=None) -> int:
             kernels = events.table(sort_by="self_cuda_time_total", row_limit=args.rows)
         cpu = events.table(sort_by="self_cpu_time_total", row_limit=args.rows)
         head = (f"{shape.name}, {args.tokens} tokens, {v}: wall {wall_ms:.3f} ms/call, GPU kernels "
-                f"{gpu_us / 1e3:.3f} ms/call, busy {gpu_us / 1e3 / wall_ms:.2f}")
+                f"{gpu_us / 1e3:.3f} ms/call, busy {gpu_us / 1e3 / wall_ms:.2f}, "
+                f"{sum(syncs.values())} host syncs/call{' (DDP)' if args.ddp else ''}")
         print(head)
-        (out / f"{v}.txt").write_text(f"{head}\n\nby GPU time\n{kernels}\n\nby CPU self time\n{cpu}\n")
+        sync_lines = "\n".join(f"{n:4d}  {where}" for where, n in syncs.most_common())
+        (out / f"{v}.txt").write_text(f"{head}\n\nhost synchronisations of one call\n{sync_lines}\n\n"
+                                      f"by GPU time\n{kernels}\n\nby CPU self time\n{cpu}\n")
         trace = out / f"{v}.trace.json"
         prof.export_chrome_trace(str(trace))
         with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
@@ -88,6 +95,41 @@ def main(argv=None) -> int:
         summary.append(head)
     print("\n".join(summary))
     return 0
+
+
+def host_syncs(step):
+    """Counter {"file:line (function)": n} of the synchronising CUDA operations of one `step()`: for
+    each, the innermost frame of the call stack outside torch (the line of ours, or Megatron's, that
+    asked for it)."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    found = collections.Counter()
+
+    def ours():
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "/torch/" not in frame.filename and not frame.filename.endswith("warnings.py"):
+                return f"{Path(frame.filename).name}:{frame.lineno} ({frame.name})"
+        return "?"
+
+    def hook(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            found[ours()] += 1
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = hook  # restored by catch_warnings
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return found
 
 
 if __name__ == "__main__":
