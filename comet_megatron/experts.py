@@ -197,9 +197,33 @@ def hand_to_main_grads(params, grad: torch.Tensor) -> bool:
     mains = _main_grads(params)
     if mains is None:
         return False
-    torch._foreach_add_(mains, list(grad.unbind(0)))
+    if not _accumulate_in_one_launch(mains, grad):
+        torch._foreach_add_(mains, list(grad.unbind(0)))
     for p in params:
         p.grad_added_to_main_grad = True
+    return True
+
+
+_OFFSETS: dict = {}  # (device, element offsets) -> int64 device tensor: DDP's buffers do not move
+
+
+def _accumulate_in_one_launch(mains, grad: torch.Tensor) -> bool:
+    """`kernels.accumulate` when the main_grads share one storage (Megatron's grad buffer) and Triton can
+    run here (CUDA, or the interpreter); False otherwise (the caller falls back to torch's foreach add)."""
+    from comet_megatron.kernels import accumulate
+
+    if not (grad.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or grad.device != mains[0].device:
+        return False
+    base = accumulate.flat_base(mains)
+    if base is None or mains[0].numel() * len(mains) != grad.numel():
+        return False
+    key = (str(grad.device), tuple(accumulate.element_offsets(base, mains)))
+    offsets = _OFFSETS.get(key)
+    if offsets is None:
+        if len(_OFFSETS) > 1024:  # buffers re-created many times (tests): start over
+            _OFFSETS.clear()
+        offsets = _OFFSETS[key] = torch.tensor(key[1], dtype=torch.int64, device=grad.device)
+    accumulate.accumulate_into(base, offsets, grad)
     return True
 
 

@@ -50,3 +50,48 @@ def test_grouped_wgrad_matches_per_expert_products(backend, gen):
     for e in range(len(rows_per_expert)):
         s, t = offsets[e].item(), offsets[e + 1].item()
         torch.testing.assert_close(got[e], a[s:t].t() @ b[s:t], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- accumulate_into
+@pytest.mark.parametrize("dst_dtype,src_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+def test_accumulate_into_scattered_destinations(dst_dtype, src_dtype, gen):
+    """G destinations in one storage, in reversed order with gaps (as Megatron's grad buffer lays out the
+    experts' main_grads among other parameters); a size that is not a multiple of the block."""
+    from comet_megatron.kernels import accumulate
+
+    groups, shape = 5, (37, 131)  # 4847 elements: one full block and a partial one
+    n = shape[0] * shape[1]
+    gap = 77
+    buffer = torch.full((groups * (n + gap) + gap,), float("nan"), dtype=dst_dtype)  # gaps: NaN sentinel
+    dsts = [buffer[gap + (groups - 1 - g) * (n + gap):][:n].view(shape) for g in range(groups)]
+    before = [torch.randn(shape, generator=gen).to(dst_dtype) for _ in range(groups)]
+    for d, b in zip(dsts, before):
+        d.copy_(b)
+    src = torch.randn((groups, *shape), generator=gen).to(src_dtype)
+    base = accumulate.flat_base(dsts)
+    assert base is not None and base.numel() == buffer.numel()
+    offsets = torch.tensor(accumulate.element_offsets(base, dsts), dtype=torch.int64)
+    accumulate.accumulate_into(base, offsets, src)
+    tol = 1e-6 if dst_dtype == torch.float32 else 1e-2
+    for g in range(groups):
+        want = before[g].double() + src[g].double()
+        assert torch.allclose(dsts[g].double(), want, rtol=tol, atol=tol), g
+    touched = torch.zeros(buffer.numel(), dtype=torch.bool)
+    for o in offsets.tolist():
+        touched[o:o + n] = True
+    assert torch.isnan(buffer[~touched].float()).all()  # nothing outside the destinations written
+
+
+def test_flat_base_refuses_what_it_cannot_address():
+    from comet_megatron.kernels import accumulate
+
+    a, b = torch.zeros(4, 6), torch.zeros(4, 6)
+    assert accumulate.flat_base([a, b]) is None  # two storages
+    buf = torch.zeros(100)
+    assert accumulate.flat_base([buf[:24].view(4, 6), buf[30:54].view(6, 4)]) is not None
+    assert accumulate.flat_base([buf[:24], buf[30:50]]) is None  # sizes differ
+    assert accumulate.flat_base([buf[:24].view(4, 6), buf[30:54].view(4, 6).t()]) is None  # not contiguous
+    assert accumulate.flat_base([buf[:24], buf.double()[:24]]) is None  # dtypes differ
+    with pytest.raises(ValueError, match="int64"):
+        accumulate.accumulate_into(buf, torch.zeros(2, dtype=torch.int32), torch.zeros(2, 4))

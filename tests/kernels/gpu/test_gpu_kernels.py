@@ -173,3 +173,24 @@ def test_grouped_wgrad_backends_bf16(backend):
     got = grouped_wgrad(a, b, offsets, backend=backend, out_dtype=torch.float32)
     want = grouped_wgrad(a, b, offsets, backend="loop", out_dtype=torch.float32)
     assert rel_err(got, want) < 1e-2
+
+
+def test_accumulate_into_compiled():
+    """The one-launch main_grad accumulation, compiled: fp32 destinations scattered in one buffer (reversed,
+    with gaps), bf16 source, against float64."""
+    from comet_megatron.kernels import accumulate
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    groups, n, gap = 6, 1000003, 129
+    buffer = torch.full((groups * (n + gap) + gap,), float("nan"), device="cuda")
+    dsts = [buffer[gap + (groups - 1 - g) * (n + gap):][:n] for g in range(groups)]
+    for d in dsts:
+        d.normal_(generator=gen)
+    before = [d.double() for d in dsts]
+    src = torch.randn(groups, n, device="cuda", generator=gen).to(torch.bfloat16)
+    base = accumulate.flat_base(dsts)
+    offsets = torch.tensor(accumulate.element_offsets(base, dsts), dtype=torch.int64, device="cuda")
+    accumulate.accumulate_into(base, offsets, src)
+    for g in range(groups):
+        assert torch.allclose(dsts[g].double(), before[g] + src[g].double(), rtol=1e-6, atol=1e-6), g
+    assert int(torch.isnan(buffer).sum()) == gap * (groups + 1)  # the gaps were not written
