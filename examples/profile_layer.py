@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=18, help="rows of each printed table")
     p.add_argument("--out", default="profile-out")
     p.add_argument("--ddp", action="store_true", help="wrap the layers in Megatron's DistributedDataParallel")
+    p.add_argument("--python", action="store_true",
+                   help="also run cProfile over the calls (host time per Python function: where the host "
+                        "spends a host-bound call) and write <out>/<variant>.python.txt")
     args = p.parse_args(argv)
 
     import torch
@@ -66,6 +69,8 @@ def main(argv=None) -> int:
             step()
         torch.cuda.synchronize()
         syncs = host_syncs(step)
+        if args.python:
+            (out / f"{v}.python.txt").write_text(python_profile(step, args.iters, args.rows * 2))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             for _ in range(args.iters):
@@ -95,6 +100,28 @@ def main(argv=None) -> int:
         summary.append(head)
     print("\n".join(summary))
     return 0
+
+
+def python_profile(step, iters: int, rows: int) -> str:
+    """cProfile of `iters` calls: functions by own time and by cumulative time."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        text.write(f"by {key} ({iters} calls)\n")
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(rows)
+    return text.getvalue()
 
 
 def host_syncs(step):
