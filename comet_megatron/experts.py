@@ -73,6 +73,66 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts: Sequence
     return torch.stack([(gy.t() @ xe).to(out_dtype) for gy, xe in pairs])
 
 
+# Expert weight gradients straight into Megatron's fp32 main_grad (cuBLAS GEMM with beta = 1, one per expert):
+# only where the experts are few and large, as per-expert GEMMs of a few rows would lose to one grouped GEMM.
+FUSED_WGRAD_MAX_EXPERTS = 16
+FUSED_WGRAD_MIN_ROWS = 512  # mean rows per expert
+
+
+def _fuse_wgrad_accumulation(x: torch.Tensor, counts: Sequence[int], mains) -> bool:
+    how = os.environ.get("COMET_WGRAD_ACCUMULATION", "auto")  # auto | gemm | add (A/B switch for benchmarks)
+    if how == "add" or not x.is_cuda or not counts:
+        return False
+    if any(m.dtype not in (torch.float32, x.dtype) for m in mains):
+        return False
+    return how == "gemm" or (len(counts) <= FUSED_WGRAD_MAX_EXPERTS
+                             and sum(counts) >= FUSED_WGRAD_MIN_ROWS * len(counts))
+
+
+def _accumulate_wgrad_gemms(mains, grad_y: torch.Tensor, x: torch.Tensor, counts: Sequence[int]) -> None:
+    """main_grad[e] += grad_y[e]^T @ x[e] for every expert, accumulated by the GEMM itself."""
+    for main, gy, xe in zip(mains, torch.split(grad_y, list(counts)), torch.split(x, list(counts))):
+        if main.dtype == gy.dtype:
+            main.addmm_(gy.t(), xe)
+        else:
+            torch.addmm(main, gy.t(), xe, out_dtype=main.dtype, out=main)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """`grouped_linear(x, stack(params), counts)` with the experts' weights as separate inputs.
+
+    Backward: the input gradient as a grouped GEMM; the weight gradients as one grouped GEMM handed to the
+    parameters (under Megatron's DDP into their `main_grad`s in one launch, `hand_to_main_grads`), or, under
+    DDP with few large experts, accumulated into `main_grad` by per-expert GEMMs (what Megatron's linear
+    layers do with gradient-accumulation fusion): no bf16 gradient is written and read back."""
+
+    @staticmethod
+    def forward(ctx, x, counts, *params):
+        ctx.counts, ctx.params = counts, params
+        ctx.save_for_backward(x)
+        return grouped_linear(x, stack_weights(params), counts)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        params, counts = ctx.params, ctx.counts
+        grad_y = grad_y.contiguous()
+        weight = stack_weights(params).detach()
+        grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
+        if not any(ctx.needs_input_grad[2:]):
+            return (grad_x, None) + (None,) * len(params)
+        mains = _main_grads(params)
+        if mains is not None and _fuse_wgrad_accumulation(x, counts, mains):
+            _accumulate_wgrad_gemms(mains, grad_y, x, counts)
+            for p in params:
+                p.grad_added_to_main_grad = True
+            # placeholders for DDP's hooks, which drop them (one allocation, never written)
+            return (grad_x, None) + torch.empty_like(weight).unbind(0)
+        grad_w = grouped_linear_wgrad(grad_y, x, counts, weight.dtype)
+        hand_to_main_grads(params, grad_w)
+        return (grad_x, None) + grad_w.unbind(0)
+
+
 class _GroupedLinearDelayedWgrad(torch.autograd.Function):
     """`grouped_linear(x, weight, counts)` whose backward computes the input gradient only and hands
     (x, grad_y, weight dtype) to `keep`; `CometGroupedMLP.backward_dw` computes the weight gradient
@@ -248,17 +308,19 @@ class _StackedView(torch.autograd.Function):
 
 
 def _back_to_back(params) -> bool:
+    """Whether `params` are equally shaped, contiguous and lie one after the other inside the first one's
+    storage (cheap: one pass of pointer compares; runs on every forward)."""
     first = params[0]
     if not first.is_contiguous():
         return False
+    shape, dtype = first.shape, first.dtype
     step = first.numel() * first.element_size()
-    storage = first.untyped_storage().data_ptr()
-    return all(
-        p.shape == first.shape and p.dtype == first.dtype and p.is_contiguous()
-        and p.untyped_storage().data_ptr() == storage
-        and p.data_ptr() == first.data_ptr() + i * step
-        for i, p in enumerate(params)
-    )
+    base = first.data_ptr()
+    for i, p in enumerate(params):
+        if p.data_ptr() != base + i * step or p.shape != shape or p.dtype != dtype or not p.is_contiguous():
+            return False
+    storage = first.untyped_storage()
+    return base - storage.data_ptr() + len(params) * step <= storage.nbytes()
 
 
 def stack_weights(params) -> torch.Tensor:
@@ -409,13 +471,14 @@ class CometGroupedMLP(SequentialMLP):
             def fc2(t):
                 return _GroupedLinearDelayedWgrad.apply(t, w2, anchor, counts, wgrads.keep_fc2)
         else:
-            w1, w2 = self.fc_weights()
+            p1 = [e.linear_fc1.weight for e in self.local_experts]
+            p2 = [e.linear_fc2.weight for e in self.local_experts]
 
             def fc1(t):
-                return grouped_linear(t, w1, counts)
+                return _GroupedLinear.apply(t, counts, *p1)
 
             def fc2(t):
-                return grouped_linear(t, w2, counts)
+                return _GroupedLinear.apply(t, counts, *p2)
         pre = fc1(x)
         if b1 is not None:
             pre = pre + _per_row(b1, counts)
