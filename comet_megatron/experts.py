@@ -80,22 +80,47 @@ FUSED_WGRAD_MIN_ROWS = 512  # mean rows per expert
 
 
 def _fuse_wgrad_accumulation(x: torch.Tensor, counts: Sequence[int], mains) -> bool:
-    how = os.environ.get("COMET_WGRAD_ACCUMULATION", "auto")  # auto | gemm | add (A/B switch for benchmarks)
-    if how == "add" or not x.is_cuda or not counts:
+    how = os.environ.get("COMET_WGRAD_ACCUMULATION", "auto")  # auto | gemm | add (A/B switch, tests)
+    if how not in ("auto", "gemm", "add"):
+        raise ValueError(f"COMET_WGRAD_ACCUMULATION={how!r}: use auto, gemm or add")
+    if how == "add" or not counts:
         return False
-    if any(m.dtype not in (torch.float32, x.dtype) for m in mains):
+    # bf16 operands into fp32 main_grad: CUDA's addmm with out_dtype; same dtypes: any device (forced)
+    if any(m.dtype != x.dtype and not (x.is_cuda and m.dtype == torch.float32) for m in mains):
+        return False
+    if not x.is_cuda and how != "gemm":
         return False
     return how == "gemm" or (len(counts) <= FUSED_WGRAD_MAX_EXPERTS
                              and sum(counts) >= FUSED_WGRAD_MIN_ROWS * len(counts))
 
 
-def _accumulate_wgrad_gemms(mains, grad_y: torch.Tensor, x: torch.Tensor, counts: Sequence[int]) -> None:
-    """main_grad[e] += grad_y[e]^T @ x[e] for every expert, accumulated by the GEMM itself."""
-    for main, gy, xe in zip(mains, torch.split(grad_y, list(counts)), torch.split(x, list(counts))):
-        if main.dtype == gy.dtype:
-            main.addmm_(gy.t(), xe)
+def accumulate_wgrad_gemms(mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int]) -> None:
+    """main_grad[e] += a[rows_e]^T @ b[rows_e] for every expert (rows_e = offsets[e]:offsets[e + 1]),
+    accumulated by the GEMM itself (cuBLAS, beta = 1; fp32 main_grad from bf16 operands)."""
+    for e, main in enumerate(mains):
+        ae, be = a[offsets[e]:offsets[e + 1]], b[offsets[e]:offsets[e + 1]]
+        if main.dtype == ae.dtype:
+            main.addmm_(ae.t(), be)
         else:
-            torch.addmm(main, gy.t(), xe, out_dtype=main.dtype, out=main)
+            torch.addmm(main, ae.t(), be, out_dtype=main.dtype, out=main)
+
+
+def fused_wgrad_mains(params, a: torch.Tensor, offsets: Sequence[int]):
+    """The `main_grad`s of `params` when their weight gradients (rows of `a` split at `offsets`) should be
+    accumulated straight into them by per-expert GEMMs: under Megatron's DDP, few large experts; else None."""
+    mains = _main_grads(params)
+    counts = [offsets[e + 1] - offsets[e] for e in range(len(params))]
+    if mains is None or not _fuse_wgrad_accumulation(a, counts, mains):
+        return None
+    return mains
+
+
+def accumulate_into_mains(params, mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int]) -> None:
+    """dW[e] = a[rows_e]^T @ b[rows_e] added into `mains` by the GEMMs; marked `grad_added_to_main_grad`
+    (DDP's hooks then drop the placeholder gradients autograd gives them)."""
+    accumulate_wgrad_gemms(mains, a, b, offsets)
+    for p in params:
+        p.grad_added_to_main_grad = True
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -121,11 +146,12 @@ class _GroupedLinear(torch.autograd.Function):
         grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[2:]):
             return (grad_x, None) + (None,) * len(params)
-        mains = _main_grads(params)
-        if mains is not None and _fuse_wgrad_accumulation(x, counts, mains):
-            _accumulate_wgrad_gemms(mains, grad_y, x, counts)
-            for p in params:
-                p.grad_added_to_main_grad = True
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        mains = fused_wgrad_mains(params, grad_y, offsets)
+        if mains is not None:
+            accumulate_into_mains(params, mains, grad_y, x, offsets)
             # placeholders for DDP's hooks, which drop them (one allocation, never written)
             return (grad_x, None) + torch.empty_like(weight).unbind(0)
         grad_w = grouped_linear_wgrad(grad_y, x, counts, weight.dtype)
@@ -287,6 +313,17 @@ def _accumulate_in_one_launch(mains, grad: torch.Tensor) -> bool:
     return True
 
 
+class WgradHandoff:
+    """Shared by one forward's stacked weight views and the function that computes their gradients: `done`
+    says that the gradients already went into `main_grad` (the incoming gradients are placeholders)."""
+
+    __slots__ = ("done", "params")
+
+    def __init__(self):
+        self.done = False
+        self.params = None  # ([fc1 weights], [fc2 weights]) where the gradient function needs them
+
+
 class _StackedView(torch.autograd.Function):
     """[G, ...] view over G equally shaped parameters that lie back to back in one storage.
 
@@ -296,15 +333,16 @@ class _StackedView(torch.autograd.Function):
     (they drop them: `grad_added_to_main_grad`)."""
 
     @staticmethod
-    def forward(ctx, *params):
-        ctx.params = params
+    def forward(ctx, handoff, *params):
+        ctx.params, ctx.handoff = params, handoff
         first = params[0]
         return first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()))
 
     @staticmethod
     def backward(ctx, grad):
-        hand_to_main_grads(ctx.params, grad)
-        return tuple(grad.unbind(0))
+        if ctx.handoff is None or not ctx.handoff.done:
+            hand_to_main_grads(ctx.params, grad)
+        return (None,) + tuple(grad.unbind(0))
 
 
 def _back_to_back(params) -> bool:
@@ -323,11 +361,14 @@ def _back_to_back(params) -> bool:
     return base - storage.data_ptr() + len(params) * step <= storage.nbytes()
 
 
-def stack_weights(params) -> torch.Tensor:
+def stack_weights(params, handoff: WgradHandoff | None = None) -> torch.Tensor:
     """Differentiable [G, ...] stack of `params`: a view when they lie back to back (as
-    `CometGroupedMLP` allocates them), else a copy (e.g. after a wrapper re-homed them)."""
+    `CometGroupedMLP` allocates them), else a copy (e.g. after a wrapper re-homed them; then `handoff`
+    cannot apply and must be None)."""
     if _back_to_back(params):
-        return _StackedView.apply(*params)
+        return _StackedView.apply(handoff, *params)
+    if handoff is not None:
+        raise ValueError("stack_weights: a WgradHandoff needs back-to-back parameters")
     return torch.stack(list(params))
 
 
@@ -431,11 +472,18 @@ class CometGroupedMLP(SequentialMLP):
             hook()
         return True
 
-    def fc_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def fc_weights(self, handoff: WgradHandoff | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked ([El, F1, H], [El, H, F]) views of the experts' weights (differentiable)."""
-        w1 = stack_weights([e.linear_fc1.weight for e in self.local_experts])
-        w2 = stack_weights([e.linear_fc2.weight for e in self.local_experts])
-        return w1, w2
+        p1, p2 = self.fc_params()
+        return stack_weights(p1, handoff), stack_weights(p2, handoff)
+
+    def weights_are_views(self) -> bool:
+        """Whether `fc_weights` stacks by view (what a `WgradHandoff` needs)."""
+        return all(_back_to_back(p) for p in self.fc_params())
+
+    def fc_params(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
+        return ([e.linear_fc1.weight for e in self.local_experts],
+                [e.linear_fc2.weight for e in self.local_experts])
 
     def fc_biases(self):
         b1 = [e.linear_fc1.bias for e in self.local_experts]

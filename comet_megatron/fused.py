@@ -30,6 +30,8 @@ from comet_megatron.kernels import (
     moe_forward,
     run_rank,
 )
+from comet_megatron.experts import WgradHandoff
+from comet_megatron.kernels.moe import weight_grad_operands
 from comet_megatron.transport import SymmetricWorkspace
 from comet_megatron.transport.workspace import PeerUnreachable
 
@@ -166,8 +168,8 @@ class _FusedMoE(torch.autograd.Function):
     computing (dW1 [El, F1, H], dW2 [El, H, F]) to `defer` instead of returning weight gradients."""
 
     @staticmethod
-    def forward(ctx, x, topk_probs, w1, w2, anchor, topk_idx, runner, defer=None):
-        ctx.defer = defer
+    def forward(ctx, x, topk_probs, w1, w2, anchor, topk_idx, runner, defer=None, handoff=None):
+        ctx.defer, ctx.handoff = defer, handoff
         with _reporting(runner, "forward"):
             view = runner.workspace.ensure_capacity(x.shape[0])
             phases = moe_forward(view, x, topk_idx, topk_probs.float(), w1, w2, runner.kernel)
@@ -199,9 +201,32 @@ class _FusedMoE(torch.autograd.Function):
         if ctx.defer is not None:
             ctx.defer(weight_grads)  # the received rows and gradients stay alive until backward_dw()
             ctx.defer = None
-            return grad_x, grad_probs, None, None, None, None, None, None
+            return grad_x, grad_probs, None, None, None, None, None, None, None
+        handoff, ctx.handoff = ctx.handoff, None
+        if handoff is not None and _accumulate_into_main_grads(handoff, state, bstate):
+            # the gradients are in main_grad; placeholders for the stacked views (never written)
+            return (grad_x, grad_probs, torch.empty_like(w1), torch.empty_like(w2),
+                    None, None, None, None, None)
         dw1, dw2 = weight_grads()
-        return grad_x, grad_probs, dw1.transpose(1, 2), dw2.transpose(1, 2), None, None, None, None
+        return grad_x, grad_probs, dw1.transpose(1, 2), dw2.transpose(1, 2), None, None, None, None, None
+
+
+def _accumulate_into_main_grads(handoff, state, bstate) -> bool:
+    """Under Megatron's DDP with few large local experts: the expert weight gradients accumulated by
+    per-expert GEMMs straight into the parameters' fp32 `main_grad`s (`experts.accumulate_into_mains`),
+    using the receive layout's expert offsets that the forward's one host sync already read."""
+    from comet_megatron.experts import accumulate_into_mains, fused_wgrad_mains
+
+    offsets = state.layout.expert_offsets_host()
+    (a1, b1), (a2, b2) = weight_grad_operands(state, bstate, out_features_first=True)
+    p1, p2 = handoff.params
+    m1, m2 = fused_wgrad_mains(p1, a1, offsets), fused_wgrad_mains(p2, a2, offsets)
+    if m1 is None or m2 is None:
+        return False
+    accumulate_into_mains(p1, m1, a1, b1, offsets)
+    accumulate_into_mains(p2, m2, a2, b2, offsets)
+    handoff.done = True
+    return True
 
 
 class FusedExperts:
@@ -238,13 +263,17 @@ class FusedExperts:
         topk_idx, topk_probs = topk_from_routing(routing_map, probs, self.topk)
         if experts.delays_wgrad():  # weight gradients in experts.backward_dw()
             w1, w2, anchor = experts.delayed_fc_weights()
-            defer = experts.defer_wgrad
+            defer, handoff = experts.defer_wgrad, None
         else:
-            w1, w2 = experts.fc_weights()  # [El, F1, H], [El, H, F]
+            handoff = None
+            if experts.weights_are_views():
+                handoff = WgradHandoff()
+                handoff.params = experts.fc_params()
+            w1, w2 = experts.fc_weights(handoff)  # [El, F1, H], [El, H, F]
             anchor = defer = None
         return _FusedMoE.apply(
             hidden.contiguous(), topk_probs, w1.transpose(1, 2), w2.transpose(1, 2), anchor, topk_idx,
-            self, defer,
+            self, defer, handoff,
         )
 
 

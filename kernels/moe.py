@@ -97,6 +97,14 @@ def expert_weight_grads(fwd: ForwardState, bwd: BackwardState, *, backend: str =
     (dW1 [El, F1, H], dW2 [El, H, F]), computed directly in that layout (no transposed copy).
     """
     offsets = fwd.layout.expert_offsets
+    pairs = weight_grad_operands(fwd, bwd, out_features_first=out_features_first)
+    dw1, dw2 = (grouped_wgrad(a, b, offsets, backend=backend, out_dtype=out_dtype) for a, b in pairs)
+    return dw1, dw2
+
+
+def weight_grad_operands(fwd: ForwardState, bwd: BackwardState, *, out_features_first: bool = False):
+    """[(a1, b1), (a2, b2)]: receive-row operands with dW1[e] = a1[rows_e]^T @ b1[rows_e] and likewise dW2
+    (rows_e: `fwd.layout.expert_offsets`), for callers that run the weight-gradient GEMMs themselves."""
     d = fwd.dispatch
     hp = bwd.dispatch.hp
     if hp is None:  # activation backward fused in the GEMM epilogue: the forward kept h
@@ -106,8 +114,7 @@ def expert_weight_grads(fwd: ForwardState, bwd: BackwardState, *, backend: str =
     pairs = [(d.recv, bwd.dispatch.out), (hp, bwd.dispatch.recv)]
     if out_features_first:
         pairs = [(b, a) for a, b in pairs]
-    dw1, dw2 = (grouped_wgrad(a, b, offsets, backend=backend, out_dtype=out_dtype) for a, b in pairs)
-    return dw1, dw2
+    return pairs
 
 
 def run_rank(phases: Phases, view=None):

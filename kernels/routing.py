@@ -115,14 +115,18 @@ class ReceiveLayout:
     # (processing position of tile t of expert j whose last row comes from ring position i: pos_base + t);
     # lets a kernel find the tile of any receive row (`layout_kernel` only; None from the torch build)
     tile_index: torch.Tensor | None = None
-    _num_rows: int | None = field(default=None, repr=False, compare=False)
+    _offsets_host: list[int] | None = field(default=None, repr=False, compare=False)
 
     def num_rows(self) -> int:
         """Total receive rows. THE host sync of a round (see module doc): read once per layout, so the
         backward round (same layout) and later launches of the round do not synchronise again."""
-        if self._num_rows is None:
-            self._num_rows = int(self.expert_offsets[-1].item())
-        return self._num_rows
+        return self.expert_offsets_host()[-1]
+
+    def expert_offsets_host(self) -> list[int]:
+        """`expert_offsets` on the host, read by the same single sync as `num_rows`."""
+        if self._offsets_host is None:
+            self._offsets_host = self.expert_offsets.tolist()
+        return self._offsets_host
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility

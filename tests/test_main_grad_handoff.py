@@ -7,7 +7,9 @@ first under `no_sync`), `--overlap-grad-reduce` on: every `main_grad` of the com
 alltoall + SequentialMLP layer's, with the hand-off on (and it ran: counted), with it switched off
 (`COMET_MAIN_GRAD_HANDOFF=0`), through the one-launch Triton accumulation (`kernels.accumulate`,
 interpreter) and torch's foreach add, and when a parameter asks DDP to add zeros (`zero_out_wgrad`: the hand-off
-must step aside, else DDP would add the gradient twice). Reference path and fused path (interpreter).
+must step aside, else DDP would add the gradient twice), and with the per-expert GEMMs that accumulate into
+`main_grad` themselves (`COMET_WGRAD_ACCUMULATION=gemm`, forced here: on a GPU they are chosen for few large
+experts). Reference path and fused path (interpreter).
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def _body(rank, fused):
 
     calls["one_launch"] = 0
     accumulate.accumulate_into = counting_acc
+    real_gemms = experts.accumulate_wgrad_gemms
+
+    def counting_gemms(*args):
+        calls["gemm"] += 1
+        return real_gemms(*args)
+
+    calls["gemm"] = 0
+    experts.accumulate_wgrad_gemms = counting_gemms
     overrides = dict(moe_router_topk=2)
     ref_cfg = make_config("alltoall", **overrides)
     spec = get_gpt_layer_local_spec(num_experts=ref_cfg.num_moe_experts, moe_grouped_gemm=False)
@@ -71,6 +81,7 @@ def _body(rank, fused):
             for p in layer.experts.parameters():
                 p.zero_out_wgrad = True
         os.environ["COMET_MAIN_GRAD_HANDOFF"] = "0" if tag == "switched_off" else "1"
+        os.environ["COMET_WGRAD_ACCUMULATION"] = "gemm" if tag == "gemm" else "add"
         before = dict(calls)
         per_iter = []
         for it in range(2):
@@ -88,13 +99,14 @@ def _body(rank, fused):
         return per_iter, {k: calls[k] - before[k] for k in calls}, left
 
     out = {"ref": run(ref, "ref")}
-    for tag in ("handoff", "switched_off", "zero_out"):
+    for tag in ("handoff", "switched_off", "zero_out", "gemm"):
         layer = spec.submodules.mlp(config=make_config("comet", **overrides))
         layer.load_state_dict(state, strict=True)
         out[tag] = run(layer, tag)
     os.environ.pop("COMET_MAIN_GRAD_HANDOFF", None)
+    os.environ.pop("COMET_WGRAD_ACCUMULATION", None)
     errs = {}
-    for tag in ("handoff", "switched_off", "zero_out"):
+    for tag in ("handoff", "switched_off", "zero_out", "gemm"):
         for it in range(2):
             for n, g in out["ref"][0][it].items():
                 errs[f"{tag}:{it}:{n}"] = rel_err(out[tag][0][it][n], g)
@@ -117,8 +129,11 @@ def _check(results, transport, one_launch):
         # 2 iterations x 2 micro-batches x (fc1, fc2) stacked gradients
         # the one-launch Triton accumulation where Triton runs (here: the interpreter), else torch's foreach
         launches = 8 if one_launch else 0
-        assert res["calls"]["handoff"] == {"handed": 8, "declined": 0, "one_launch": launches}, res["calls"]
-        assert res["calls"]["zero_out"] == {"handed": 0, "declined": 8, "one_launch": 0}, res["calls"]
+        assert res["calls"]["handoff"] == {"handed": 8, "declined": 0, "one_launch": launches, "gemm": 0}, \
+            res["calls"]
+        assert res["calls"]["zero_out"] == {"handed": 0, "declined": 8, "one_launch": 0, "gemm": 0}, res["calls"]
+        # per-expert GEMMs accumulating into main_grad: no stacked gradient handed anywhere
+        assert res["calls"]["gemm"] == {"handed": 0, "declined": 0, "one_launch": 0, "gemm": 8}, res["calls"]
         assert res["calls"]["switched_off"]["handed"] == 0, res["calls"]
         # DDP's hooks dropped every placeholder gradient
         assert all(not names for names in res["grad_left"].values()), res["grad_left"]
