@@ -141,23 +141,38 @@ def _reporting(runner, direction: str):
         ) from exc
 
 
-def _check_after_backward(runner, view) -> None:
+def _check_after_backward(runner, view, fwd_epoch: int) -> None:
     """Read `view`'s error buffer when the current backward pass ends (an autograd engine callback per
-    layer call; all but the first find the GPU idle and cost one small copy): a timed-out wait of any
-    comet layer's backward round raises `CometTimeout` from `loss.backward()`, before an optimizer step
-    can use the gradients. Checking at the end of each layer's round instead (a host sync) left the GPU
-    idle while the host then handed the expert weight gradients to autograd one parameter at a time
-    (profiled on an H100: 4.7 ms of idle GPU before those adds per forward+backward of a Qwen2-MoE
-    layer, 0.7 ms on the reference path)."""
+    layer call; all but the first find the GPU idle and cost one small copy): a timed-out wait of this
+    call's forward round (whose check was deferred, see `_FusedMoE.forward`) or backward round raises
+    `CometTimeout` from `loss.backward()`, before an optimizer step can use the gradients. Checking at the
+    end of each round instead (a host sync) left the GPU idle while the host prepared what followed (profiled
+    on an H100: 4.7 ms of idle GPU per forward+backward of a Qwen2-MoE layer before the per-expert
+    gradient hand-off)."""
+
+    def phase_of(epoch):
+        return ("forward" if epoch <= fwd_epoch else "backward") + " (checked at the end of the backward pass)"
 
     def check():
-        with _reporting(runner, "backward (checked at the end of the backward pass)"):
-            check_errors(view, "backward")
+        runner.workspace.unchecked_forwards.discard(fwd_epoch)
+        with _reporting(runner, "forward+backward"):
+            check_errors(view, phase_of=phase_of)
 
     try:
         torch.autograd.Variable._execution_engine.queue_callback(check)
     except RuntimeError:  # not inside a backward pass (a direct call): check now
         check()
+
+
+def _check_unchecked_forwards(runner) -> None:
+    """Forwards that deferred their error check to a backward that has not run yet (micro-batches in
+    flight, or a forward under autograd whose output was dropped): check them now, before this forward
+    reuses the workspace (one host sync; a run that alternates forward and backward never gets here)."""
+    ws = runner.workspace
+    if ws.unchecked_forwards:
+        ws.unchecked_forwards.clear()
+        with _reporting(runner, "forward"):
+            check_errors(ws.view, "an earlier forward (checked at the next forward)")
 
 
 class _FusedMoE(torch.autograd.Function):
@@ -168,12 +183,20 @@ class _FusedMoE(torch.autograd.Function):
     computing (dW1 [El, F1, H], dW2 [El, H, F]) to `defer` instead of returning weight gradients."""
 
     @staticmethod
-    def forward(ctx, x, topk_probs, w1, w2, anchor, topk_idx, runner, defer=None, handoff=None):
+    def forward(ctx, x, topk_probs, w1, w2, anchor, topk_idx, runner, defer=None, handoff=None,
+                defer_check=False):
         ctx.defer, ctx.handoff = defer, handoff
+        _check_unchecked_forwards(runner)
         with _reporting(runner, "forward"):
             view = runner.workspace.ensure_capacity(x.shape[0])
             phases = moe_forward(view, x, topk_idx, topk_probs.float(), w1, w2, runner.kernel)
-            out, state = run_rank(phases, view)
+            # With a backward to come, the round's error buffer is read when that backward pass ends
+            # (`_check_after_backward`): no host sync at the end of the forward, so the host queues what
+            # follows while the round runs. A forward without autograd checks here.
+            out, state = run_rank(phases, None if defer_check else view)
+        ctx.fwd_epoch = view.epoch
+        if defer_check:
+            runner.workspace.unchecked_forwards.add(view.epoch)
         if runner.kernel.trace:
             runner.last_trace = (state.dispatch.trace, state.combine_trace, state.layout.max_tiles)
         ctx.runner, ctx.state, ctx.probs_dtype = runner, state, topk_probs.dtype
@@ -191,7 +214,7 @@ class _FusedMoE(torch.autograd.Function):
             # (see _check_after_backward), so the host keeps queueing the weight-gradient hand-off and the
             # other layers' backward while this round runs.
             grad_x, grad_probs, bstate = run_rank(phases, None)
-        _check_after_backward(runner, view)
+        _check_after_backward(runner, view, ctx.fwd_epoch)
         ctx.state = ctx.runner = None
         grad_probs = grad_probs.to(ctx.probs_dtype)
         # In the parameters' [out, in] layout, so they reach the expert weights without a copy.
@@ -201,14 +224,14 @@ class _FusedMoE(torch.autograd.Function):
         if ctx.defer is not None:
             ctx.defer(weight_grads)  # the received rows and gradients stay alive until backward_dw()
             ctx.defer = None
-            return grad_x, grad_probs, None, None, None, None, None, None, None
+            return grad_x, grad_probs, None, None, None, None, None, None, None, None
         handoff, ctx.handoff = ctx.handoff, None
         if handoff is not None and _accumulate_into_main_grads(handoff, state, bstate):
             # the gradients are in main_grad; placeholders for the stacked views (never written)
             return (grad_x, grad_probs, torch.empty_like(w1), torch.empty_like(w2),
-                    None, None, None, None, None)
+                    None, None, None, None, None, None)
         dw1, dw2 = weight_grads()
-        return grad_x, grad_probs, dw1.transpose(1, 2), dw2.transpose(1, 2), None, None, None, None, None
+        return grad_x, grad_probs, dw1.transpose(1, 2), dw2.transpose(1, 2), None, None, None, None, None, None
 
 
 def _accumulate_into_main_grads(handoff, state, bstate) -> bool:
@@ -271,9 +294,11 @@ class FusedExperts:
                 handoff.params = experts.fc_params()
             w1, w2 = experts.fc_weights(handoff)  # [El, F1, H], [El, H, F]
             anchor = defer = None
+        defer_check = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, topk_probs, w1, w2, anchor))
         return _FusedMoE.apply(
             hidden.contiguous(), topk_probs, w1.transpose(1, 2), w2.transpose(1, 2), anchor, topk_idx,
-            self, defer, handoff,
+            self, defer, handoff, defer_check,
         )
 
 

@@ -226,16 +226,20 @@ def use_globaltimer(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
-def check_errors(view, phase: str = "") -> None:
+def check_errors(view, phase: str = "", phase_of=None) -> None:
     """Raise `SignalTimeout` if a kernel of `view`'s rank recorded a timed-out wait (one host sync).
 
-    The error buffer is cleared after reading so the rank can be reused after the failure was handled.
+    `phase_of(epoch)`, when given, names the phase from the epoch the failed wait expected (a check that
+    covers several rounds). The error buffer is cleared after reading so the rank can be reused after the
+    failure was handled.
     """
     code, index, observed, expected = view.errors.tolist()
     if code == 0:
         return
     view.errors.zero_()
     kernel, flag = ERROR_CODES.get(code, ("unknown kernel", f"error code {code}"))
+    if phase_of is not None:
+        phase = phase_of(expected)
     where = f" during {phase}" if phase else ""
     raise SignalTimeout(
         f"rank {view.rank}/{view.world_size}{where}: {kernel} timed out waiting for {flag} {index} "

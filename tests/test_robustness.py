@@ -116,7 +116,7 @@ def _timeout_body(rank, mode):
     ws.ensure_capacity(6)  # both ranks allocate the workspace together (a collective)
     ws.view.timeout = 4000  # interpreter spins: a couple of seconds
     if rank == 1:
-        if mode == "stuck":  # takes part in the size agreement, then never runs its kernels
+        if mode in ("stuck", "stuck-nograd", "stuck-no-backward"):  # agrees on the size, never runs kernels
             ws.ensure_capacity(6)
             time.sleep(20)
             return "peer"
@@ -133,25 +133,43 @@ def _timeout_body(rank, mode):
         os.kill(os.getpid(), signal.SIGKILL)  # mode "dead": the process is killed
     t0 = time.time()
     try:
-        run_stages(fused, x, probs, rmap, torch.randn(6, 16))
+        if mode == "stuck-nograd":  # a forward without autograd checks at its end
+            with torch.no_grad():
+                h, pp = fused.preprocess(x, probs, rmap)
+                d, pp = fused.dispatch(h, pp)
+                fused.routed_experts_compute(d, pp)
+        elif mode == "stuck-no-backward":  # a forward under autograd whose backward never runs ...
+            h, pp = fused.preprocess(x.clone().requires_grad_(True), probs.clone().requires_grad_(True), rmap)
+            d, pp = fused.dispatch(h, pp)
+            fused.routed_experts_compute(d, pp)
+            t0 = time.time()
+            run_stages(fused, x, probs, rmap, torch.randn(6, 16))  # ... is checked by the next forward
+        else:
+            run_stages(fused, x, probs, rmap, torch.randn(6, 16))
     except Exception as exc:  # noqa: BLE001
         return (type(exc).__name__, str(exc), time.time() - t0)
     return "no error"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["stuck", "dead", "stuck-in-backward"])
+@pytest.mark.parametrize("mode", ["stuck", "dead", "stuck-in-backward", "stuck-nograd", "stuck-no-backward"])
 def test_peer_that_never_signals_raises_naming_rank_layer_phase(mode):
     results = run_distributed(_timeout_body, 2, ep=2, env=INTERPRET, timeout=300, mode=mode,
                               may_die=(1,))
     assert results[1] == (None if mode == "dead" else "peer")
     kind, message, seconds = results[0]
     assert kind == "CometTimeout", (kind, message)
-    # the backward round's wait is read when the backward pass ends, and raised from y.backward()
-    phase = "backward (checked at the end of the backward pass)" if mode == "stuck-in-backward" else "forward"
+    # A forward under autograd and its backward round are checked when the backward pass ends, and raised
+    # from y.backward(), naming the round whose wait failed; a dead peer fails the workspace agreement
+    # at the start of the forward.
+    phase = {"stuck": "during forward (checked at the end of the backward pass)",
+             "stuck-in-backward": "during backward (checked at the end of the backward pass)",
+             "dead": "forward",
+             "stuck-nograd": ", forward: rank 0/2: ",  # checked at the end of the forward
+             "stuck-no-backward": "during an earlier forward (checked at the next forward)"}[mode]
     assert "rank 0/2" in message and "layer" in message and phase in message, message
     assert "--comet-wait-timeout-s" in message
-    if mode == "stuck":
+    if mode.startswith("stuck") and mode != "stuck-in-backward":
         assert "timed out waiting for" in message, message  # the kernel's bounded wait
     assert seconds < 60, f"took {seconds:.0f}s to give up"
 

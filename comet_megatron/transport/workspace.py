@@ -63,6 +63,8 @@ class SymmetricWorkspace:
         self.capacity = capacity  # None: size from the first batch
         self.grow = grow
         self.timeout_s = timeout_s
+        # epochs of forward rounds whose error check waits for their backward (comet_megatron.fused)
+        self.unchecked_forwards: set[int] = set()
         self.max_comm_programs = max_comm_programs
         self.view: Optional[RankView] = None
         self._keepalive: list = []  # peer mappings must outlive the view's address tables
