@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -294,7 +295,8 @@ class FusedExperts:
                 handoff.params = experts.fc_params()
             w1, w2 = experts.fc_weights(handoff)  # [El, F1, H], [El, H, F]
             anchor = defer = None
-        defer_check = torch.is_grad_enabled() and any(
+        # COMET_DEFER_FORWARD_CHECK=0: check every forward round at its end (debugging, A/B measurements)
+        defer_check = os.environ.get("COMET_DEFER_FORWARD_CHECK", "1") != "0" and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, topk_probs, w1, w2, anchor))
         return _FusedMoE.apply(
             hidden.contiguous(), topk_probs, w1.transpose(1, 2), w2.transpose(1, 2), anchor, topk_idx,
