@@ -215,8 +215,9 @@ class _ReferenceWgrads:
         return grouped_linear_wgrad(g1, x, self.counts, t1), grouped_linear_wgrad(g2, h, self.counts, t2)
 
 
-def _accumulate_wgrad(param: torch.nn.Parameter, grad: torch.Tensor, ddp_hooks: bool) -> None:
-    """Add a delayed weight gradient where Megatron keeps it.
+def _accumulate_wgrad(param: torch.nn.Parameter, grad: torch.Tensor, ddp_hooks: bool,
+                      added: bool = False) -> None:
+    """Add a delayed weight gradient where Megatron keeps it (`added`: already in `main_grad`).
 
     Megatron DDP (the parameter has `main_grad`): into `main_grad`, marked with
     `grad_added_to_main_grad` as Megatron's own linear layers do with gradient-accumulation fusion,
@@ -227,7 +228,8 @@ def _accumulate_wgrad(param: torch.nn.Parameter, grad: torch.Tensor, ddp_hooks: 
         return
     main_grad = getattr(param, "main_grad", None)
     if main_grad is not None:
-        main_grad.add_(grad)
+        if not added:
+            main_grad.add_(grad)
         if hasattr(param, "grad_added_to_main_grad"):
             param.grad_added_to_main_grad = True
             if ddp_hooks and param.grad is None:
@@ -236,6 +238,17 @@ def _accumulate_wgrad(param: torch.nn.Parameter, grad: torch.Tensor, ddp_hooks: 
         param.grad = grad.to(param.dtype)
     else:
         param.grad.add_(grad)
+
+
+def _add_delayed_into_main_grads(params, grad: torch.Tensor) -> bool:
+    """A delayed stacked weight gradient into every parameter's `main_grad` at once (one Triton launch, else
+    torch's foreach add) when all of them are trainable and have one; True when done."""
+    mains = [getattr(p, "main_grad", None) for p in params]
+    if any(m is None or m.shape != p.shape or not p.requires_grad for m, p in zip(mains, params)):
+        return False
+    if not _accumulate_in_one_launch(mains, grad):
+        torch._foreach_add_(mains, list(grad.unbind(0)))
+    return True
 
 
 def activation(config, pre: torch.Tensor) -> torch.Tensor:
@@ -456,8 +469,10 @@ class CometGroupedMLP(SequentialMLP):
         with torch.no_grad():
             dw1, dw2 = self._pending_wgrads.popleft()()
             for linear, dw in (("linear_fc2", dw2), ("linear_fc1", dw1)):
-                for expert, grad in zip(self.local_experts, dw.unbind(0)):
-                    _accumulate_wgrad(getattr(expert, linear).weight, grad, hooks)
+                params = [getattr(expert, linear).weight for expert in self.local_experts]
+                added = _add_delayed_into_main_grads(params, dw)
+                for param, grad in zip(params, dw.unbind(0)):
+                    _accumulate_wgrad(param, grad, hooks, added)
         if not hooks and not self._warned_no_ddp_hooks and any(
             hasattr(p, "grad_added_to_main_grad") for p in self._expert_weights()
         ):
