@@ -63,7 +63,9 @@ class CometConfig:
     capacity: AutoInt = _knob(
         "auto",
         "Workspace capacity: the most tokens per rank one MoE call may carry (before top-k "
-        "expansion). auto: sized from the first batch. See --comet-grow-workspace.",
+        "expansion). auto: sized from the first batch. See --comet-grow-workspace. A number with "
+        "--no-comet-grow-workspace fixes the size: EP ranks agree on it once instead of on every call "
+        "(a host sync per MoE layer call at EP > 1).",
     )
     grow_workspace: bool = _knob(
         True,

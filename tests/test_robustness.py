@@ -248,6 +248,64 @@ def test_workspace_too_small_names_flag_and_size():
         assert "--comet-capacity 6" in message and "--comet-grow-workspace" in message, message
 
 
+def _fixed_capacity_body(rank):
+    """Fixed capacity: the size is agreed on once (allocation); later calls skip the agreement (a host sync
+    per call), and a batch that no longer fits is refused by its own rank while the peer's waits give up."""
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from comet_megatron.config import CometConfigError
+    from routing_cases import build_two, random_routing, run_stages
+
+    _, fused = build_two(dict(moe_router_topk=2), "cuda_ipc", seed=9)
+    fused.comet_config.capacity = 6
+    fused.comet_config.grow_workspace = False
+    agreements = []
+    real = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        agreements.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+    out = {}
+    for call, tokens in enumerate([3 + rank, 5 - rank, 4]):  # all fit: one agreement, at allocation
+        probs, rmap = random_routing(tokens, 4, 2, seed=10 * call + rank)
+        x = torch.randn(tokens, 16)
+        run_stages(fused, x, probs, rmap, torch.randn_like(x))
+        if call == 0:
+            ws = fused._fused.workspace
+            ws.timeout_s = fused._fused.timeout_s = 2.0
+            ws.view.timeout = 4000  # interpreter spins: a couple of seconds
+    out["agreements"] = len(agreements)
+    probs, rmap = random_routing(9 if rank == 1 else 4, 4, 2, seed=99 + rank)  # rank 1 no longer fits
+    x = torch.randn(rmap.shape[0], 16)
+    t0 = time.time()
+    try:
+        run_stages(fused, x, probs, rmap, torch.randn_like(x))
+        out["error"] = ("no error", "")
+    except CometConfigError as exc:
+        out["error"] = ("CometConfigError", str(exc))
+    except Exception as exc:  # noqa: BLE001
+        out["error"] = (type(exc).__name__, str(exc))
+    out["seconds"] = time.time() - t0
+    return out
+
+
+@pytest.mark.slow
+def test_fixed_capacity_agrees_once_and_an_oversized_batch_is_refused():
+    results = run_distributed(_fixed_capacity_body, 2, ep=2, env=INTERPRET, timeout=300)
+    for rank, res in enumerate(results):
+        assert res["agreements"] == 1, res  # only when the workspace was allocated
+        assert res["seconds"] < 60, res
+    kind, message = results[1]["error"]
+    assert kind == "CometConfigError" and "rank 1/2" in message and "--comet-capacity 9" in message, message
+    kind, message = results[0]["error"]
+    assert kind == "CometTimeout" and "timed out waiting for" in message, message
+
+
 def _microbatches_body(rank):
     import torch
 

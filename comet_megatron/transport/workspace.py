@@ -73,6 +73,18 @@ class SymmetricWorkspace:
     def ensure_capacity(self, tokens: int) -> RankView:
         """The view for a call carrying `tokens` tokens on this rank (allocating or growing)."""
         needed = tokens
+        if self.world > 1 and self.view is not None and not self.grow and self.capacity is not None:
+            # Fixed capacity (--comet-capacity N --no-comet-grow-workspace): the size was agreed on when the
+            # workspace was allocated and can never change, so later calls skip the agreement (a host sync
+            # per layer call). A rank whose batch no longer fits refuses alone, naming the flag; its peers'
+            # waits give up after --comet-wait-timeout-s and raise CometTimeout.
+            if tokens > self.view.layout.capacity_tokens:
+                raise WorkspaceTooSmall(
+                    f"rank {self.rank}/{self.world}: a batch of {tokens} tokens exceeds the fixed comet "
+                    f"workspace capacity ({self.view.layout.capacity_tokens}); set --comet-capacity {tokens} "
+                    "(or more), or allow --comet-grow-workspace."
+                )
+            return self.view
         if self.world > 1:
             t = torch.tensor([tokens], dtype=torch.int64, device=self._collective_device())
             work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
