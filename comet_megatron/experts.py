@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import logging
 import os
 from typing import Callable, List, Sequence
@@ -146,9 +147,7 @@ class _GroupedLinear(torch.autograd.Function):
         grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[2:]):
             return (grad_x, None) + (None,) * len(params)
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
+        offsets = list(itertools.accumulate(counts, initial=0))
         mains = fused_wgrad_mains(params, grad_y, offsets)
         if mains is not None:
             accumulate_into_mains(params, mains, grad_y, x, offsets)
@@ -246,8 +245,7 @@ def _add_delayed_into_main_grads(params, grad: torch.Tensor) -> bool:
     mains = [getattr(p, "main_grad", None) for p in params]
     if any(m is None or m.shape != p.shape or not p.requires_grad for m, p in zip(mains, params)):
         return False
-    if not _accumulate_in_one_launch(mains, grad):
-        torch._foreach_add_(mains, list(grad.unbind(0)))
+    _add_into(mains, grad)
     return True
 
 
@@ -296,11 +294,16 @@ def hand_to_main_grads(params, grad: torch.Tensor) -> bool:
     mains = _main_grads(params)
     if mains is None:
         return False
-    if not _accumulate_in_one_launch(mains, grad):
-        torch._foreach_add_(mains, list(grad.unbind(0)))
+    _add_into(mains, grad)
     for p in params:
         p.grad_added_to_main_grad = True
     return True
+
+
+def _add_into(mains, grad: torch.Tensor) -> None:
+    """mains[g] += grad[g]: one Triton launch where it can run, else torch's foreach add."""
+    if not _accumulate_in_one_launch(mains, grad):
+        torch._foreach_add_(mains, list(grad.unbind(0)))
 
 
 _OFFSETS: dict = {}  # (device, element offsets) -> int64 device tensor: DDP's buffers do not move
@@ -332,9 +335,9 @@ class WgradHandoff:
 
     __slots__ = ("done", "params")
 
-    def __init__(self):
+    def __init__(self, params):
         self.done = False
-        self.params = None  # ([fc1 weights], [fc2 weights]) where the gradient function needs them
+        self.params = params  # ([fc1 weights], [fc2 weights]) for the function computing their gradients
 
 
 class _StackedView(torch.autograd.Function):
@@ -376,12 +379,11 @@ def _back_to_back(params) -> bool:
 
 def stack_weights(params, handoff: WgradHandoff | None = None) -> torch.Tensor:
     """Differentiable [G, ...] stack of `params`: a view when they lie back to back (as
-    `CometGroupedMLP` allocates them), else a copy (e.g. after a wrapper re-homed them; then `handoff`
-    cannot apply and must be None)."""
+    `CometGroupedMLP` allocates them), else a copy (e.g. after a wrapper re-homed them). The copy's
+    backward hands the slices to autograd as they come: where `handoff` says they are placeholders, the
+    gradients are already in `main_grad` and DDP's hooks drop them (`grad_added_to_main_grad`)."""
     if _back_to_back(params):
         return _StackedView.apply(handoff, *params)
-    if handoff is not None:
-        raise ValueError("stack_weights: a WgradHandoff needs back-to-back parameters")
     return torch.stack(list(params))
 
 
@@ -492,10 +494,6 @@ class CometGroupedMLP(SequentialMLP):
         p1, p2 = self.fc_params()
         return stack_weights(p1, handoff), stack_weights(p2, handoff)
 
-    def weights_are_views(self) -> bool:
-        """Whether `fc_weights` stacks by view (what a `WgradHandoff` needs)."""
-        return all(_back_to_back(p) for p in self.fc_params())
-
     def fc_params(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         return ([e.linear_fc1.weight for e in self.local_experts],
                 [e.linear_fc2.weight for e in self.local_experts])
@@ -534,8 +532,7 @@ class CometGroupedMLP(SequentialMLP):
             def fc2(t):
                 return _GroupedLinearDelayedWgrad.apply(t, w2, anchor, counts, wgrads.keep_fc2)
         else:
-            p1 = [e.linear_fc1.weight for e in self.local_experts]
-            p2 = [e.linear_fc2.weight for e in self.local_experts]
+            p1, p2 = self.fc_params()
 
             def fc1(t):
                 return _GroupedLinear.apply(t, counts, *p1)

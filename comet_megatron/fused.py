@@ -31,7 +31,7 @@ from comet_megatron.kernels import (
     moe_forward,
     run_rank,
 )
-from comet_megatron.experts import WgradHandoff
+from comet_megatron.experts import WgradHandoff, accumulate_into_mains, fused_wgrad_mains
 from comet_megatron.kernels.moe import weight_grad_operands
 from comet_megatron.transport import SymmetricWorkspace
 from comet_megatron.transport.workspace import PeerUnreachable
@@ -239,8 +239,6 @@ def _accumulate_into_main_grads(handoff, state, bstate) -> bool:
     """Under Megatron's DDP with few large local experts: the expert weight gradients accumulated by
     per-expert GEMMs straight into the parameters' fp32 `main_grad`s (`experts.accumulate_into_mains`),
     using the receive layout's expert offsets that the forward's one host sync already read."""
-    from comet_megatron.experts import accumulate_into_mains, fused_wgrad_mains
-
     offsets = state.layout.expert_offsets_host()
     (a1, b1), (a2, b2) = weight_grad_operands(state, bstate, out_features_first=True)
     p1, p2 = handoff.params
@@ -289,10 +287,7 @@ class FusedExperts:
             w1, w2, anchor = experts.delayed_fc_weights()
             defer, handoff = experts.defer_wgrad, None
         else:
-            handoff = None
-            if experts.weights_are_views():
-                handoff = WgradHandoff()
-                handoff.params = experts.fc_params()
+            handoff = WgradHandoff(experts.fc_params())
             w1, w2 = experts.fc_weights(handoff)  # [El, F1, H], [El, H, F]
             anchor = defer = None
         # COMET_DEFER_FORWARD_CHECK=0: check every forward round at its end (debugging, A/B measurements)

@@ -50,22 +50,18 @@ def _body(rank, fused):
     experts.hand_to_main_grads = counting
     from comet_megatron.kernels import accumulate
 
-    real_acc = accumulate.accumulate_into
+    def count_calls(module, name, key):
+        real_fn = getattr(module, name)
 
-    def counting_acc(*args):
-        calls["one_launch"] += 1
-        return real_acc(*args)
+        def wrapper(*args):
+            calls[key] += 1
+            return real_fn(*args)
 
-    calls["one_launch"] = 0
-    accumulate.accumulate_into = counting_acc
-    real_gemms = experts.accumulate_wgrad_gemms
+        calls[key] = 0
+        setattr(module, name, wrapper)
 
-    def counting_gemms(*args):
-        calls["gemm"] += 1
-        return real_gemms(*args)
-
-    calls["gemm"] = 0
-    experts.accumulate_wgrad_gemms = counting_gemms
+    count_calls(accumulate, "accumulate_into", "one_launch")
+    count_calls(experts, "accumulate_wgrad_gemms", "gemm")
     overrides = dict(moe_router_topk=2)
     ref_cfg = make_config("alltoall", **overrides)
     spec = get_gpt_layer_local_spec(num_experts=ref_cfg.num_moe_experts, moe_grouped_gemm=False)
