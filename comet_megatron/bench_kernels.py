@@ -127,6 +127,8 @@ class KernelBench:
         import torch
         import torch.nn.functional as F
 
+        from comet_megatron.kernels.dispatch_gemm import activation_backward
+
         s, offs = self.shape, self.offs
         gm = torch._grouped_mm if self.x.is_cuda else _grouped_loop
         f = s.ffn
@@ -142,11 +144,21 @@ class KernelBench:
             return F.silu(pre[:, :f]) * pre[:, f:] if s.gated else F.silu(pre)
 
         w1, w2 = self.w1s[0], self.w2s[0]
+        prob = torch.rand(self.rows, device=self.x.device)
+        hp = torch.empty_like(self.h_sorted)
+
+        def act_backward(dhp):
+            # the unfused layer-0 backward's elementwise part: one pass (ours; torch's autograd takes several)
+            # from dhp to d_pre, h * p and grad_prob, the same traffic as the fused kernel's separate pass
+            activation_backward(torch.empty_like(self.pre_sorted), self.pre_sorted, prob, ffn=f,
+                                activation="silu", gated=s.gated, hp=hp, dhp=dhp).sum(1)
+
         out = {
             "L0 fwd": timed(lambda: gm(self.x_sorted, w1, offs=offs)),
             "L0 fwd +act": timed(lambda: act(gm(self.x_sorted, w1, offs=offs))),
             "L1 fwd": timed(lambda: gm(self.h_sorted, w2, offs=offs)),
             "L0 bwd": timed(lambda: gm(self.g_sorted, w2.transpose(1, 2), offs=offs)),
+            "L0 bwd +act": timed(lambda: act_backward(gm(self.g_sorted, w2.transpose(1, 2), offs=offs))),
             "L1 bwd": timed(lambda: gm(self.pre_sorted, w1.transpose(1, 2), offs=offs)),
             "wgrad dW1": timed(lambda: gm(self.x_sorted.t(), self.pre_sorted, offs=offs)),
             "wgrad dW2": timed(lambda: gm(self.h_sorted.t(), self.g_sorted, offs=offs)),
@@ -343,7 +355,10 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                         "cublas_tflops": flops[kname] / ref / 1e9, "vs_cublas": ref / ms,
                         "vs_sm_share": ref * share / ms if fused_kernel else None,
                     }
-                rec["kernels"]["L0 fwd"]["cublas_with_act_ms"] = base["L0 fwd +act"]
+                for kname in ("L0 fwd", "L0 bwd"):  # GEMM + the unfused elementwise pass the kernel fuses
+                    k = rec["kernels"][kname]
+                    k["cublas_with_act_ms"] = base[f"{kname} +act"]
+                    k["vs_sm_share_with_act"] = base[f"{kname} +act"] * share / k["ms"]
                 records.append(rec)
                 if progress is not None:
                     progress(rec)
@@ -387,7 +402,7 @@ def print_record(rec) -> None:
     if "error" in rec:
         return
     head = (f"{'shape':18s} {'tok':>6s} {'kernel':10s} {'ms':>8s} {'cuBLAS':>8s} {'TF/s':>6s} {'vs cuBLAS':>9s} "
-            f"{'vs SM share':>11s} {'cuBLAS+act':>10s}")
+            f"{'vs SM share':>11s} {'cuBLAS+act':>10s} {'vs share+act':>12s}")
     ep = f" EP={rec['world']} (ranks emulated on one GPU; L1 = rank 0's gemm_combine only)" if rec["world"] > 1 else ""
     print(f"\n{rec['shape']} tokens={rec['tokens']}{ep} programs={rec['programs']} config={rec['config']} "
           f"routing={rec['routing_ms']:.3f} ms")
@@ -395,8 +410,9 @@ def print_record(rec) -> None:
     for kname, r in rec["kernels"].items():
         share = f"{r['vs_sm_share']:.3f}" if r["vs_sm_share"] is not None else "-"
         act = f"{r['cublas_with_act_ms']:10.3f}" if "cublas_with_act_ms" in r else f"{'-':>10s}"
+        act_share = f"{r['vs_sm_share_with_act']:12.3f}" if "vs_sm_share_with_act" in r else f"{'-':>12s}"
         print(f"{rec['shape']:18s} {rec['tokens']:6d} {kname:10s} {r['ms']:8.3f} {r['cublas_ms']:8.3f} "
-              f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s} {act}", flush=True)
+              f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s} {act} {act_share}", flush=True)
 
 
 def parse_configs(text: str) -> list[dict]:

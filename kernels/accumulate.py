@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 BLOCK = 4096
 
 
@@ -60,4 +62,4 @@ def accumulate_into(base: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor
     n = src.numel() // groups
     if offsets.numel() != groups or offsets.dtype != torch.int64:
         raise ValueError(f"accumulate_into: offsets must be {groups} int64 element offsets")
-    _accumulate_kernel[(groups, triton.cdiv(n, BLOCK))](base, offsets, src, n, BLOCK=BLOCK)
+    launch(_accumulate_kernel, (groups, triton.cdiv(n, BLOCK)), base, offsets, src, n, BLOCK=BLOCK)

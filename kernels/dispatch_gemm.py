@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .config import default_programs, dot_precision, rows_16b_aligned
+from .launch import launch
 from .operands import load_rows_block, load_weight_block, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import ERR_DISPATCH_INPUTS, ERR_DISPATCH_TILE, now, store_release, use_globaltimer, wait_until_geq
@@ -126,6 +127,37 @@ def _pull_tile_rows(q, x_table, order_table, offsets_table, probs_table, inputs_
 
 
 @triton.jit
+def _halves(t, BM: tl.constexpr, W: tl.constexpr):
+    """[BM, W] -> its column halves [BM, W/2], [BM, W/2] (register shuffle, no memory round trip)."""
+    return tl.split(tl.permute(tl.reshape(t, (BM, 2, W // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _act_backward_chunk(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN: tl.constexpr, W: tl.constexpr,
+                        ACT: tl.constexpr, GATED: tl.constexpr, STORE_HP: tl.constexpr):
+    """Activation backward of columns [c0, c0 + W) of one tile, dhp [BM, W] = (g @ w2^T) on them (fp32):
+    stores d_pre (both gated halves) and h * p; returns the rows' partial sums of dhp * h (grad_prob)."""
+    cols = c0 + tl.arange(0, W)
+    m = rmask[:, None] & (cols < FFN)[None, :]
+    dh = dhp * p[:, None]
+    gate = tl.load(pre_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(pre_rows + FFN + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        act_gate = _act(gate, ACT)
+        h = act_gate * up
+        tl.store(out_rows + FFN + cols[None, :], (dh * act_gate).to(out_rows.dtype.element_ty), mask=m)
+        d_gate = dh * up * _act_grad(gate, ACT)
+    else:
+        h = _act(gate, ACT)
+        d_gate = dh * _act_grad(gate, ACT)
+    tl.store(out_rows + cols[None, :], d_gate.to(out_rows.dtype.element_ty), mask=m)
+    if STORE_HP:
+        tl.store(hp_rows + cols[None, :], (h * p[:, None]).to(hp_rows.dtype.element_ty), mask=m)
+    # Masked columns contribute 0: dhp is 0 there (B was loaded as 0).
+    return tl.sum(dhp * h, 1)
+
+
+@triton.jit
 def _dispatch_item(w, num_tiles, n_blocks, GROUP_M: tl.constexpr):
     """Work item w -> (tile, column block), grouped: GROUP_M consecutive tiles (in processing order)
     sweep all column blocks together, so concurrent programs share weight tiles in L2."""
@@ -139,12 +171,13 @@ def _dispatch_item(w, num_tiles, n_blocks, GROUP_M: tl.constexpr):
 @triton.jit
 def _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
                   w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-                  out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
+                  out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
                   trace_ptr, clock_ptr, max_tiles,
                   HIDDEN: tl.constexpr, FFN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                   ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
-                  W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr, FUSED_BWD: tl.constexpr):
+                  W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr, FUSED_BWD: tl.constexpr,
+                  STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr):
     """One work item: rows (a_rows: their addresses) @ W[j][:, column block nb] with the fused epilogue."""
     if TRACE:
         tl.store(trace_ptr + 2 * (max_tiles + w), now(clock_ptr, GLOBALTIMER))
@@ -184,21 +217,33 @@ def _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
         # dhp only (light epilogue); `_act_backward_kernel` finishes d_pre and grad_prob in place
         tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=m2)
     else:
+        # Activation backward in the epilogue, on column sub-blocks of EPI_N (EPI_SPLIT = BN / EPI_N in
+        # {1, 2, 4}): each sub-block's pre-activation halves and products are live one at a time, so the
+        # epilogue fits in registers next to the accumulator (whole-tile it spilled on Hopper).
         p = tl.load(recv_prob_ptr + rows, mask=rmask, other=0.0)
-        dh = acc * p[:, None]
-        gate = tl.load(pre_rows + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        if GATED:
-            up = tl.load(pre_rows + FFN + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-            act_gate = _act(gate, ACT)
-            h = act_gate * up
-            d_gate = dh * up * _act_grad(gate, ACT)
-            tl.store(out_rows + FFN + cols[None, :], (dh * act_gate).to(out_ptr.dtype.element_ty), mask=m2)
+        hp_rows = hp_ptr + rows.to(tl.int64)[:, None] * FFN
+        if EPI_SPLIT == 1:
+            gp = _act_backward_chunk(acc, p, rmask, n0, out_rows, pre_rows, hp_rows, FFN, BN, ACT, GATED,
+                                     STORE_HP)
+        elif EPI_SPLIT == 2:
+            a0, a1 = _halves(acc, BM, BN)
+            gp = _act_backward_chunk(a0, p, rmask, n0, out_rows, pre_rows, hp_rows, FFN, BN // 2, ACT, GATED,
+                                     STORE_HP)
+            gp += _act_backward_chunk(a1, p, rmask, n0 + BN // 2, out_rows, pre_rows, hp_rows, FFN, BN // 2,
+                                      ACT, GATED, STORE_HP)
         else:
-            h = _act(gate, ACT)
-            d_gate = dh * _act_grad(gate, ACT)
-        tl.store(out_rows + cols[None, :], d_gate.to(out_ptr.dtype.element_ty), mask=m2)
-        # Masked columns contribute 0: acc is 0 there (B was loaded as 0).
-        tl.store(gp_part_ptr + rows.to(tl.int64) * n_blocks + nb, tl.sum(acc * h, 1), mask=rmask)
+            a0, a1 = _halves(acc, BM, BN)
+            a00, a01 = _halves(a0, BM, BN // 2)
+            gp = _act_backward_chunk(a00, p, rmask, n0, out_rows, pre_rows, hp_rows, FFN, BN // 4, ACT, GATED,
+                                     STORE_HP)
+            gp += _act_backward_chunk(a01, p, rmask, n0 + BN // 4, out_rows, pre_rows, hp_rows, FFN, BN // 4,
+                                      ACT, GATED, STORE_HP)
+            a10, a11 = _halves(a1, BM, BN // 2)
+            gp += _act_backward_chunk(a10, p, rmask, n0 + BN // 2, out_rows, pre_rows, hp_rows, FFN, BN // 4,
+                                      ACT, GATED, STORE_HP)
+            gp += _act_backward_chunk(a11, p, rmask, n0 + 3 * (BN // 4), out_rows, pre_rows, hp_rows, FFN,
+                                      BN // 4, ACT, GATED, STORE_HP)
+        tl.store(gp_part_ptr + rows.to(tl.int64) * n_blocks + nb, gp, mask=rmask)
     if TRACE:
         tl.store(trace_ptr + 2 * (max_tiles + w) + 1, now(clock_ptr, GLOBALTIMER))
 
@@ -207,14 +252,14 @@ def _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
 def _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_ptr, recv_pair_ptr,
                 local_tokens_ptr, local_order_ptr, local_offsets_ptr, seg_start_ptr, rank,
                 w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-                out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
+                out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
                 trace_ptr, clock_ptr, max_tiles,
                 TOPK: tl.constexpr, HIDDEN: tl.constexpr, FFN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
                 KNOWN_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
                 GLOBALTIMER: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr,
-                FUSED_BWD: tl.constexpr):
+                FUSED_BWD: tl.constexpr, STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr):
     """Phase 1 work item w: a tile of only this rank's rows, gathered in place from the tokens region."""
     q, nb = _dispatch_item(w, n_local, n_blocks, GROUP_M)
     j = tl.load(tile_expert_ptr + q)
@@ -229,10 +274,10 @@ def _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_
     a_rows = local_tokens_ptr + (pair // TOPK).to(tl.int64) * HIDDEN
     _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
                   w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-                  out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
+                  out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
                   trace_ptr, clock_ptr, max_tiles,
                   HIDDEN, FFN, BM, BN, BK, ACT, GATED, BACKWARD, STORE_PRE, DOT_PRECISION, TRACE,
-                  GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD)
+                  GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD, STORE_HP, EPI_SPLIT)
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
@@ -242,7 +287,7 @@ def _dispatch_gemm_kernel(
     recv_ptr, recv_pair_ptr, recv_src_ptr, recv_prob_ptr, tile_ready_ptr,
     local_tokens_ptr, local_order_ptr, local_offsets_ptr,
     w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-    out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr,
+    out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr,
     rank, epoch, timeout, err_ptr, trace_ptr, clock_ptr, max_tiles,
     TOPK: tl.constexpr, HIDDEN: tl.constexpr, FFN: tl.constexpr, WORLD: tl.constexpr, EL: tl.constexpr,
     NUM_COMM: tl.constexpr, NUM_COMPUTE: tl.constexpr,
@@ -250,7 +295,7 @@ def _dispatch_gemm_kernel(
     ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
     KNOWN_ROWS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
     GLOBALTIMER: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, IN_PLACE: tl.constexpr,
-    FUSED_BWD: tl.constexpr,
+    FUSED_BWD: tl.constexpr, STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = HIDDEN % BK == 0
     pid = tl.program_id(0)
@@ -286,10 +331,11 @@ def _dispatch_gemm_kernel(
             _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_ptr, recv_pair_ptr,
                         local_tokens_ptr, local_order_ptr, local_offsets_ptr, seg_start_ptr, rank,
                         w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-                        out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
+                        out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
                         trace_ptr, clock_ptr, max_tiles,
                         TOPK, HIDDEN, FFN, WORLD, EL, BM, BN, BK, GROUP_M, ACT, GATED, BACKWARD, STORE_PRE,
-                        KNOWN_ROWS, DOT_PRECISION, TRACE, GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD)
+                        KNOWN_ROWS, DOT_PRECISION, TRACE, GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD,
+                        STORE_HP, EPI_SPLIT)
             w += NUM_COMPUTE
         w -= n_local * n_blocks
         while w < (num_tiles - n_local) * n_blocks:
@@ -303,45 +349,59 @@ def _dispatch_gemm_kernel(
             a_rows = recv_ptr + rows.to(tl.int64) * HIDDEN
             _compute_item(w + n_local * n_blocks, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
                           w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-                          out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, recv_prob_ptr,
+                          out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
                           trace_ptr, clock_ptr, max_tiles,
                           HIDDEN, FFN, BM, BN, BK, ACT, GATED, BACKWARD, STORE_PRE, DOT_PRECISION, TRACE,
-                          GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD)
+                          GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD, STORE_HP, EPI_SPLIT)
             w += NUM_COMPUTE
 
 
 @triton.jit
-def _act_backward_kernel(out_ptr, stride_out, pre_ptr, stride_pre, prob_ptr, gp_part_ptr, hp_ptr, n_rows,
-                         n_col_blocks, FFN: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+def _act_backward_kernel(dhp_ptr, stride_dhp, out_ptr, stride_out, pre_ptr, stride_pre, prob_ptr, gp_part_ptr,
+                         hp_ptr, n_rows, n_col_blocks, FFN: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
                          STORE_HP: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
-    """Grid (cdiv(R, BR), cdiv(F, BC)). In place: out[:, :F] holds dhp = g @ w2^T (from the GEMM);
+    """Grid (cdiv(R, BR), cdiv(F, BC)). dhp = g @ w2^T [R, F] (from the GEMM; in place: dhp is out[:, :F]);
     writes d_pre = act'(pre) * dhp * p into out (both gated halves) and rowsum(dhp * h) partials, and
     with STORE_HP the prob-scaled activation h * p [R, F] (operand of dW2, recomputed from pre so that
     the forward need not keep h)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    c0 = tl.program_id(1) * BC
+    cols = c0 + tl.arange(0, BC)
     rmask = rows < n_rows
-    m = rmask[:, None] & (cols < FFN)[None, :]
     out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_out
     pre_rows = pre_ptr + rows.to(tl.int64)[:, None] * stride_pre
-    dhp = tl.load(out_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    hp_rows = hp_ptr + rows.to(tl.int64)[:, None] * FFN
+    m = rmask[:, None] & (cols < FFN)[None, :]
+    dhp = tl.load(dhp_ptr + rows.to(tl.int64)[:, None] * stride_dhp + cols[None, :], mask=m, other=0.0)
+    dhp = dhp.to(tl.float32)
     p = tl.load(prob_ptr + rows, mask=rmask, other=0.0)
-    dh = dhp * p[:, None]
-    gate = tl.load(pre_rows + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.load(pre_rows + FFN + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        act_gate = _act(gate, ACT)
-        h = act_gate * up
-        tl.store(out_rows + FFN + cols[None, :], (dh * act_gate).to(out_ptr.dtype.element_ty), mask=m)
-        d_gate = dh * up * _act_grad(gate, ACT)
-    else:
-        h = _act(gate, ACT)
-        d_gate = dh * _act_grad(gate, ACT)
-    tl.store(out_rows + cols[None, :], d_gate.to(out_ptr.dtype.element_ty), mask=m)
-    tl.store(gp_part_ptr + rows.to(tl.int64) * n_col_blocks + tl.program_id(1), tl.sum(dhp * h, 1), mask=rmask)
-    if STORE_HP:
-        hp = (h * p[:, None]).to(hp_ptr.dtype.element_ty)
-        tl.store(hp_ptr + rows.to(tl.int64)[:, None] * FFN + cols[None, :], hp, mask=m)
+    gp = _act_backward_chunk(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN, BC, ACT, GATED, STORE_HP)
+    tl.store(gp_part_ptr + rows.to(tl.int64) * n_col_blocks + tl.program_id(1), gp, mask=rmask)
+
+
+ACT_BACKWARD_BLOCK = 128  # columns per program of the separate activation backward
+
+
+def activation_backward(out: torch.Tensor, pre: torch.Tensor, prob: torch.Tensor, *, ffn: int, activation: str,
+                        gated: bool, grad_prob_parts: torch.Tensor | None = None,
+                        hp: torch.Tensor | None = None, dhp: torch.Tensor | None = None) -> torch.Tensor:
+    """The separate activation backward pass: from dhp = g @ w2^T [R, F] (default: in place, out[:, :F])
+    writes d_pre = act'(pre) * dhp * p into out and, when given, h * p into hp [R, F]. Returns grad_prob's
+    fp32 partials per column block [R, cdiv(F, 128)] (`.sum(1)`: grad_prob, in a fixed order). One elementwise pass: what the GEMM's
+    fused epilogue (`fused_act_backward`) replaces; `bench kernels` times it after cuBLAS's GEMM as the
+    unfused layer-0 backward."""
+    n_rows = out.shape[0]
+    blocks = triton.cdiv(ffn, ACT_BACKWARD_BLOCK)
+    if grad_prob_parts is None:
+        grad_prob_parts = torch.empty(n_rows, blocks, dtype=torch.float32, device=out.device)
+    if n_rows:
+        dhp = out if dhp is None else dhp
+        launch(_act_backward_kernel, (triton.cdiv(n_rows, 32), blocks),
+            dhp, dhp.stride(0), out, out.stride(0), pre, pre.stride(0), prob, grad_prob_parts, hp if hp is not None else out, n_rows,
+            blocks, FFN=ffn, ACT=ACTIVATIONS[activation], GATED=gated, STORE_HP=hp is not None, BR=32,
+            BC=ACT_BACKWARD_BLOCK, num_warps=4,
+        )
+    return grad_prob_parts
 
 
 @dataclass
@@ -363,9 +423,15 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
             activation: str, gated: bool, store_pre: bool, rows: DispatchResult | None, num_comm, num_compute,
             block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int,
             group_m: int, use_tma: bool | None = None,
-            in_place_local: bool | None = None, fused_act_backward: bool = False) -> DispatchResult:
+            in_place_local: bool | None = None, fused_act_backward: bool = False,
+            epilogue_n: int = 64) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
+    epi_split = block_n // min(block_n, epilogue_n)
+    if backward and fused_act_backward and (epi_split not in (1, 2, 4) or epi_split * min(block_n, epilogue_n)
+                                            != block_n):
+        raise ValueError(f"fused activation backward: the column block {block_n} must be 1, 2 or 4 epilogue "
+                         f"sub-blocks of {epilogue_n} (set bwd_epilogue_n to block_n, block_n / 2 or block_n / 4)")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
     lay = view.layout
     hidden, dev = lay.hidden, view.device
@@ -384,16 +450,16 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
     out = torch.empty(alloc, ffn1 if backward else ffn, dtype=dtype, device=dev)
     n_blocks = triton.cdiv(ffn, block_n)
     fused_bwd = backward and fused_act_backward
-    act_block = 128  # columns per program of the separate activation backward
-    gp_cols = n_blocks if fused_bwd else triton.cdiv(ffn, act_block)
+    gp_cols = n_blocks if fused_bwd else triton.cdiv(ffn, ACT_BACKWARD_BLOCK)
     gp_part = torch.empty(alloc, gp_cols, dtype=torch.float32, device=dev) if backward else None
-    # backward, separate activation pass: it also writes h * p (dW2's operand), so the forward's h can go
-    hp = torch.empty(alloc, ffn, dtype=dtype, device=dev) if backward and not fused_bwd else None
+    # backward: h * p, dW2's operand, recomputed from pre (by the epilogue or the separate pass), so the
+    # forward's h can go
+    hp = torch.empty(alloc, ffn, dtype=dtype, device=dev) if backward else None
     trace_buf = (torch.full((layout.max_tiles * (1 + n_blocks), 2), -1, dtype=torch.int64, device=dev)
                  if trace else None)
     tile_ready = view.scratch("dispatch_tile_ready", layout.max_tiles)
     w_desc, k_major = weight_descriptor(w_kernel, block_k, block_n, force=use_tma)
-    _dispatch_gemm_kernel[(num_comm + num_compute,)](
+    launch(_dispatch_gemm_kernel, (num_comm + num_compute,),
         view.tables["tokens"], view.tables["send_order"], view.tables["send_offsets"], view.tables["probs"],
         view.regions["inputs_ready"],
         layout.seg_start, layout.seg_count, layout.tile_expert, layout.tile_row_start, layout.tile_row_end,
@@ -403,7 +469,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         w_kernel, w_kernel.stride(0), w_kernel.stride(1), w_kernel.stride(2),
         w_desc if w_desc is not None else w_kernel,
         out, out.stride(0), pre if pre is not None else out, pre.stride(0) if pre is not None else 0,
-        gp_part if gp_part is not None else recv_prob,
+        gp_part if gp_part is not None else recv_prob, hp if hp is not None else out,
         view.rank, epoch, view.timeout, view.errors, trace_buf if trace else view.errors, view.clock,
         layout.max_tiles,
         TOPK=lay.topk, HIDDEN=hidden, FFN=ffn, WORLD=view.world_size, EL=lay.local_experts,
@@ -414,14 +480,12 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         TRACE=trace,
         GLOBALTIMER=use_globaltimer(view.errors), W_DESC=w_desc is not None, W_K_MAJOR=k_major,
         IN_PLACE=True if in_place_local is None else in_place_local, FUSED_BWD=fused_bwd,
+        STORE_HP=hp is not None, EPI_SPLIT=epi_split if fused_bwd else 1,
         num_warps=num_warps, num_stages=num_stages,
     )
     if backward and not fused_bwd and n_rows > 0:
-        _act_backward_kernel[(triton.cdiv(n_rows, 32), gp_cols)](
-            out, out.stride(0), pre, pre.stride(0), recv_prob, gp_part, hp if hp is not None else out, n_rows,
-            gp_cols, FFN=ffn, ACT=ACTIVATIONS[activation], GATED=gated, STORE_HP=hp is not None, BR=32,
-            BC=act_block, num_warps=4,
-        )
+        activation_backward(out[:n_rows], pre[:n_rows], recv_prob[:n_rows], ffn=ffn, activation=activation,
+                            gated=gated, grad_prob_parts=gp_part[:n_rows], hp=hp[:n_rows])
     r = slice(0, n_rows)
     return DispatchResult(
         recv=recv[r], recv_pair=recv_pair[r], recv_src=recv_src[r], recv_prob=recv_prob[r], out=out[r],
@@ -454,13 +518,15 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
                            num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                            block_h: int = 128, trace: bool = False, num_warps: int = 4,
                            num_stages: int = 3, group_m: int = 8, use_tma: bool | None = None,
-                           in_place_local: bool | None = None, fused_act_backward: bool = False) -> DispatchResult:
+                           in_place_local: bool | None = None, fused_act_backward: bool = False,
+                           epilogue_n: int = 64) -> DispatchResult:
     """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, activation backward.
 
-    The activation backward runs in the GEMM's epilogue with `fused_act_backward`, else (default) as a
-    separate in-place pass over d_pre (`_act_backward_kernel`): the fused epilogue holds dhp, both
-    pre-activation halves and their products at once and spills registers on Hopper (measured: 204
-    spilled registers, 2-2.5x slower than the GEMM with a plain store, on an H100).
+    The activation backward runs in the GEMM's epilogue with `fused_act_backward`, on column sub-blocks of
+    `epilogue_n` (block_n must be 1, 2 or 4 of them: whole 128-256-wide tiles, holding dhp, both
+    pre-activation halves and their products at once, spilled 204 registers on an H100), else as a
+    separate in-place pass over d_pre (`_act_backward_kernel`). Both write d_pre, grad_prob and h * p (dW2's
+    operand, recomputed from pre).
 
     `forward` is the forward round's result (row sources, probs and pre-activation are reused);
     requires `routing.publish(view, grad_out, epoch)` on every rank. Returns out = d_pre [R, F1],
@@ -472,4 +538,4 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
                    activation=activation, gated=gated, store_pre=False, rows=forward, num_comm=num_comm,
                    num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace,
                    num_warps=num_warps, num_stages=num_stages, group_m=group_m, use_tma=use_tma,
-                   in_place_local=in_place_local, fused_act_backward=fused_act_backward)
+                   in_place_local=in_place_local, fused_act_backward=fused_act_backward, epilogue_n=epilogue_n)

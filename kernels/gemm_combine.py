@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .config import default_programs, dot_precision, rows_16b_aligned
+from .launch import launch
 from .operands import load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import (ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_all_geq,
@@ -293,12 +294,12 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         inv_row = view.scratch("partner_row", view.world_size * ck)
         inv_epoch = view.scratch("partner_epoch", view.world_size * ck)
         if a.shape[0] > 0:
-            _partner_map_kernel[(triton.cdiv(a.shape[0], 256),)](
+            launch(_partner_map_kernel, (triton.cdiv(a.shape[0], 256),),
                 recv_src, recv_pair, a.shape[0], inv_row, inv_epoch, view.rank, epoch, CK=ck, BLOCK=256)
         tile_index = layout.tile_index
     else:
         inv_row = inv_epoch = tile_index = done
-    _gemm_combine_kernel[(num_compute + num_comm,)](
+    launch(_gemm_combine_kernel, (num_compute + num_comm,),
         a, a.stride(0), w, w.stride(0), w.stride(1), w.stride(2),
         a_desc if a_desc is not None else a, w_desc if w_desc is not None else w,
         recv_prob if recv_prob is not None else stage,
@@ -371,7 +372,7 @@ def combine_reduce(view, num_tokens: int, epoch: int, *, num_comm: int | None = 
                       device=view.device)
     # With no local tokens the kernel still runs one program: the waits keep the round's ordering.
     grid = (max(triton.cdiv(num_tokens, block_t), 1), triton.cdiv(hidden, block_h))
-    _combine_reduce_kernel[grid](
+    launch(_combine_reduce_kernel, grid,
         view.regions["combine"], out, view.regions["arrival"], num_tokens, epoch, view.timeout,
         view.errors, topk_idx if topk_idx is not None else view.errors, view.rank,
         HIDDEN=hidden, WORLD=view.world_size, MAX_COMM=lay.max_comm_programs, NUM_COMM=num_comm,

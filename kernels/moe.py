@@ -32,7 +32,7 @@ class ForwardState:
     """What the backward round and the weight gradients need from the forward round."""
 
     layout: ReceiveLayout
-    dispatch: DispatchResult  # recv (x rows), pair/src/prob of rows, pre; out = h only if fused_act_backward
+    dispatch: DispatchResult  # recv (x rows), pair/src/prob of rows, pre (out = h is dropped)
     num_tokens: int
     combine_trace: torch.Tensor | None
     topk_idx: torch.Tensor | None = None  # [T, K]: the owner's slot mask when the combine pre-reduces
@@ -57,10 +57,10 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
     d = dispatch_gemm(view, layout, w1, epoch, store_pre=True, **cfg.dispatch_kwargs())
     trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
                          recv_prob=d.recv_prob, **cfg.combine_kwargs())
-    if not cfg.fused_act_backward:
-        # The backward's activation pass recomputes h * p from pre: h need not live until backward
-        # ([R, F] per layer). Freeing it now is stream-ordered, so the pending gemm_combine still reads it.
-        d.out = None
+    # The backward's activation backward (epilogue or separate pass) recomputes h * p from pre: h need not
+    # live until backward ([R, F] per layer). Freeing it now is stream-ordered: the pending gemm_combine
+    # still reads it.
+    d.out = None
     yield "dispatch_gemm+gemm_combine"
     out, _ = combine_reduce(view, x.shape[0], epoch, num_comm=cfg.num_comm_combine, block_h=cfg.block_h,
                             topk_idx=topk_idx if cfg.pre_reduce else None)
@@ -92,7 +92,7 @@ def expert_weight_grads(fwd: ForwardState, bwd: BackwardState, *, backend: str =
     """(dW1 [El, H, F1], dW2 [El, F, H]) from the saved receive rows; deferrable (no communication).
 
     dW1[e] = recv_x[e]^T @ d_pre[e];  dW2[e] = (h * p)[e]^T @ grad_out_rows[e] (h * p written by the
-    backward's activation pass, or from the forward's h when the activation backward is fused).
+    backward's activation backward).
     With `out_features_first`, the same gradients in the [out, in] layout of linear-layer weights
     (dW1 [El, F1, H], dW2 [El, H, F]), computed directly in that layout (no transposed copy).
     """
@@ -106,11 +106,7 @@ def weight_grad_operands(fwd: ForwardState, bwd: BackwardState, *, out_features_
     """[(a1, b1), (a2, b2)]: receive-row operands with dW1[e] = a1[rows_e]^T @ b1[rows_e] and likewise dW2
     (rows_e: `fwd.layout.expert_offsets`), for callers that run the weight-gradient GEMMs themselves."""
     d = fwd.dispatch
-    hp = bwd.dispatch.hp
-    if hp is None:  # activation backward fused in the GEMM epilogue: the forward kept h
-        if d.out is None:
-            raise ValueError("expert_weight_grads: neither the backward's h * p nor the forward's h was kept")
-        hp = (d.out.float() * d.recv_prob[:, None]).to(d.out.dtype)
+    hp = bwd.dispatch.hp  # h * p, written by the backward's activation backward
     pairs = [(d.recv, bwd.dispatch.out), (hp, bwd.dispatch.recv)]
     if out_features_first:
         pairs = [(b, a) for a, b in pairs]

@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .signals import ERR_LAYOUT_INPUTS, signal_peers, use_globaltimer, wait_peers
 
 
@@ -89,7 +90,7 @@ def publish(view, tokens: torch.Tensor, epoch: int, topk_idx: torch.Tensor | Non
         view.regions["send_order"][:n_pairs].copy_(plan.order)
         view.regions["send_offsets"].copy_(plan.offsets)
     el = layout.local_experts
-    _publish_kernel[(1,)](
+    launch(_publish_kernel, (1,),
         # Without counts to push the pointer argument is never read; any int32 tensor will do.
         plan.counts if plan is not None else view.regions["send_offsets"],
         view.tables["recv_counts"], view.tables["inputs_ready"], view.rank, epoch,
@@ -229,7 +230,7 @@ def receive_layout(view, epoch: int, block_m: int) -> ReceiveLayout:
     tiles = torch.empty(3, max_tiles, dtype=i32, device=dev)
     num_tiles = torch.empty(2, dtype=i32, device=dev)
     scratch = torch.empty(el + 1 + 2 * el * w, dtype=i32, device=dev)
-    _layout_kernel[(1,)](
+    launch(_layout_kernel, (1,),
         view.regions["recv_counts"], view.regions["inputs_ready"], seg_start, seg_count, expert_offsets,
         tiles[0], tiles[1], tiles[2], num_tiles,
         scratch, scratch[el + 1:], scratch[el + 1 + el * w:],
@@ -246,7 +247,7 @@ def receive_layout(view, epoch: int, block_m: int) -> ReceiveLayout:
 
 def receive_layout_torch(view, epoch: int, block_m: int) -> ReceiveLayout:
     """The same layout from torch ops (about 30 launches): the independent reference of the tests."""
-    _wait_inputs_kernel[(1,)](
+    launch(_wait_inputs_kernel, (1,),
         view.regions["inputs_ready"], epoch, view.timeout, view.errors,
         WORLD=view.world_size, GLOBALTIMER=use_globaltimer(view.errors),
     )

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 ERR_WORDS = 4
 
 # err_code -> (phase, flag description). Kernels pass these codes to `wait_until_geq`.
@@ -213,7 +215,7 @@ def barrier(view, epoch: int, arrive: bool = True, wait: bool = True) -> None:
     With real ranks call it with both halves. Emulated ranks in one process run the `arrive` half on every
     rank before any rank's `wait` half (a single-threaded interpreter cannot wait for a later launch).
     """
-    _barrier_kernel[(1,)](
+    launch(_barrier_kernel, (1,),
         view.tables["barrier"], view.regions["barrier"], view.rank, epoch, view.timeout, view.errors,
         WORLD=view.world_size, ARRIVE=arrive, WAIT=wait, GLOBALTIMER=use_globaltimer(view.errors),
     )

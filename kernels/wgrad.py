@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .config import dot_precision
+from .launch import launch
 
 
 @triton.jit
@@ -77,6 +78,6 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
         return torch.zeros(num_experts, m_dim, n_dim, dtype=out_dtype, device=a.device)
     out = torch.empty(num_experts, m_dim, n_dim, dtype=out_dtype, device=a.device)
     grid = (num_experts, triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n))
-    _grouped_wgrad_kernel[grid](a, a.stride(0), b, b.stride(0), out, expert_offsets, m_dim, n_dim,
+    launch(_grouped_wgrad_kernel, grid, a, a.stride(0), b, b.stride(0), out, expert_offsets, m_dim, n_dim,
                                 BM=block_m, BN=block_n, BK=block_k, DOT_PRECISION=dot_precision(a.dtype))
     return out

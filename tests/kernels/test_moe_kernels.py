@@ -89,6 +89,11 @@ CASES = {
     # Activation backward in the GEMM epilogue instead of the separate pass (gated and plain).
     "w2_k2_swiglu_fused_act_backward": (2, [11, 8], 2, 2, True, "silu", "uniform", dict(fused_act_backward=True)),
     "w2_k2_gelu_fused_act_backward": (2, [9, 12], 2, 2, False, "gelu", "skewed", dict(fused_act_backward=True)),
+    # ... on column sub-blocks of the epilogue (4 and 2 per block; the last block partly past F)
+    "w2_k2_swiglu_fused_act_backward_4_subblocks": (2, [11, 8], 2, 2, True, "silu", "uniform",
+                                                    dict(fused_act_backward=True, bwd_block_n=32, bwd_epilogue_n=8)),
+    "w2_k2_gelu_fused_act_backward_2_subblocks": (2, [9, 12], 2, 2, False, "gelu", "skewed",
+                                                  dict(fused_act_backward=True, bwd_block_n=32, bwd_epilogue_n=16)),
     # Rows of one token that meet on an expert rank are summed before they travel (pre_reduce): several
     # of a token's top-k experts per rank, partner rows in other tiles and super-chunks, a rank without
     # tokens, skewed loads, fp32 forward and backward (grad_x, grad_probs, weight gradients).

@@ -194,3 +194,67 @@ def test_accumulate_into_compiled():
     for g in range(groups):
         assert torch.allclose(dsts[g].double(), before[g] + src[g].double(), rtol=1e-6, atol=1e-6), g
     assert int(torch.isnan(buffer).sum()) == gap * (groups + 1)  # the gaps were not written
+
+
+def _round_trip(p, dtype, cfg, world):
+    group = EmulatedGroup(world, capacity_tokens=max(len(x) for x in p.xs), topk=p.topk, hidden=p.hidden,
+                          num_experts=p.num_experts, dtype=dtype, device="cuda")
+    w1 = [p.local_w1(r, dtype).cuda() for r in range(world)]
+    w2 = [p.local_w2(r, dtype).cuda() for r in range(world)]
+    fwd = group.forward([x.to("cuda", dtype) for x in p.xs], [i.cuda() for i in p.topk_idx],
+                        [q.cuda() for q in p.topk_probs], w1, w2, cfg)
+    g = torch.Generator().manual_seed(7)
+    grad_outs = [torch.randn(x.shape, generator=g).to(dtype).float() for x in p.xs]
+    bwd = group.backward([s for _, s in fwd], [go.to("cuda", dtype) for go in grad_outs], w1, w2, cfg)
+    return fwd, bwd, grad_outs
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("knobs", [
+    # the Hopper tiles: 256-wide backward block in 4 epilogue sub-blocks; 128-wide in 2; whole block
+    dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, bwd_block_n=256, bwd_num_stages=3,
+         bwd_epilogue_n=64),
+    dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, bwd_block_n=128, bwd_num_stages=3,
+         bwd_epilogue_n=64),
+    dict(block_m=64, block_n=64, block_k=32, bwd_epilogue_n=64),
+], ids=["bn256-epi64", "bn128-epi64", "bn64-whole"])
+def test_fused_act_backward_compiled(world, knobs, request):
+    """The activation backward in the GEMM epilogue (sub-blocked), compiled, bf16, against float64."""
+    seed = seed_from(request.node.nodeid)
+    tokens = [301 + 37 * r for r in range(world)]
+    # ffn 352: the last 256-wide block is partly past F (sub-blocks entirely past it are masked)
+    p = _round_problem(make_problem(seed, world=world, tokens=tokens, topk=2, hidden=256, ffn=352,
+                                    experts_per_rank=3, routing="skewed"), torch.bfloat16)
+    cfg = KernelConfig(num_comm_dispatch=4, num_comm_combine=4, fused_act_backward=True, **knobs)
+    fwd, bwd, grad_outs = _round_trip(p, torch.bfloat16, cfg, world)
+    ref = reference_rank_outputs(p)
+    ref_rank, dw1, dw2 = reference_grads(p, grad_outs)
+    el = p.local_experts
+    for r in range(world):
+        assert rel_err(fwd[r][0].cpu(), ref[r]) < 2e-2, f"forward rank {r}"
+        gx, gp, gw1, gw2 = (t.cpu() for t in bwd[r])
+        assert rel_err(gx, ref_rank[r][0]) < 2e-2, f"grad x rank {r}"
+        assert rel_err(gp, ref_rank[r][1]) < 2e-2, f"grad probs rank {r}"
+        assert rel_err(gw1, dw1[r * el:(r + 1) * el]) < 2e-2, f"dW1 rank {r}"
+        assert rel_err(gw2, dw2[r * el:(r + 1) * el]) < 2e-2, f"dW2 rank {r}"
+
+
+def test_fast_launch_same_results(monkeypatch, request):
+    """kernels/launch.py's cached launches give what Triton's own launches give, and are used."""
+    from comet_megatron.kernels import launch
+
+    seed = seed_from(request.node.nodeid)
+    p = _round_problem(make_problem(seed, world=2, tokens=[211, 173], topk=2, hidden=256, ffn=176,
+                                    experts_per_rank=3, routing="skewed"), torch.float32)
+    cfg = KernelConfig(block_m=64, block_n=64, block_k=32, num_comm_dispatch=4, num_comm_combine=4)
+    monkeypatch.setenv("COMET_FAST_LAUNCH", "0")
+    slow_fwd, slow_bwd, _ = _round_trip(p, torch.float32, cfg, 2)
+    monkeypatch.setenv("COMET_FAST_LAUNCH", "1")
+    _round_trip(p, torch.float32, cfg, 2)  # first time per signature: through Triton, remembered
+    before = launch.stats["fast"]
+    fast_fwd, fast_bwd, _ = _round_trip(p, torch.float32, cfg, 2)
+    assert launch.stats["fast"] - before >= 10, launch.stats  # every kernel of both rounds, both ranks
+    for r in range(2):
+        assert torch.equal(fast_fwd[r][0], slow_fwd[r][0]), f"forward rank {r}"
+        for a, b in zip(fast_bwd[r], slow_bwd[r]):
+            assert torch.equal(a, b), f"backward rank {r}"

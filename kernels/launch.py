@@ -1,0 +1,117 @@
+"""Launch a `@triton.jit` kernel with less host time per call: `launch(kernel, grid, *args, **kwargs)`.
+
+Triton's `kernel[grid](...)` binds and specialises every argument in Python on every call and builds a
+cache key from them (measured on an H100 host: 47-166 us per launch of this package's kernels, the GEMM
+kernels dearest with ~40 runtime arguments and ~25 constexprs; docs/BENCHMARKS.md). The fused MoE layer
+launches its kernels right after its one host sync, with the GPU idle, so that time is exposed.
+
+`launch` keeps, per kernel, the compiled kernel Triton chose for a *launch signature* computed here from
+what Triton specialises on, and relaunches it through the compiled kernel's own launcher:
+
+    tensor            dtype, 16-byte alignment of data_ptr()
+    int               == 1, divisible by 16, 32-/64-bit range
+    TensorDescriptor  dtype, block shape, 16-byte alignment, shape, strides
+    other             its type and value (floats, bools, None, strings)
+    keyword args      (constexprs, num_warps, num_stages, ...) their values
+
+Two calls with the same signature get the same compiled kernel from Triton (the signature is at least as
+fine as Triton's key), so reusing it is exact; a new signature goes through `kernel[grid](...)` once (compile
+or Triton's own cache) and is remembered. Anything unusual (Triton's interpreter, launch hooks set by a
+profiler, an unknown argument type, a Triton whose compiled-kernel API differs) takes Triton's own path.
+`COMET_FAST_LAUNCH=0` turns the shortcut off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+try:  # Triton >= 3.3 (tested: 3.6, 3.8)
+    from triton import knobs as _knobs
+    from triton.runtime.driver import driver as _driver
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: always Triton's own path
+    _knobs = _driver = TensorDescriptor = None
+
+_INT32 = 2**31
+_cache: dict = {}  # (kernel, launch signature) -> compiled kernel
+_off: set = set()  # kernels whose compiled-kernel launch failed once: Triton's path from then on
+stats = {"fast": 0, "slow": 0}  # launches through each path (tests)
+
+
+def enabled() -> bool:
+    return (_knobs is not None and os.environ.get("COMET_FAST_LAUNCH", "1") != "0"
+            and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+def _arg_signature(a):
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if type(a) is int:
+        return a == 1, a % 16 == 0, -_INT32 <= a < _INT32, a >= 2**63
+    if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
+        return (a.base.dtype, tuple(a.block_shape), a.base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
+                a.padding, a.round_f32_to_tf32)
+    if a is None or isinstance(a, (bool, float, str)):
+        return type(a), a
+    raise TypeError(type(a))  # unknown: Triton decides
+
+
+def signature(args: tuple, kwargs: dict) -> tuple:
+    """The launch signature of one call (see the module docstring); raises TypeError on an unknown or
+    unhashable argument."""
+    sig = tuple(map(_arg_signature, args)), tuple(kwargs.items())
+    hash(sig)
+    return sig
+
+
+def _layout(kernel):
+    """(number of runtime parameters, constexpr names in declaration order), or None when the kernel's
+    parameters are not all runtime ones first, then constexprs (the order `launch` passes them in)."""
+    lay = _layouts.get(kernel, False)
+    if lay is False:
+        kinds = [p.is_constexpr for p in kernel.params]
+        n_runtime = kinds.index(True) if True in kinds else len(kinds)
+        ok = not any(kinds[:n_runtime]) and all(kinds[n_runtime:])
+        lay = (n_runtime, tuple(p.name for p in kernel.params[n_runtime:])) if ok else None
+        _layouts[kernel] = lay
+    return lay
+
+
+_layouts: dict = {}
+
+
+def launch(kernel, grid: tuple, *args, **kwargs):
+    """`kernel[grid](*args, **kwargs)`, with the per-call argument binding skipped for a launch signature
+    seen before. Positional arguments: the kernel's runtime parameters, in order; keyword arguments: its
+    constexprs and launch options (num_warps, num_stages, ...)."""
+    if not enabled() or kernel in _off or _knobs.runtime.launch_enter_hook is not None:
+        stats["slow"] += 1
+        return kernel[grid](*args, **kwargs)
+    lay = _layout(kernel)
+    try:
+        if lay is None or len(args) != lay[0]:
+            raise TypeError("parameters")
+        sig = (kernel, torch.cuda.current_device(), signature(args, kwargs))
+        compiled = _cache.get(sig)
+    except TypeError:
+        stats["slow"] += 1
+        return kernel[grid](*args, **kwargs)
+    if compiled is None:
+        stats["slow"] += 1
+        compiled = kernel[grid](*args, **kwargs)
+        _cache[sig] = compiled
+        return compiled
+    g = tuple(grid) + (1, 1)
+    try:
+        constexprs = [kwargs[name] for name in lay[1]]
+        compiled.run(g[0], g[1], g[2], _driver.active.get_current_stream(sig[1]), compiled.function,
+                     compiled.packed_metadata, None, None, None, *args, *constexprs)
+    except (TypeError, AttributeError, ValueError, KeyError):  # not how this Triton launches: stop trying
+        _off.add(kernel)
+        stats["slow"] += 1
+        return kernel[grid](*args, **kwargs)
+    stats["fast"] += 1
+    return compiled
