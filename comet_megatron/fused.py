@@ -45,10 +45,12 @@ _WORKSPACES: dict = {}
 # Without a tuning-cache entry on a Hopper GPU: the tiles `comet-megatron tune` chose for all three
 # benchmark shapes on an H100 (2.6-4.1x faster than the kernels' small defaults), with layer 1 on wider
 # column chunks and 3 stages (`comet-megatron bench kernels`: 1.1-1.2x faster gemm_combine at those
-# shapes; docs/BENCHMARKS.md). Elsewhere the kernels' defaults stay (their shared-memory needs fit
-# every GPU).
+# shapes; docs/BENCHMARKS.md), and layer 0's backward with its activation backward in the GEMM's
+# epilogue (equal to the separate pass or 1.04x faster, one launch less). Elsewhere the kernels' defaults
+# stay (their shared-memory needs fit every GPU).
 GPU_UNTUNED_DEFAULT = {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4,
-                       "combine_block_n": 256, "combine_num_stages": 3, "bwd_block_n": 256, "bwd_num_stages": 3}
+                       "combine_block_n": 256, "combine_num_stages": 3, "bwd_block_n": 256, "bwd_num_stages": 3,
+                       "fused_act_backward": True}
 
 
 # the tiles on which the Hopper default's layer-0 backward knobs were measured (see kernel_config)

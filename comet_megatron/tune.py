@@ -12,7 +12,8 @@ Search (coordinate descent, few candidates):
     1. tiles: (block_m, block_n, block_k, num_warps, num_stages) with the default comm counts
        (gemm_combine on the same block_n and num_stages)
     2. combine tiles: (combine_block_n, combine_num_stages) of gemm_combine, with the best tiles
-    3. bwd tiles: (bwd_block_n, bwd_num_stages) of layer 0's backward GEMM, with the best of 2
+    3. bwd tiles: (bwd_block_n, bwd_num_stages) of layer 0's backward GEMM, each with its activation
+       backward in the GEMM's epilogue and (GPU) as a separate pass, with the best of 2
     4. num_comm_dispatch over the comm grid, with the best of 3
     5. num_comm_combine over the comm grid, with the best of 4
 Every candidate is timed with `triton.testing.do_bench` (median; CPU interpreter: wall-clock median).
@@ -53,6 +54,7 @@ CACHE_VERSION = 1
 # an entry without combine_* / bwd_* fields means those GEMMs on block_n / num_stages).
 TUNED_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "num_comm_dispatch",
                 "num_comm_combine", "combine_block_n", "combine_num_stages", "bwd_block_n", "bwd_num_stages",
+                "fused_act_backward",
                 "group_m", "group_n")
 BLOCK_FIELDS = ("block_m", "block_n", "block_k", "combine_block_n", "bwd_block_n")  # powers of two >= 16
 MAX_COMM_PROGRAMS = 64  # the workspaces' `max_comm_programs` (comet_megatron.transport.workspace)
@@ -83,6 +85,9 @@ GPU_COMBINE = ((256, 3), (256, 4), (128, 3), (256, 2))
 # its epilogue, a 256-wide column block (one accumulator, like the forward's gate + up pair) with 3
 # stages made layer 0's backward 1.14-1.20x faster on an H100 (fused.GPU_UNTUNED_DEFAULT).
 GPU_BWD = ((256, 3), (256, 4), (128, 3))
+# ... each with the activation backward in the GEMM's epilogue (on 64-column sub-blocks: equal to the
+# separate pass on Qwen2-MoE / Phi-3.5-MoE, 1.04x on Mixtral at 256 x 3, docs/BENCHMARKS.md) and without
+GPU_BWD_FUSED = (True, False)
 GPU_COMM_AT_132_SMS = (8, 16, 24, 32, 48)  # scaled by SMs / 132 (Comet: 18..46 of 132 SMs)
 CPU_TILES = ((64, 64, 32, 4, 3), (16, 16, 16, 1, 1))
 CPU_COMBINE = ((16, 1), (32, 1))
@@ -347,6 +352,7 @@ class Candidate:
     combine_num_stages: int = None  # type: ignore[assignment] # None -> num_stages
     bwd_block_n: int = None  # type: ignore[assignment] # None -> block_n
     bwd_num_stages: int = None  # type: ignore[assignment] # None -> num_stages
+    fused_act_backward: bool = False  # layer 0 backward: activation backward in the epilogue (else a pass)
 
     def __post_init__(self) -> None:
         for name, base in (("combine_block_n", self.block_n), ("combine_num_stages", self.num_stages),
@@ -369,7 +375,7 @@ class Candidate:
     def label(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages} "
                 f"combine {self.combine_block_n} s{self.combine_num_stages} "
-                f"bwd {self.bwd_block_n} s{self.bwd_num_stages} "
+                f"bwd {self.bwd_block_n} s{self.bwd_num_stages}{' fused' if self.fused_act_backward else ''} "
                 f"comm {self.num_comm_dispatch}/{self.num_comm_combine}")
 
 
@@ -380,6 +386,7 @@ class Grid:
     default_comm: int
     combine: Sequence[tuple[int, int]] = ()  # (combine_block_n, combine_num_stages) options
     bwd: Sequence[tuple[int, int]] = ()  # (bwd_block_n, bwd_num_stages) options
+    bwd_fused: Sequence[bool] = (False,)  # fused_act_backward options tried with each bwd option
 
 
 def sm_count(device) -> int | None:
@@ -397,7 +404,8 @@ def default_grid(device) -> Grid:
         return Grid(tiles=CPU_TILES, comm=CPU_COMM, default_comm=2, combine=CPU_COMBINE, bwd=CPU_BWD)
     limit = min(MAX_COMM_PROGRAMS, sms // 2)
     comm = sorted({min(limit, max(1, round(c * sms / 132))) for c in GPU_COMM_AT_132_SMS})
-    return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8), combine=GPU_COMBINE, bwd=GPU_BWD)
+    return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8), combine=GPU_COMBINE, bwd=GPU_BWD,
+                bwd_fused=GPU_BWD_FUSED)
 
 
 @dataclass
@@ -479,7 +487,9 @@ def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, bud
                                                      combine_num_stages=combine_num_stages))
     base = best()
     for bwd_block_n, bwd_num_stages in (grid.bwd if base is not None else ()):
-        attempt("bwd tiles", dataclasses.replace(base, bwd_block_n=bwd_block_n, bwd_num_stages=bwd_num_stages))
+        for fused in grid.bwd_fused:
+            attempt("bwd tiles", dataclasses.replace(base, bwd_block_n=bwd_block_n, bwd_num_stages=bwd_num_stages,
+                                                     fused_act_backward=fused))
     for name, stage in (("num_comm_dispatch", "comm dispatch"), ("num_comm_combine", "comm combine")):
         base = best()
         if base is None:
@@ -675,7 +685,8 @@ def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens:
 
 
 def _run_search(measure, grid, *, budget_s, max_candidates, progress, title) -> list[Trial]:
-    total = min(max_candidates, len(grid.tiles) + len(grid.combine) + len(grid.bwd) + 2 * len(grid.comm))
+    total = min(max_candidates, len(grid.tiles) + len(grid.combine) + len(grid.bwd) * len(grid.bwd_fused)
+                + 2 * len(grid.comm))
     if not progress:
         return coordinate_descent(measure, grid, budget_s=budget_s, max_candidates=max_candidates)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -707,10 +718,11 @@ def print_result(result: TuneResult, console=None) -> None:
         return
     table = Table(title=f"{key.shape_string()} on {key.gpu} ({TIMINGS[result.timing]})")
     # BM/BN/BK: block_m/n/k; w: warps; st: stages; "comb n", "comb st": gemm_combine's combine_block_n,
-    # combine_num_stages; "bwd n", "bwd st": layer 0 backward's bwd_block_n, bwd_num_stages; "comm d",
+    # combine_num_stages; "bwd n", "bwd st", "bwd f": layer 0 backward's bwd_block_n, bwd_num_stages,
+    # fused_act_backward; "comm d",
     # "comm c": communication programs of dispatch_gemm and gemm_combine
     for col in ("#", "stage", "BM", "BN", "BK", "w", "st", "comb n", "comb st",
-                "bwd n", "bwd st", "comm d", "comm c", "ms", "note"):
+                "bwd n", "bwd st", "bwd f", "comm d", "comm c", "ms", "note"):
         table.add_column(col, justify="left" if col in ("stage", "note") else "right",
                          min_width={"note": 28, "stage": 13}.get(col), no_wrap=col == "stage")
     for i, t in enumerate(result.trials, 1):
@@ -722,7 +734,8 @@ def print_result(result: TuneResult, console=None) -> None:
             note = "baseline"
         table.add_row(str(i), t.stage, str(c.block_m), str(c.block_n), str(c.block_k), str(c.num_warps),
                       str(c.num_stages), str(c.combine_block_n), str(c.combine_num_stages),
-                      str(c.bwd_block_n), str(c.bwd_num_stages), str(c.num_comm_dispatch), str(c.num_comm_combine),
+                      str(c.bwd_block_n), str(c.bwd_num_stages), "y" if c.fused_act_backward else "n",
+                      str(c.num_comm_dispatch), str(c.num_comm_combine),
                       "-" if t.ms is None else f"{t.ms:.3f}", note)
     console.print(table)
     if result.best is None:

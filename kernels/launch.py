@@ -15,9 +15,10 @@ what Triton specialises on, and relaunches it through the compiled kernel's own 
     keyword args      (constexprs, num_warps, num_stages, ...) their values
 
 Two calls with the same signature get the same compiled kernel from Triton (the signature is at least as
-fine as Triton's key), so reusing it is exact; a new signature goes through `kernel[grid](...)` once (compile
-or Triton's own cache) and is remembered. Anything unusual (Triton's interpreter, launch hooks set by a
-profiler, an unknown argument type, a Triton whose compiled-kernel API differs) takes Triton's own path.
+fine as Triton's key), so reusing it is exact; a new signature goes through `kernel[grid](...)` once
+(compile or Triton's own cache) and is remembered. Launch hooks (profilers) are called as Triton calls
+them. Anything unusual (Triton's interpreter, an unknown argument type, a Triton whose compiled-kernel API
+differs) takes Triton's own path.
 `COMET_FAST_LAUNCH=0` turns the shortcut off.
 """
 
@@ -87,7 +88,7 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`, with the per-call argument binding skipped for a launch signature
     seen before. Positional arguments: the kernel's runtime parameters, in order; keyword arguments: its
     constexprs and launch options (num_warps, num_stages, ...)."""
-    if not enabled() or kernel in _off or _knobs.runtime.launch_enter_hook is not None:
+    if not enabled() or kernel in _off:
         stats["slow"] += 1
         return kernel[grid](*args, **kwargs)
     lay = _layout(kernel)
@@ -106,9 +107,13 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         return compiled
     g = tuple(grid) + (1, 1)
     try:
-        constexprs = [kwargs[name] for name in lay[1]]
-        compiled.run(g[0], g[1], g[2], _driver.active.get_current_stream(sig[1]), compiled.function,
-                     compiled.packed_metadata, None, None, None, *args, *constexprs)
+        # what JITFunction.run passes to the compiled kernel's launcher, launch hooks included
+        all_args = (*args, *[kwargs[name] for name in lay[1]])
+        stream = _driver.active.get_current_stream(sig[1])
+        hooks = _knobs.runtime
+        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
+                     compiled.launch_metadata(grid, stream, *all_args), hooks.launch_enter_hook,
+                     hooks.launch_exit_hook, *all_args)
     except (TypeError, AttributeError, ValueError, KeyError):  # not how this Triton launches: stop trying
         _off.add(kernel)
         stats["slow"] += 1
