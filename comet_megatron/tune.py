@@ -50,12 +50,13 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger("comet_megatron")
 
 CACHE_VERSION = 1
-# KernelConfig fields a cache entry may set (the tuner searches the first eleven: `Candidate`'s fields;
+# KernelConfig fields a cache entry may set (the tuner searches the first twelve: `Candidate`'s fields;
 # an entry without combine_* / bwd_* fields means those GEMMs on block_n / num_stages).
 TUNED_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "num_comm_dispatch",
                 "num_comm_combine", "combine_block_n", "combine_num_stages", "bwd_block_n", "bwd_num_stages",
                 "fused_act_backward",
                 "group_m", "group_n")
+BOOL_FIELDS = ("fused_act_backward",)
 BLOCK_FIELDS = ("block_m", "block_n", "block_k", "combine_block_n", "bwd_block_n")  # powers of two >= 16
 MAX_COMM_PROGRAMS = 64  # the workspaces' `max_comm_programs` (comet_megatron.transport.workspace)
 CPU_GPU_NAME = "cpu-interpreter"
@@ -180,7 +181,10 @@ def _valid_config(cfg: Any) -> dict | None:
         return None
     out = {}
     for name, value in cfg.items():
-        if name not in TUNED_FIELDS or isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if name in BOOL_FIELDS:
+            if not isinstance(value, bool):
+                return None
+        elif name not in TUNED_FIELDS or isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return None
         out[name] = value
     if out.get("num_comm_dispatch", 1) > MAX_COMM_PROGRAMS or out.get("num_comm_combine", 1) > MAX_COMM_PROGRAMS:

@@ -36,6 +36,7 @@ class KernelConfig:
     pre_reduce: bool = False  # gemm_combine sums rows of one token that met on a rank before sending
     fused_act_backward: bool = False  # activation backward in the GEMM epilogue, or a separate pass after it
     bwd_epilogue_n: int = 64  # fused activation backward: columns per epilogue sub-block (bwd block / 1, 2, 4)
+    fwd_epilogue_n: int | None = None  # layer 0 forward: columns per epilogue sub-block (None: the whole block)
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
 
@@ -45,7 +46,7 @@ class KernelConfig:
         block_n = (self.bwd_block_n or self.block_n) if backward else self.block_n
         stages = (self.bwd_num_stages or self.num_stages) if backward else self.num_stages
         extra = (dict(fused_act_backward=self.fused_act_backward, epilogue_n=self.bwd_epilogue_n)
-                 if backward else {})
+                 if backward else dict(epilogue_n=self.fwd_epilogue_n))
         return dict(**extra, activation=self.activation, gated=self.gated, num_comm=self.num_comm_dispatch,
                     num_compute=self.num_compute, block_n=block_n, block_k=self.block_k,
                     block_h=self.block_h, trace=self.trace, num_warps=self.num_warps,

@@ -133,6 +133,23 @@ def _halves(t, BM: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _forward_chunk(gate, up, rmask, c0, out_rows, pre_rows, FFN: tl.constexpr, W: tl.constexpr, ACT: tl.constexpr,
+                   GATED: tl.constexpr, STORE_PRE: tl.constexpr):
+    """Forward epilogue of columns [c0, c0 + W) of one tile: h = act(gate) (* up) and the pre-activation."""
+    cols = c0 + tl.arange(0, W)
+    m = rmask[:, None] & (cols < FFN)[None, :]
+    if GATED:
+        h = _act(gate, ACT) * up
+    else:
+        h = _act(gate, ACT)
+    tl.store(out_rows + cols[None, :], h.to(out_rows.dtype.element_ty), mask=m)
+    if STORE_PRE:
+        tl.store(pre_rows + cols[None, :], gate.to(pre_rows.dtype.element_ty), mask=m)
+        if GATED:
+            tl.store(pre_rows + FFN + cols[None, :], up.to(pre_rows.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _act_backward_chunk(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN: tl.constexpr, W: tl.constexpr,
                         ACT: tl.constexpr, GATED: tl.constexpr, STORE_HP: tl.constexpr):
     """Activation backward of columns [c0, c0 + W) of one tile, dhp [BM, W] = (g @ w2^T) on them (fp32):
@@ -204,15 +221,28 @@ def _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
     out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_out
     pre_rows = pre_ptr + rows.to(tl.int64)[:, None] * stride_pre
     if not BACKWARD:
-        if GATED:
-            h = _act(acc, ACT) * acc_up
+        # on column sub-blocks of BN / EPI_SPLIT (fewer live registers next to the two accumulators)
+        if EPI_SPLIT == 1:
+            _forward_chunk(acc, acc_up, rmask, n0, out_rows, pre_rows, FFN, BN, ACT, GATED, STORE_PRE)
         else:
-            h = _act(acc, ACT)
-        tl.store(out_rows + cols[None, :], h.to(out_ptr.dtype.element_ty), mask=m2)
-        if STORE_PRE:
-            tl.store(pre_rows + cols[None, :], acc.to(pre_ptr.dtype.element_ty), mask=m2)
-            if GATED:
-                tl.store(pre_rows + FFN + cols[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=m2)
+            g0, g1 = _halves(acc, BM, BN)
+            u0, u1 = _halves(acc_up, BM, BN)
+            if EPI_SPLIT == 2:
+                _forward_chunk(g0, u0, rmask, n0, out_rows, pre_rows, FFN, BN // 2, ACT, GATED, STORE_PRE)
+                _forward_chunk(g1, u1, rmask, n0 + BN // 2, out_rows, pre_rows, FFN, BN // 2, ACT, GATED,
+                               STORE_PRE)
+            else:
+                g00, g01 = _halves(g0, BM, BN // 2)
+                u00, u01 = _halves(u0, BM, BN // 2)
+                _forward_chunk(g00, u00, rmask, n0, out_rows, pre_rows, FFN, BN // 4, ACT, GATED, STORE_PRE)
+                _forward_chunk(g01, u01, rmask, n0 + BN // 4, out_rows, pre_rows, FFN, BN // 4, ACT, GATED,
+                               STORE_PRE)
+                g10, g11 = _halves(g1, BM, BN // 2)
+                u10, u11 = _halves(u1, BM, BN // 2)
+                _forward_chunk(g10, u10, rmask, n0 + BN // 2, out_rows, pre_rows, FFN, BN // 4, ACT, GATED,
+                               STORE_PRE)
+                _forward_chunk(g11, u11, rmask, n0 + 3 * (BN // 4), out_rows, pre_rows, FFN, BN // 4, ACT,
+                               GATED, STORE_PRE)
     elif not FUSED_BWD:
         # dhp only (light epilogue); `_act_backward_kernel` finishes d_pre and grad_prob in place
         tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=m2)
@@ -424,14 +454,16 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
             block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int,
             group_m: int, use_tma: bool | None = None,
             in_place_local: bool | None = None, fused_act_backward: bool = False,
-            epilogue_n: int = 64) -> DispatchResult:
+            epilogue_n: int | None = None) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
-    epi_split = block_n // min(block_n, epilogue_n)
-    if backward and fused_act_backward and (epi_split not in (1, 2, 4) or epi_split * min(block_n, epilogue_n)
-                                            != block_n):
-        raise ValueError(f"fused activation backward: the column block {block_n} must be 1, 2 or 4 epilogue "
-                         f"sub-blocks of {epilogue_n} (set bwd_epilogue_n to block_n, block_n / 2 or block_n / 4)")
+    epi_n = min(block_n, epilogue_n or block_n)
+    epi_split = block_n // epi_n
+    split_used = not backward or fused_act_backward
+    if split_used and (epi_split not in (1, 2, 4) or epi_split * epi_n != block_n):
+        knob = "bwd_epilogue_n" if backward else "fwd_epilogue_n"
+        raise ValueError(f"dispatch_gemm: the column block {block_n} must be 1, 2 or 4 epilogue sub-blocks of "
+                         f"{epilogue_n} (set {knob} to block_n, block_n / 2 or block_n / 4)")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
     lay = view.layout
     hidden, dev = lay.hidden, view.device
@@ -480,7 +512,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         TRACE=trace,
         GLOBALTIMER=use_globaltimer(view.errors), W_DESC=w_desc is not None, W_K_MAJOR=k_major,
         IN_PLACE=True if in_place_local is None else in_place_local, FUSED_BWD=fused_bwd,
-        STORE_HP=hp is not None, EPI_SPLIT=epi_split if fused_bwd else 1,
+        STORE_HP=hp is not None, EPI_SPLIT=epi_split if fused_bwd or not backward else 1,
         num_warps=num_warps, num_stages=num_stages,
     )
     if backward and not fused_bwd and n_rows > 0:
@@ -499,8 +531,11 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                   gated: bool = True, store_pre: bool = True, num_comm: int | None = None,
                   num_compute: int | None = None, block_n: int = 64, block_k: int = 32, block_h: int = 128,
                   trace: bool = False, num_warps: int = 4, num_stages: int = 3, group_m: int = 8,
-                  use_tma: bool | None = None, in_place_local: bool | None = None) -> DispatchResult:
+                  use_tma: bool | None = None, in_place_local: bool | None = None,
+                  epilogue_n: int | None = None) -> DispatchResult:
     """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
+
+    `epilogue_n`: the epilogue works on column sub-blocks of that width (block_n / 1, 2 or 4; None: whole).
 
     w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain).
     Requires `routing.publish` of the same epoch on every rank and `layout = receive_layout(view, epoch)`.
@@ -510,7 +545,7 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                    store_pre=store_pre, rows=None, num_comm=num_comm, num_compute=num_compute,
                    block_n=block_n, block_k=block_k, block_h=block_h, trace=trace, num_warps=num_warps,
                    num_stages=num_stages, group_m=group_m, use_tma=use_tma,
-                   in_place_local=in_place_local)
+                   in_place_local=in_place_local, epilogue_n=epilogue_n)
 
 
 def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult, w2: torch.Tensor, epoch: int,

@@ -85,8 +85,8 @@ def test_tune_end_to_end_then_cached(tmp_path):
                             "triton": tune.triton_version()}
     assert name == tune.TuneKey(**entry["key"]).string()
     assert entry["trials"] == 3 and entry["ms"] > 0
-    assert entry["config"]["block_m"] in (16, 32) and set(entry["config"]) == set(tune.TUNED_FIELDS[:11])
-    assert set(tune.TUNED_FIELDS[:11]) == {f.name for f in tune.dataclasses.fields(tune.Candidate)}
+    assert entry["config"]["block_m"] in (16, 32) and set(entry["config"]) == set(tune.TUNED_FIELDS[:12])
+    assert set(tune.TUNED_FIELDS[:12]) == {f.name for f in tune.dataclasses.fields(tune.Candidate)}
     assert entry["config"]["combine_block_n"] in (16, 32) and entry["config"]["combine_num_stages"] == 1
     assert entry["config"]["bwd_block_n"] in (16, 32) and entry["config"]["bwd_num_stages"] == 1
     before = cache.read_bytes()
@@ -257,9 +257,11 @@ def test_old_entry_without_combine_fields_loads_and_applies(tmp_path):
 @pytest.mark.parametrize("bad", [dict(combine_block_n=24), dict(combine_block_n=8), dict(combine_block_n=0),
                                  dict(combine_block_n=True), dict(combine_block_n="256"),
                                  dict(combine_block_n=256.0), dict(combine_num_stages=0),
-                                 dict(combine_num_stages=-1), dict(combine_num_stages=None)])
+                                 dict(combine_num_stages=-1), dict(combine_num_stages=None),
+                                 dict(fused_act_backward=1), dict(fused_act_backward="yes")])
 def test_invalid_combine_fields_are_rejected(tmp_path, bad):
     assert tune._valid_config({**TUNED, "combine_block_n": 256, "combine_num_stages": 3}) is not None
+    assert tune._valid_config({**TUNED, "fused_act_backward": True}) == {**TUNED, "fused_act_backward": True}
     assert tune._valid_config({**TUNED, **bad}) is None
     path = tmp_path / "tune.json"
     path.write_text(json.dumps({"version": 1, "entries": {

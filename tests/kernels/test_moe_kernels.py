@@ -94,6 +94,10 @@ CASES = {
                                                     dict(fused_act_backward=True, bwd_block_n=32, bwd_epilogue_n=8)),
     "w2_k2_gelu_fused_act_backward_2_subblocks": (2, [9, 12], 2, 2, False, "gelu", "skewed",
                                                   dict(fused_act_backward=True, bwd_block_n=32, bwd_epilogue_n=16)),
+    # Layer 0's forward epilogue on column sub-blocks (4 and 2 per block; the last block partly past F)
+    "w2_k2_swiglu_forward_4_subblocks": (2, [10, 13], 2, 2, True, "silu", "uniform",
+                                         dict(block_n=32, fwd_epilogue_n=8)),
+    "w2_k2_gelu_forward_2_subblocks": (2, [12, 7], 2, 2, False, "gelu", "skewed", dict(block_n=32, fwd_epilogue_n=16)),
     # Rows of one token that meet on an expert rank are summed before they travel (pre_reduce): several
     # of a token's top-k experts per rank, partner rows in other tiles and super-chunks, a rank without
     # tokens, skewed loads, fp32 forward and backward (grad_x, grad_probs, weight gradients).
