@@ -37,6 +37,7 @@ class KernelConfig:
     fused_act_backward: bool = False  # activation backward in the GEMM epilogue, or a separate pass after it
     bwd_epilogue_n: int = 64  # fused activation backward: columns per epilogue sub-block (bwd block / 1, 2, 4)
     fwd_epilogue_n: int | None = None  # layer 0 forward: columns per epilogue sub-block (None: the whole block)
+    combine_epilogue_n: int | None = None  # gemm_combine: columns per epilogue sub-block (None: the whole chunk)
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
 
@@ -58,7 +59,8 @@ class KernelConfig:
         return dict(num_comm=self.num_comm_combine, num_compute=self.num_compute,
                     block_n=self.combine_block_n or self.block_n, block_k=self.block_k, trace=self.trace,
                     num_warps=self.num_warps, num_stages=self.combine_num_stages or self.num_stages,
-                    group_n=self.group_n, use_tma=self.use_tma, pre_reduce=self.pre_reduce)
+                    group_n=self.group_n, use_tma=self.use_tma, pre_reduce=self.pre_reduce,
+                    epilogue_n=self.combine_epilogue_n)
 
 
 def default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from .config import default_programs, dot_precision, rows_16b_aligned
 from .launch import launch
-from .operands import load_rows_block, load_weight_block, weight_descriptor
+from .operands import column_halves, load_rows_block, load_weight_block, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import ERR_DISPATCH_INPUTS, ERR_DISPATCH_TILE, now, store_release, use_globaltimer, wait_until_geq
 
@@ -127,12 +127,6 @@ def _pull_tile_rows(q, x_table, order_table, offsets_table, probs_table, inputs_
 
 
 @triton.jit
-def _halves(t, BM: tl.constexpr, W: tl.constexpr):
-    """[BM, W] -> its column halves [BM, W/2], [BM, W/2] (register shuffle, no memory round trip)."""
-    return tl.split(tl.permute(tl.reshape(t, (BM, 2, W // 2)), (0, 2, 1)))
-
-
-@triton.jit
 def _forward_chunk(gate, up, rmask, c0, out_rows, pre_rows, FFN: tl.constexpr, W: tl.constexpr, ACT: tl.constexpr,
                    GATED: tl.constexpr, STORE_PRE: tl.constexpr):
     """Forward epilogue of columns [c0, c0 + W) of one tile: h = act(gate) (* up) and the pre-activation."""
@@ -172,6 +166,96 @@ def _act_backward_chunk(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN: tl.
         tl.store(hp_rows + cols[None, :], (h * p[:, None]).to(hp_rows.dtype.element_ty), mask=m)
     # Masked columns contribute 0: dhp is 0 there (B was loaded as 0).
     return tl.sum(dhp * h, 1)
+
+
+# Epilogues on column sub-blocks: `EPI_SPLIT` (1, 2, 4 or 8) pieces of the tile's columns, split in halves
+# level by level (a register shuffle, no memory round trip); each piece's operands and products are live
+# one at a time, so the epilogue fits in registers next to the accumulators.
+@triton.jit
+def _forward_l1(g, u, rmask, c0, out_rows, pre_rows, FFN: tl.constexpr, BM: tl.constexpr, W: tl.constexpr,
+                SPLIT: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr):
+    if SPLIT == 1:
+        _forward_chunk(g, u, rmask, c0, out_rows, pre_rows, FFN, W, ACT, GATED, STORE_PRE)
+    else:
+        g0, g1 = column_halves(g, BM, W)
+        u0, u1 = column_halves(u, BM, W)
+        _forward_chunk(g0, u0, rmask, c0, out_rows, pre_rows, FFN, W // 2, ACT, GATED, STORE_PRE)
+        _forward_chunk(g1, u1, rmask, c0 + W // 2, out_rows, pre_rows, FFN, W // 2, ACT, GATED, STORE_PRE)
+
+
+@triton.jit
+def _forward_l2(g, u, rmask, c0, out_rows, pre_rows, FFN: tl.constexpr, BM: tl.constexpr, W: tl.constexpr,
+                SPLIT: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr):
+    if SPLIT <= 2:
+        _forward_l1(g, u, rmask, c0, out_rows, pre_rows, FFN, BM, W, SPLIT, ACT, GATED, STORE_PRE)
+    else:
+        g0, g1 = column_halves(g, BM, W)
+        u0, u1 = column_halves(u, BM, W)
+        _forward_l1(g0, u0, rmask, c0, out_rows, pre_rows, FFN, BM, W // 2, SPLIT // 2, ACT, GATED, STORE_PRE)
+        _forward_l1(g1, u1, rmask, c0 + W // 2, out_rows, pre_rows, FFN, BM, W // 2, SPLIT // 2, ACT, GATED,
+                    STORE_PRE)
+
+
+@triton.jit
+def _forward_epilogue(g, u, rmask, c0, out_rows, pre_rows, FFN: tl.constexpr, BM: tl.constexpr, W: tl.constexpr,
+                      SPLIT: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, STORE_PRE: tl.constexpr):
+    """Layer 0 forward epilogue of a tile's columns [c0, c0 + W) in SPLIT pieces: h and pre stored."""
+    if SPLIT <= 4:
+        _forward_l2(g, u, rmask, c0, out_rows, pre_rows, FFN, BM, W, SPLIT, ACT, GATED, STORE_PRE)
+    else:
+        g0, g1 = column_halves(g, BM, W)
+        u0, u1 = column_halves(u, BM, W)
+        _forward_l2(g0, u0, rmask, c0, out_rows, pre_rows, FFN, BM, W // 2, SPLIT // 2, ACT, GATED, STORE_PRE)
+        _forward_l2(g1, u1, rmask, c0 + W // 2, out_rows, pre_rows, FFN, BM, W // 2, SPLIT // 2, ACT, GATED,
+                    STORE_PRE)
+
+
+@triton.jit
+def _act_backward_l1(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN: tl.constexpr, BM: tl.constexpr,
+                     W: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                     STORE_HP: tl.constexpr):
+    if SPLIT == 1:
+        gp = _act_backward_chunk(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN, W, ACT, GATED, STORE_HP)
+    else:
+        a0, a1 = column_halves(dhp, BM, W)
+        gp = _act_backward_chunk(a0, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN, W // 2, ACT, GATED, STORE_HP)
+        gp += _act_backward_chunk(a1, p, rmask, c0 + W // 2, out_rows, pre_rows, hp_rows, FFN, W // 2, ACT, GATED,
+                                  STORE_HP)
+    return gp
+
+
+@triton.jit
+def _act_backward_l2(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN: tl.constexpr, BM: tl.constexpr,
+                     W: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                     STORE_HP: tl.constexpr):
+    if SPLIT <= 2:
+        gp = _act_backward_l1(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN, BM, W, SPLIT, ACT, GATED,
+                              STORE_HP)
+    else:
+        a0, a1 = column_halves(dhp, BM, W)
+        gp = _act_backward_l1(a0, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN, BM, W // 2, SPLIT // 2, ACT,
+                              GATED, STORE_HP)
+        gp += _act_backward_l1(a1, p, rmask, c0 + W // 2, out_rows, pre_rows, hp_rows, FFN, BM, W // 2,
+                               SPLIT // 2, ACT, GATED, STORE_HP)
+    return gp
+
+
+@triton.jit
+def _act_backward_epilogue(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN: tl.constexpr, BM: tl.constexpr,
+                           W: tl.constexpr, SPLIT: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                           STORE_HP: tl.constexpr):
+    """Fused activation backward of a tile's columns [c0, c0 + W) in SPLIT pieces; returns the rows'
+    partial grad_prob sums."""
+    if SPLIT <= 4:
+        gp = _act_backward_l2(dhp, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN, BM, W, SPLIT, ACT, GATED,
+                              STORE_HP)
+    else:
+        a0, a1 = column_halves(dhp, BM, W)
+        gp = _act_backward_l2(a0, p, rmask, c0, out_rows, pre_rows, hp_rows, FFN, BM, W // 2, SPLIT // 2, ACT,
+                              GATED, STORE_HP)
+        gp += _act_backward_l2(a1, p, rmask, c0 + W // 2, out_rows, pre_rows, hp_rows, FFN, BM, W // 2,
+                               SPLIT // 2, ACT, GATED, STORE_HP)
+    return gp
 
 
 @triton.jit
@@ -221,58 +305,16 @@ def _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
     out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_out
     pre_rows = pre_ptr + rows.to(tl.int64)[:, None] * stride_pre
     if not BACKWARD:
-        # on column sub-blocks of BN / EPI_SPLIT (fewer live registers next to the two accumulators)
-        if EPI_SPLIT == 1:
-            _forward_chunk(acc, acc_up, rmask, n0, out_rows, pre_rows, FFN, BN, ACT, GATED, STORE_PRE)
-        else:
-            g0, g1 = _halves(acc, BM, BN)
-            u0, u1 = _halves(acc_up, BM, BN)
-            if EPI_SPLIT == 2:
-                _forward_chunk(g0, u0, rmask, n0, out_rows, pre_rows, FFN, BN // 2, ACT, GATED, STORE_PRE)
-                _forward_chunk(g1, u1, rmask, n0 + BN // 2, out_rows, pre_rows, FFN, BN // 2, ACT, GATED,
-                               STORE_PRE)
-            else:
-                g00, g01 = _halves(g0, BM, BN // 2)
-                u00, u01 = _halves(u0, BM, BN // 2)
-                _forward_chunk(g00, u00, rmask, n0, out_rows, pre_rows, FFN, BN // 4, ACT, GATED, STORE_PRE)
-                _forward_chunk(g01, u01, rmask, n0 + BN // 4, out_rows, pre_rows, FFN, BN // 4, ACT, GATED,
-                               STORE_PRE)
-                g10, g11 = _halves(g1, BM, BN // 2)
-                u10, u11 = _halves(u1, BM, BN // 2)
-                _forward_chunk(g10, u10, rmask, n0 + BN // 2, out_rows, pre_rows, FFN, BN // 4, ACT, GATED,
-                               STORE_PRE)
-                _forward_chunk(g11, u11, rmask, n0 + 3 * (BN // 4), out_rows, pre_rows, FFN, BN // 4, ACT,
-                               GATED, STORE_PRE)
+        _forward_epilogue(acc, acc_up, rmask, n0, out_rows, pre_rows, FFN, BM, BN, EPI_SPLIT, ACT, GATED, STORE_PRE)
     elif not FUSED_BWD:
         # dhp only (light epilogue); `_act_backward_kernel` finishes d_pre and grad_prob in place
         tl.store(out_rows + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=m2)
     else:
-        # Activation backward in the epilogue, on column sub-blocks of EPI_N (EPI_SPLIT = BN / EPI_N in
-        # {1, 2, 4}): each sub-block's pre-activation halves and products are live one at a time, so the
-        # epilogue fits in registers next to the accumulator (whole-tile it spilled on Hopper).
+        # Activation backward in the epilogue (whole-tile it spilled on Hopper: hence the sub-blocks)
         p = tl.load(recv_prob_ptr + rows, mask=rmask, other=0.0)
         hp_rows = hp_ptr + rows.to(tl.int64)[:, None] * FFN
-        if EPI_SPLIT == 1:
-            gp = _act_backward_chunk(acc, p, rmask, n0, out_rows, pre_rows, hp_rows, FFN, BN, ACT, GATED,
-                                     STORE_HP)
-        elif EPI_SPLIT == 2:
-            a0, a1 = _halves(acc, BM, BN)
-            gp = _act_backward_chunk(a0, p, rmask, n0, out_rows, pre_rows, hp_rows, FFN, BN // 2, ACT, GATED,
-                                     STORE_HP)
-            gp += _act_backward_chunk(a1, p, rmask, n0 + BN // 2, out_rows, pre_rows, hp_rows, FFN, BN // 2,
-                                      ACT, GATED, STORE_HP)
-        else:
-            a0, a1 = _halves(acc, BM, BN)
-            a00, a01 = _halves(a0, BM, BN // 2)
-            gp = _act_backward_chunk(a00, p, rmask, n0, out_rows, pre_rows, hp_rows, FFN, BN // 4, ACT, GATED,
-                                     STORE_HP)
-            gp += _act_backward_chunk(a01, p, rmask, n0 + BN // 4, out_rows, pre_rows, hp_rows, FFN, BN // 4,
-                                      ACT, GATED, STORE_HP)
-            a10, a11 = _halves(a1, BM, BN // 2)
-            gp += _act_backward_chunk(a10, p, rmask, n0 + BN // 2, out_rows, pre_rows, hp_rows, FFN, BN // 4,
-                                      ACT, GATED, STORE_HP)
-            gp += _act_backward_chunk(a11, p, rmask, n0 + 3 * (BN // 4), out_rows, pre_rows, hp_rows, FFN,
-                                      BN // 4, ACT, GATED, STORE_HP)
+        gp = _act_backward_epilogue(acc, p, rmask, n0, out_rows, pre_rows, hp_rows, FFN, BM, BN, EPI_SPLIT, ACT,
+                                    GATED, STORE_HP)
         tl.store(gp_part_ptr + rows.to(tl.int64) * n_blocks + nb, gp, mask=rmask)
     if TRACE:
         tl.store(trace_ptr + 2 * (max_tiles + w) + 1, now(clock_ptr, GLOBALTIMER))
@@ -460,10 +502,10 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
     epi_n = min(block_n, epilogue_n or block_n)
     epi_split = block_n // epi_n
     split_used = not backward or fused_act_backward
-    if split_used and (epi_split not in (1, 2, 4) or epi_split * epi_n != block_n):
+    if split_used and (epi_split not in (1, 2, 4, 8) or epi_split * epi_n != block_n):
         knob = "bwd_epilogue_n" if backward else "fwd_epilogue_n"
-        raise ValueError(f"dispatch_gemm: the column block {block_n} must be 1, 2 or 4 epilogue sub-blocks of "
-                         f"{epilogue_n} (set {knob} to block_n, block_n / 2 or block_n / 4)")
+        raise ValueError(f"dispatch_gemm: the column block {block_n} must be 1, 2, 4 or 8 epilogue sub-blocks of "
+                         f"{epilogue_n} (set {knob} to block_n / 1, 2, 4 or 8)")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
     lay = view.layout
     hidden, dev = lay.hidden, view.device
@@ -535,7 +577,7 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                   epilogue_n: int | None = None) -> DispatchResult:
     """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
 
-    `epilogue_n`: the epilogue works on column sub-blocks of that width (block_n / 1, 2 or 4; None: whole).
+    `epilogue_n`: the epilogue works on column sub-blocks of that width (block_n / 1, 2, 4 or 8; None: whole).
 
     w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain).
     Requires `routing.publish` of the same epoch on every rank and `layout = receive_layout(view, epoch)`.
@@ -558,7 +600,7 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
     """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, activation backward.
 
     The activation backward runs in the GEMM's epilogue with `fused_act_backward`, on column sub-blocks of
-    `epilogue_n` (block_n must be 1, 2 or 4 of them: whole 128-256-wide tiles, holding dhp, both
+    `epilogue_n` (block_n must be 1, 2, 4 or 8 of them: whole 128-256-wide tiles, holding dhp, both
     pre-activation halves and their products at once, spilled 204 registers on an H100), else as a
     separate in-place pass over d_pre (`_act_backward_kernel`). Both write d_pre, grad_prob and h * p (dW2's
     operand, recomputed from pre).

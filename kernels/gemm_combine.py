@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .config import default_programs, dot_precision, rows_16b_aligned
 from .launch import launch
-from .operands import load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
+from .operands import column_halves, load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
 from .signals import (ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_all_geq,
                       wait_gather_geq,
@@ -99,6 +99,56 @@ def _row_tile(prow, mask, tile_index_ptr, expert_offsets_ptr, EL: tl.constexpr, 
 
 
 @triton.jit
+def _combine_store(y, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN: tl.constexpr,
+                   W: tl.constexpr):
+    """Columns [c0, c0 + W) of a tile's (scaled) rows: this rank's rows into their combine slot, the others
+    into the staging buffer for the communication programs."""
+    cols = c0 + tl.arange(0, W)
+    cmask = cols < HIDDEN
+    y = y.to(stage_ptr.dtype.element_ty)
+    tl.store(local_combine_ptr + pair[:, None] * HIDDEN + cols[None, :], y, mask=local[:, None] & cmask[None, :])
+    tl.store(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :], y,
+             mask=remote[:, None] & cmask[None, :])
+
+
+# The epilogue on column sub-blocks: EPI_SPLIT (1, 2, 4 or 8) pieces split in halves level by level
+# (a register shuffle); each piece's layout conversion for the stores is live one at a time.
+@triton.jit
+def _combine_l1(y, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN: tl.constexpr,
+                BM: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
+    if SPLIT == 1:
+        _combine_store(y, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, W)
+    else:
+        y0, y1 = column_halves(y, BM, W)
+        _combine_store(y0, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, W // 2)
+        _combine_store(y1, c0 + W // 2, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, W // 2)
+
+
+@triton.jit
+def _combine_l2(y, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN: tl.constexpr,
+                BM: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
+    if SPLIT <= 2:
+        _combine_l1(y, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, BM, W, SPLIT)
+    else:
+        y0, y1 = column_halves(y, BM, W)
+        _combine_l1(y0, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, BM, W // 2, SPLIT // 2)
+        _combine_l1(y1, c0 + W // 2, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, BM, W // 2,
+                    SPLIT // 2)
+
+
+@triton.jit
+def _combine_epilogue(y, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN: tl.constexpr,
+                      BM: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr):
+    if SPLIT <= 4:
+        _combine_l2(y, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, BM, W, SPLIT)
+    else:
+        y0, y1 = column_halves(y, BM, W)
+        _combine_l2(y0, c0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, BM, W // 2, SPLIT // 2)
+        _combine_l2(y1, c0 + W // 2, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, BM, W // 2,
+                    SPLIT // 2)
+
+
+@triton.jit
 def _combine_compute_item(w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc,
                           w_desc, recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
                           local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
@@ -106,7 +156,8 @@ def _combine_compute_item(w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride
                           K_DIM: tl.constexpr, HIDDEN: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                           BK: tl.constexpr, GROUP_N: tl.constexpr, SCALE: tl.constexpr, SCALARS: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
-                          A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr):
+                          A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr,
+                          EPI_SPLIT: tl.constexpr):
     """Compute program, one work item w = (tile, column chunk): y = a[tile] @ w[expert][:, chunk] (scaled),
     local rows stored into their combine slot, remote rows staged; then the item's done flag."""
     if TRACE:
@@ -137,15 +188,11 @@ def _combine_compute_item(w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride
     local = rmask & (src == rank)
     remote = rmask & (src != rank)
     pair = tl.load(recv_pair_ptr + rows, mask=local, other=0).to(tl.int64)
-    y = acc.to(stage_ptr.dtype.element_ty)
-    tl.store(local_combine_ptr + pair[:, None] * HIDDEN + cols[None, :], y,
-             mask=local[:, None] & cmask[None, :])
+    _combine_epilogue(acc, n0, rows, local, remote, pair, local_combine_ptr, stage_ptr, HIDDEN, BM, BN, EPI_SPLIT)
     if SCALARS:
         if chunk == 0:
             tl.store(local_scalars_ptr + pair,
                      tl.load(row_scalars_ptr + rows, mask=local, other=0.0), mask=local)
-    tl.store(stage_ptr + rows.to(tl.int64)[:, None] * HIDDEN + cols[None, :], y,
-             mask=remote[:, None] & cmask[None, :])
     store_release(done_ptr + w, epoch)
     if TRACE:
         tl.store(trace_ptr + 2 * w + 1, now(clock_ptr, GLOBALTIMER))
@@ -165,7 +212,7 @@ def _gemm_combine_kernel(
     SCALE: tl.constexpr, SCALARS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr, BLOCK_N_ITEMS: tl.constexpr,
     PRE_REDUCE: tl.constexpr, TOPK: tl.constexpr, CK: tl.constexpr, EL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
-    A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr,
+    A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EPI_SPLIT: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid = tl.program_id(0)
@@ -181,7 +228,7 @@ def _gemm_combine_kernel(
                 recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
                 local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                 rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
-                DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K)
+                DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K, EPI_SPLIT)
             w += NUM_COMPUTE
     else:
         cid = pid - NUM_COMPUTE
@@ -260,7 +307,8 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  row_scalars: torch.Tensor | None = None, num_comm: int | None = None,
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                  trace: bool = False, num_warps: int = 4, num_stages: int = 3,
-                 group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False) -> torch.Tensor | None:
+                 group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False,
+                 epilogue_n: int | None = None) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
 
     pre_reduce: rows of one token that meet on this rank are summed and sent once, into the slot of the
@@ -271,9 +319,15 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     w: [El, Kd, H] (forward: w2; backward: w1.transpose(1, 2), a strided view is fine).
     recv_prob: if given, rows are scaled by it (forward); None sends unscaled rows (backward).
     row_scalars: optional [R] fp32 delivered to the owner's combine_scalars[pair] (backward: grad_prob).
+    epilogue_n: the epilogue stores column sub-blocks of that width (block_n / 1, 2, 4 or 8; None: whole).
     Returns the trace buffer when `trace` ([2 * max_items, 2] int64: compute (start, end) per item, then
     one delivery timestamp per item in column 0), else None.
     """
+    epi_n = min(block_n, epilogue_n or block_n)
+    epi_split = block_n // epi_n
+    if epi_split not in (1, 2, 4, 8) or epi_split * epi_n != block_n:
+        raise ValueError(f"gemm_combine: the column chunk {block_n} must be 1, 2, 4 or 8 epilogue sub-blocks of "
+                         f"{epilogue_n} (set combine_epilogue_n to the chunk / 1, 2, 4 or 8)")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
     lay = view.layout
     if num_comm > lay.max_comm_programs:
@@ -316,7 +370,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         DOT_PRECISION=dot_precision(a.dtype),
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), BLOCK_N_ITEMS=triton.next_power_of_2(group_n),
         PRE_REDUCE=pre_reduce, TOPK=lay.topk, CK=ck, EL=el, SEARCH_STEPS=el.bit_length(),
-        A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major,
+        A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major, EPI_SPLIT=epi_split,
         num_warps=num_warps, num_stages=num_stages,
     )
     return trace_buf

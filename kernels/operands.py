@@ -96,3 +96,10 @@ def load_rows_block(desc, a_rows, r0, k0, ks, rmask, kmask, USE_DESC: tl.constex
         else:
             a = tl.load(a_rows[:, None] + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
     return a
+
+
+@triton.jit
+def column_halves(t, BM: tl.constexpr, W: tl.constexpr):
+    """[BM, W] -> its column halves [BM, W/2], [BM, W/2] (a register shuffle, no memory round trip): lets an
+    epilogue work on column sub-blocks, with fewer registers live at once."""
+    return tl.split(tl.permute(tl.reshape(t, (BM, 2, W // 2)), (0, 2, 1)))

@@ -98,6 +98,13 @@ CASES = {
     "w2_k2_swiglu_forward_4_subblocks": (2, [10, 13], 2, 2, True, "silu", "uniform",
                                          dict(block_n=32, fwd_epilogue_n=8)),
     "w2_k2_gelu_forward_2_subblocks": (2, [12, 7], 2, 2, False, "gelu", "skewed", dict(block_n=32, fwd_epilogue_n=16)),
+    # ... 8 pieces (forward, fused activation backward: F = 20 reaches into the second half of a 32-wide
+    # block) and gemm_combine's epilogue in 8 and 4 (H = 40: into the second half of a 64-wide chunk)
+    "w2_k2_swiglu_8_subblocks": (2, [13, 9], 2, 2, True, "silu", "uniform",
+                                 dict(block_n=32, fwd_epilogue_n=4, fused_act_backward=True, bwd_block_n=32,
+                                      bwd_epilogue_n=4, combine_block_n=64, combine_epilogue_n=8)),
+    "w2_k2_gelu_combine_4_subblocks": (2, [11, 12], 2, 2, False, "gelu", "skewed",
+                                       dict(combine_block_n=32, combine_epilogue_n=8)),
     # Rows of one token that meet on an expert rank are summed before they travel (pre_reduce): several
     # of a token's top-k experts per rank, partner rows in other tiles and super-chunks, a rank without
     # tokens, skewed loads, fp32 forward and backward (grad_x, grad_probs, weight gradients).

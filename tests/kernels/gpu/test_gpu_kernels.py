@@ -211,15 +211,17 @@ def _round_trip(p, dtype, cfg, world):
 
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("knobs", [
-    # the Hopper tiles: 256-wide backward block in 4 epilogue sub-blocks; 128-wide in 2; whole block
+    # the Hopper tiles: 256-wide backward block in 4 epilogue sub-blocks, the forward's 128 in 4, gemm_combine's
+    # 256-wide chunk in 4; then 8 sub-blocks each; then whole blocks
     dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, bwd_block_n=256, bwd_num_stages=3,
-         bwd_epilogue_n=64),
+         bwd_epilogue_n=64, fwd_epilogue_n=32, combine_block_n=256, combine_num_stages=3, combine_epilogue_n=64),
     dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4, bwd_block_n=128, bwd_num_stages=3,
-         bwd_epilogue_n=64),
+         bwd_epilogue_n=16, fwd_epilogue_n=16, combine_block_n=128, combine_epilogue_n=16),
     dict(block_m=64, block_n=64, block_k=32, bwd_epilogue_n=64),
-], ids=["bn256-epi64", "bn128-epi64", "bn64-whole"])
+], ids=["hopper-4-pieces", "8-pieces", "whole"])
 def test_fused_act_backward_compiled(world, knobs, request):
-    """The activation backward in the GEMM epilogue (sub-blocked), compiled, bf16, against float64."""
+    """Epilogues on column sub-blocks (forward, fused activation backward, gemm_combine), compiled, bf16,
+    against float64."""
     seed = seed_from(request.node.nodeid)
     tokens = [301 + 37 * r for r in range(world)]
     # ffn 352: the last 256-wide block is partly past F (sub-blocks entirely past it are masked)
