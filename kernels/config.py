@@ -36,8 +36,11 @@ class KernelConfig:
     pre_reduce: bool = False  # gemm_combine sums rows of one token that met on a rank before sending
     fused_act_backward: bool = False  # activation backward in the GEMM epilogue, or a separate pass after it
     bwd_epilogue_n: int = 64  # fused activation backward: columns per epilogue sub-block (bwd block / 1, 2, 4)
-    fwd_epilogue_n: int | None = None  # layer 0 forward: columns per epilogue sub-block (None: the whole block)
-    combine_epilogue_n: int | None = None  # gemm_combine: columns per epilogue sub-block (None: the whole chunk)
+    # Epilogues on column sub-blocks (1, 2, 4 or 8 per block; None: the whole block). 32 for the forward and
+    # gemm_combine: on an H100 layer 0's forward 1.02-1.13x (no more spills), gemm_combine up to 1.03x, vs
+    # whole blocks; 16 or 32 did not help the fused activation backward over 64 (docs/BENCHMARKS.md).
+    fwd_epilogue_n: int | None = 32  # layer 0 forward
+    combine_epilogue_n: int | None = 32  # gemm_combine (forward and backward)
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
 
