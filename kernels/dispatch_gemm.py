@@ -499,13 +499,13 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
             epilogue_n: int | None = None) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
-    epi_n = min(block_n, epilogue_n or block_n)
+    epi_n = max(min(block_n, epilogue_n or block_n), block_n // 8)  # at most 8 sub-blocks
     epi_split = block_n // epi_n
     split_used = not backward or fused_act_backward
     if split_used and (epi_split not in (1, 2, 4, 8) or epi_split * epi_n != block_n):
         knob = "bwd_epilogue_n" if backward else "fwd_epilogue_n"
-        raise ValueError(f"dispatch_gemm: the column block {block_n} must be 1, 2, 4 or 8 epilogue sub-blocks of "
-                         f"{epilogue_n} (set {knob} to block_n / 1, 2, 4 or 8)")
+        raise ValueError(f"dispatch_gemm: the column block {block_n} must be a whole number of epilogue "
+                         f"sub-blocks of {epilogue_n} (set {knob} to a power of two)")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
     lay = view.layout
     hidden, dev = lay.hidden, view.device

@@ -323,11 +323,11 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     Returns the trace buffer when `trace` ([2 * max_items, 2] int64: compute (start, end) per item, then
     one delivery timestamp per item in column 0), else None.
     """
-    epi_n = min(block_n, epilogue_n or block_n)
+    epi_n = max(min(block_n, epilogue_n or block_n), block_n // 8)  # at most 8 sub-blocks
     epi_split = block_n // epi_n
     if epi_split not in (1, 2, 4, 8) or epi_split * epi_n != block_n:
-        raise ValueError(f"gemm_combine: the column chunk {block_n} must be 1, 2, 4 or 8 epilogue sub-blocks of "
-                         f"{epilogue_n} (set combine_epilogue_n to the chunk / 1, 2, 4 or 8)")
+        raise ValueError(f"gemm_combine: the column chunk {block_n} must be a whole number of epilogue "
+                         f"sub-blocks of {epilogue_n} (set combine_epilogue_n to a power of two)")
     num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
     lay = view.layout
     if num_comm > lay.max_comm_programs:

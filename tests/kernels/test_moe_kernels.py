@@ -299,3 +299,15 @@ def test_pre_reduce_sends_one_row_per_token_and_rank(seed, poison):
                     assert torch.isnan(slot).all(), f"rank {r} token {t} slot {k}: a pre-reduced row was sent"
                     skipped += 1
     assert skipped > 0  # the routing put several of a token's experts on one remote rank
+
+
+def test_epilogue_sub_block_width_is_checked(seed):
+    """A sub-block width that does not divide the column block is refused naming the knob; a narrow one is
+    widened to at most 8 sub-blocks (and still exact)."""
+    p = make_problem(seed, world=1, tokens=[9], topk=2, hidden=HIDDEN, ffn=FFN, experts_per_rank=2)
+    w1, w2 = [p.local_w1(0, torch.float32).to(DEVICE)], [p.local_w2(0, torch.float32).to(DEVICE)]
+    with pytest.raises(ValueError, match="fwd_epilogue_n"):
+        make_group(p, torch.float32).forward(to_dev(p.xs), to_dev(p.topk_idx), to_dev(p.topk_probs), w1, w2,
+                                             KernelConfig(**{**SMALL, "block_n": 32, "fwd_epilogue_n": 12}))
+    cfg = KernelConfig(**{**SMALL, "block_n": 32, "fwd_epilogue_n": 1, "combine_block_n": 64, "combine_epilogue_n": 2})
+    run_and_check(p, make_group(p, torch.float32), cfg, torch.float32, 1e-4, seed + 1)
