@@ -46,7 +46,9 @@ class CometConfig:
         "auto",
         "How ranks exchange tokens. auto: symm_mem when EP > 1 and every EP peer is reachable "
         "over NVLink (cuda_ipc when ranks share a GPU), else the nccl reference collectives "
-        "(logged; also at EP size 1, where there is nothing to overlap). nccl: torch.distributed "
+        "(logged). At EP size 1 (nothing to overlap) auto runs the fused kernels on a one-rank "
+        "workspace from 8192 tokens per call on Hopper GPUs (measured faster there), else the "
+        "reference path. nccl: torch.distributed "
         "collectives (any backend, also gloo). symm_mem: torch symmetric memory, one process "
         "per GPU. cuda_ipc: processes sharing buffers through CUDA IPC (several ranks on one "
         "GPU). emulated: N virtual ranks inside one process (tests, benchmarks).",

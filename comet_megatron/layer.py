@@ -104,8 +104,9 @@ class CometMoELayer(MoELayer):
         from comet_megatron.transport import resolve_transport
 
         support = fused_support(self.config, self.token_dispatcher.tp_size)
+        tokens = hidden_states.numel() // hidden_states.shape[-1]
         transport, why = resolve_transport(
-            self.comet_config, self.ep_group, hidden_states.device, support
+            self.comet_config, self.ep_group, hidden_states.device, support, tokens=tokens
         )
         if transport != "nccl":
             self._fused = FusedExperts(

@@ -46,6 +46,21 @@ def placed(monkeypatch):
 CUDA0 = torch.device("cuda", 0)  # a device object only: nothing runs on it
 
 
+@pytest.mark.parametrize("tokens,hopper,want", [
+    (8192, True, "emulated"), (16384, True, "emulated"), (8191, True, "nccl"), (2048, True, "nccl"),
+    (None, True, "nccl"), (16384, False, "nccl"),
+])
+def test_auto_at_ep_size_1_runs_the_fused_kernels_where_measured_faster(monkeypatch, tokens, hopper, want):
+    monkeypatch.setattr(select, "_group_size", lambda group: 1)
+    monkeypatch.setattr(select, "_is_hopper", lambda device: hopper)
+    transport, why = resolve_transport(CometConfig(transport="auto"), None, CUDA0, (True, ""), tokens=tokens)
+    assert transport == want
+    assert str(select.EP1_FUSED_MIN_TOKENS) in why and "EP size 1" in why
+    # a layer the fused kernels cannot run keeps the reference path whatever the size
+    assert resolve_transport(CometConfig(transport="auto"), None, CUDA0, (False, "GLU offset/clamp"),
+                             tokens=tokens)[0] == "nccl"
+
+
 def test_auto_prefers_symm_mem_one_gpu_per_rank(placed):
     assert resolve_transport(CometConfig(transport="auto"), None, CUDA0, (True, "")) == ("symm_mem", "")
 

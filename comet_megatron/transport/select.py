@@ -67,15 +67,29 @@ def _peers_reachable(group, device: torch.device) -> tuple[bool, str, bool]:
     return check_placement(placement, rank)
 
 
+# EP size 1 (nothing to overlap): the fused kernels still win where the GEMMs are large enough, measured on
+# an H100 under Megatron's DDP (docs/BENCHMARKS.md, two sweeps): 1.02-1.10x over the reference path at 8192
+# tokens per call and 1.06-1.17x at 16384 on Mixtral, Phi-3.5-MoE and Qwen2-MoE shapes, 0.85-0.98x at 2048-4096
+# (host-bound). Applied on Hopper GPUs (where measured); elsewhere EP size 1 keeps the reference path.
+EP1_FUSED_MIN_TOKENS = 8192
+
+
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 SHARED_GPU = ("several EP ranks share one GPU and torch symmetric memory needs one GPU per rank "
               "(its rendezvous refuses them)")
 
 
 def resolve_transport(
-    cfg: CometConfig, group, device: torch.device, fused_supported: tuple[bool, str]
+    cfg: CometConfig, group, device: torch.device, fused_supported: tuple[bool, str], tokens: int | None = None
 ) -> tuple[str, str]:
     """(transport, why) for a layer: one of nccl, symm_mem, cuda_ipc, emulated, and the reason
     when `auto` fell back to the reference collectives (the caller logs it).
+
+    `tokens`: tokens per call on this rank (the first call's); at EP size 1 `auto` runs the fused kernels
+    on a one-rank workspace ("emulated") from `EP1_FUSED_MIN_TOKENS` on a Hopper GPU, else the reference path.
 
     `fused_supported` is (ok, why-not) for the layer's configuration (activation, expert-TP...).
     An explicit transport that cannot run raises `TransportUnavailable` naming what is missing.
@@ -93,8 +107,13 @@ def resolve_transport(
             return "nccl", f"the fused kernels do not implement {why}"
         if not on_gpu:
             return "nccl", "no GPU"
-        if world == 1:  # the fused kernels only add work when there is nothing to overlap
-            return "nccl", "EP size 1, no communication to overlap"
+        if world == 1:  # nothing to overlap: the fused kernels only where measured faster
+            if tokens is not None and tokens >= EP1_FUSED_MIN_TOKENS and _is_hopper(device):
+                return "emulated", (f"EP size 1, {tokens} tokens per call: the fused kernels on a one-rank "
+                                    f"workspace (measured faster than the reference path from "
+                                    f"{EP1_FUSED_MIN_TOKENS} on Hopper)")
+            return "nccl", (f"EP size 1, no communication to overlap (the fused kernels are used from "
+                            f"{EP1_FUSED_MIN_TOKENS} tokens per call on Hopper GPUs; this call has {tokens})")
         reach, why, shared = _peers_reachable(group, device)
         if not reach:
             return "nccl", why

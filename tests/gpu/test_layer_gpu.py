@@ -80,6 +80,15 @@ def test_fused_layer_bf16_matches_megatron_one_rank():
     _check(results, "emulated")
 
 
+@pytest.mark.parametrize("tokens,want", [(8192, "emulated"), (2048, "nccl")])
+def test_auto_at_ep_size_1_picks_by_tokens_and_matches_megatron(tokens, want):
+    # auto at EP size 1 on a Hopper GPU: the fused kernels from 8192 tokens per call, else the reference path
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the EP-size-1 rule applies to Hopper GPUs (elsewhere auto keeps the reference path)")
+    results = run_distributed(_parity_body, 1, ep=1, transport="auto", shape=(512, 704, 8, 2), tokens=tokens)
+    _check(results, want)
+
+
 @pytest.mark.parametrize("transport,world", [("cuda_ipc", 2), ("cuda_ipc", 4), ("symm_mem", 1)])
 def test_fused_layer_bf16_several_ranks_one_gpu(transport, world):
     # Each process is one EP rank on the same GPU; buffers are shared through CUDA IPC or torch
