@@ -84,6 +84,11 @@ def _layout(kernel):
 _layouts: dict = {}
 
 
+def _no_hooks(hook) -> bool:
+    """No launch hook: None (Triton < 3.5) or an empty HookChain (its `calls`)."""
+    return hook is None or (hasattr(hook, "calls") and not hook.calls)
+
+
 def launch(kernel, grid: tuple, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)`, with the per-call argument binding skipped for a launch signature
     seen before. Positional arguments: the kernel's runtime parameters, in order; keyword arguments: its
@@ -107,13 +112,17 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         return compiled
     g = tuple(grid) + (1, 1)
     try:
-        # what JITFunction.run passes to the compiled kernel's launcher, launch hooks included
+        # what JITFunction.run passes to the compiled kernel's launcher, launch hooks included (none set,
+        # the usual case: no launch metadata to build, as Triton does when its hooks are None)
         all_args = (*args, *[kwargs[name] for name in lay[1]])
         stream = _driver.active.get_current_stream(sig[1])
-        hooks = _knobs.runtime
-        compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
-                     compiled.launch_metadata(grid, stream, *all_args), hooks.launch_enter_hook,
-                     hooks.launch_exit_hook, *all_args)
+        enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+        if _no_hooks(enter) and _no_hooks(leave):
+            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *all_args)
+        else:
+            compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
+                         compiled.launch_metadata(grid, stream, *all_args), enter, leave, *all_args)
     except (TypeError, AttributeError, ValueError, KeyError):  # not how this Triton launches: stop trying
         _off.add(kernel)
         stats["slow"] += 1

@@ -60,3 +60,14 @@ def test_interpreter_takes_tritons_path(monkeypatch):
         fast.launch(_add_one_kernel, (triton.cdiv(37, 16),), x, 37, BLOCK=16)
     assert torch.equal(x, torch.full((37,), 3.0))
     assert fast.stats["slow"] - slow == 3
+
+
+def test_no_hooks_recognises_empty_hook_chains():
+    from comet_megatron.kernels.launch import _no_hooks
+
+    class Chain:
+        def __init__(self, calls):
+            self.calls = calls
+
+    assert _no_hooks(None) and _no_hooks(Chain([]))
+    assert not _no_hooks(Chain([print])) and not _no_hooks(print)
