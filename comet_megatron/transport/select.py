@@ -69,8 +69,8 @@ def _peers_reachable(group, device: torch.device) -> tuple[bool, str, bool]:
 
 # EP size 1 (nothing to overlap): the fused kernels still win where the GEMMs are large enough, measured on
 # an H100 under Megatron's DDP (docs/BENCHMARKS.md, two sweeps): 1.02-1.10x over the reference path at 8192
-# tokens per call and 1.06-1.17x at 16384 on Mixtral, Phi-3.5-MoE and Qwen2-MoE shapes, 0.85-0.98x at 2048-4096
-# (host-bound). Applied on Hopper GPUs (where measured); elsewhere EP size 1 keeps the reference path.
+# tokens per call and 1.06-1.17x at 16384 on Mixtral, Phi-3.5-MoE and Qwen2-MoE shapes, 0.80-0.98x at
+# 2048-4096 (host-bound). Applied on Hopper GPUs (where measured); elsewhere EP size 1 keeps the reference path.
 EP1_FUSED_MIN_TOKENS = 8192
 
 
