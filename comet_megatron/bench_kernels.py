@@ -169,7 +169,7 @@ class KernelBench:
     def fused(self, cfg, reps: int, warmup: int, kernels_only: bool = False) -> dict:
         """Median ms of each fused kernel (and the round's routing, the Triton wgrad, a self-check);
         `kernels_only`: the four fused kernels alone (the tuner's `--timing kernels`)."""
-        from comet_megatron.kernels.config import default_programs
+        from comet_megatron.kernels.config import combine_programs, default_programs
         from comet_megatron.kernels import (combine_reduce, dispatch_gemm, dispatch_gemm_backward,
                                             check_errors, gemm_combine, grouped_wgrad, publish,
                                             receive_layout)
@@ -177,7 +177,7 @@ class KernelBench:
         view, views, T, W = self.view, self.views, self.tokens, self.world
         w1, w2 = self.w1s[0], self.w2s[0]
         nc_d, np_ = default_programs(view.device, cfg.num_comm_dispatch, cfg.num_compute)
-        nc_c, _ = default_programs(view.device, cfg.num_comm_combine, cfg.num_compute)
+        nc_c, np_c = combine_programs(view.device, self.world, cfg.num_comm_combine, cfg.num_compute)
         l0 = cfg.dispatch_kwargs()
         l0b = cfg.dispatch_kwargs(backward=True)
         l1 = cfg.combine_kwargs()
@@ -254,7 +254,7 @@ class KernelBench:
 
         out["wgrad dW1"] = wg(d.recv, b.out)
         out["wgrad dW2"] = wg(d.out, b.recv)
-        out["_programs"] = {"comm_dispatch": nc_d, "comm_combine": nc_c, "compute": np_}
+        out["_programs"] = {"comm_dispatch": nc_d, "comm_combine": nc_c, "compute": np_, "compute_combine": np_c}
         check_errors(view, "bench kernels")  # a timed-out wait would make the timings meaningless
         self.check(cfg)
         return out
@@ -341,7 +341,9 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                     print(f"\n{shape.name} tokens={tokens} config={knobs}: FAILED {rec['error']}", flush=True)
                     continue
                 progs = ours.pop("_programs")
+                # each kernel's floor: cuBLAS scaled by the SMs its own compute programs get
                 share = kb.sms / progs["compute"] if kb.sms else 1.0
+                share_l1 = kb.sms / progs["compute_combine"] if kb.sms else 1.0
                 rec = {"shape": shape.name, "tokens": tokens, "world": world,
                        "ranks": "emulated on one GPU" if world > 1 else "one", "rows_rank0": kb.rows,
                        "l1_includes_combine_reduce": world == 1, "config": knobs, "programs": progs,
@@ -353,7 +355,8 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                     rec["kernels"][kname] = {
                         "ms": ms, "cublas_ms": ref, "tflops": flops[kname] / ms / 1e9,
                         "cublas_tflops": flops[kname] / ref / 1e9, "vs_cublas": ref / ms,
-                        "vs_sm_share": ref * share / ms if fused_kernel else None,
+                        "vs_sm_share": (ref * (share_l1 if kname.startswith("L1") else share) / ms
+                                        if fused_kernel else None),
                     }
                 for kname in ("L0 fwd", "L0 bwd"):  # GEMM + the unfused elementwise pass the kernel fuses
                     k = rec["kernels"][kname]

@@ -391,6 +391,13 @@ class Grid:
     combine: Sequence[tuple[int, int]] = ()  # (combine_block_n, combine_num_stages) options
     bwd: Sequence[tuple[int, int]] = ()  # (bwd_block_n, bwd_num_stages) options
     bwd_fused: Sequence[bool] = (False,)  # fused_act_backward options tried with each bwd option
+    default_comm_combine: int | None = None  # gemm_combine's comm count in the tile stages (None: default_comm)
+    comm_dispatch_extra: Sequence[int] = ()  # more num_comm_dispatch values (world size 1)
+    comm_combine_extra: Sequence[int] = ()  # more num_comm_combine values (world size 1)
+
+    def comm_values(self, name: str) -> list[int]:
+        extra = self.comm_dispatch_extra if name == "num_comm_dispatch" else self.comm_combine_extra
+        return sorted(set(self.comm) | set(extra))
 
 
 def sm_count(device) -> int | None:
@@ -402,12 +409,21 @@ def sm_count(device) -> int | None:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_grid(device) -> Grid:
+def default_grid(device, world: int = 1) -> Grid:
+    """The search grid on this device. At world size 1 nothing leaves the rank: gemm_combine's
+    communication programs only raise its arrival signal (one is enough: 1.03-1.12x faster layer 1 on an
+    H100 than 16, the whole rest of the GPU computes), and dispatch_gemm's copy the receive rows for the
+    weight gradients (4 suit large experts, 16 small ones: docs/BENCHMARKS.md), hence those extra values
+    and gemm_combine on one communication program in the tile stages."""
     sms = sm_count(device)
     if sms is None:
         return Grid(tiles=CPU_TILES, comm=CPU_COMM, default_comm=2, combine=CPU_COMBINE, bwd=CPU_BWD)
     limit = min(MAX_COMM_PROGRAMS, sms // 2)
     comm = sorted({min(limit, max(1, round(c * sms / 132))) for c in GPU_COMM_AT_132_SMS})
+    if world == 1:
+        return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8), combine=GPU_COMBINE, bwd=GPU_BWD,
+                    bwd_fused=GPU_BWD_FUSED, default_comm_combine=1, comm_dispatch_extra=(4,),
+                    comm_combine_extra=(1,))
     return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8), combine=GPU_COMBINE, bwd=GPU_BWD,
                 bwd_fused=GPU_BWD_FUSED)
 
@@ -483,8 +499,9 @@ def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, bud
         return min(ok, key=lambda t: t.ms).candidate if ok else None
 
     dc = grid.default_comm
+    dcc = grid.default_comm_combine or dc
     for tile in grid.tiles:
-        attempt("tiles", Candidate(*tile, num_comm_dispatch=dc, num_comm_combine=dc))
+        attempt("tiles", Candidate(*tile, num_comm_dispatch=dc, num_comm_combine=dcc))
     base = best()
     for combine_block_n, combine_num_stages in (grid.combine if base is not None else ()):
         attempt("combine tiles", dataclasses.replace(base, combine_block_n=combine_block_n,
@@ -498,7 +515,7 @@ def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, bud
         base = best()
         if base is None:
             break
-        for c in grid.comm:
+        for c in grid.comm_values(name):
             attempt(stage, dataclasses.replace(base, **{name: c}))
     return trials
 
@@ -659,7 +676,7 @@ def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens:
             cand = Candidate.from_config(entry["config"])
             return TuneResult(key, cache.path, cand, entry.get("ms"), entry.get("baseline_ms"), [],
                               from_cache=True, cached_entry=entry)
-    grid = grid or default_grid(device)
+    grid = grid or default_grid(device, world)
     if timing not in TIMINGS:
         raise ValueError(f"timing {timing!r} not in {sorted(TIMINGS)}")
     if measure is None and timing == "kernels":
@@ -690,7 +707,7 @@ def tune(*, hidden: int, ffn: int, experts: int, topk: int, gated: bool, tokens:
 
 def _run_search(measure, grid, *, budget_s, max_candidates, progress, title) -> list[Trial]:
     total = min(max_candidates, len(grid.tiles) + len(grid.combine) + len(grid.bwd) * len(grid.bwd_fused)
-                + 2 * len(grid.comm))
+                + len(grid.comm_values("num_comm_dispatch")) + len(grid.comm_values("num_comm_combine")))
     if not progress:
         return coordinate_descent(measure, grid, budget_s=budget_s, max_candidates=max_candidates)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -795,7 +812,7 @@ def _parse_pairs(text: str, flag: str) -> list[tuple[int, int]]:
 
 
 def _parse_grid(args, device) -> Grid:
-    grid = default_grid(device)
+    grid = default_grid(device, getattr(args, "world", 1))
     if args.tiles:
         tiles = []
         for item in args.tiles.split(","):
@@ -812,6 +829,7 @@ def _parse_grid(args, device) -> Grid:
             grid.comm = [int(c) for c in args.comm.split(",")]
         except ValueError:
             raise ValueError(f"--comm {args.comm!r}: expected comma-separated integers") from None
+        grid.comm_dispatch_extra = grid.comm_combine_extra = ()  # exactly the values asked for
     return grid
 
 

@@ -76,6 +76,17 @@ def default_programs(device: torch.device, num_comm: int | None, num_compute: in
     return num_comm or 2, num_compute or 2
 
 
+def combine_programs(device: torch.device, world_size: int, num_comm: int | None,
+                     num_compute: int | None) -> tuple[int, int]:
+    """gemm_combine's (communication, compute) counts (combine_reduce must use the same communication
+    count): at world size 1 no row leaves the rank and its communication programs only raise the arrival
+    signal, so one is enough and every other SM computes (layer 1 1.03-1.12x faster on an H100 than with
+    SMs / 8, docs/BENCHMARKS.md); otherwise `default_programs`."""
+    if num_comm is None and world_size == 1:
+        num_comm = 1
+    return default_programs(device, num_comm, num_compute)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """fp32 operands: full-precision products (tests compare against float64); bf16/fp16 ignore it."""
     return "ieee" if dtype == torch.float32 else "tf32"

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import default_programs, dot_precision, rows_16b_aligned
+from .config import combine_programs, dot_precision, rows_16b_aligned
 from .launch import launch
 from .operands import column_halves, load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
@@ -328,7 +328,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     if epi_split not in (1, 2, 4, 8) or epi_split * epi_n != block_n:
         raise ValueError(f"gemm_combine: the column chunk {block_n} must be a whole number of epilogue "
                          f"sub-blocks of {epilogue_n} (set combine_epilogue_n to a power of two)")
-    num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
+    num_comm, num_compute = combine_programs(view.device, view.world_size, num_comm, num_compute)
     lay = view.layout
     if num_comm > lay.max_comm_programs:
         raise ValueError(f"num_comm={num_comm} exceeds the workspace's max_comm_programs={lay.max_comm_programs}")
@@ -419,7 +419,7 @@ def combine_reduce(view, num_tokens: int, epoch: int, *, num_comm: int | None = 
     Returns (out [T, H], grad_probs [T, K] fp32 copied from combine_scalars when `scalars`, else None).
     `num_comm` must equal the value every rank passed to gemm_combine.
     """
-    num_comm, _ = default_programs(view.device, num_comm, None)
+    num_comm, _ = combine_programs(view.device, view.world_size, num_comm, None)
     lay = view.layout
     hidden, k = lay.hidden, lay.topk
     out = torch.empty(max(num_tokens, 1), hidden, dtype=out_dtype or view.regions["combine"].dtype,

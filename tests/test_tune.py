@@ -468,3 +468,19 @@ def test_old_cache_entry_on_default_tiles_gets_the_default_backward_tiles(tmp_pa
                            dtype=torch.float32)
         assert (kc.bwd_block_n, kc.bwd_num_stages) == want, (config, kc)
         assert kc.block_n == config["block_n"] and kc.num_stages == 4
+
+
+def test_world_1_grid_tries_few_communication_programs(monkeypatch):
+    """At world size 1 gemm_combine's communication programs only raise a signal: the GPU grid starts it at
+    one and tries one; dispatch_gemm's copy programs get 4 tried too. Other world sizes keep the grid."""
+    monkeypatch.setattr(tune, "sm_count", lambda device: 132)
+    one = tune.default_grid("cuda", world=1)
+    assert one.default_comm_combine == 1 and one.comm_values("num_comm_combine")[0] == 1
+    assert 4 in one.comm_values("num_comm_dispatch") and 1 not in one.comm_values("num_comm_dispatch")
+    two = tune.default_grid("cuda", world=2)
+    assert two.default_comm_combine is None
+    assert two.comm_values("num_comm_combine") == two.comm_values("num_comm_dispatch") == sorted(two.comm)
+    trials = tune.coordinate_descent(lambda c: 1.0, one, budget_s=1e9, max_candidates=10**6)
+    assert all(t.candidate.num_comm_combine == 1 for t in trials if t.stage == "tiles")
+    assert {t.candidate.num_comm_combine for t in trials if t.stage == "comm combine"} >= {8, 16}  # 1: the base
+    assert 4 in {t.candidate.num_comm_dispatch for t in trials if t.stage == "comm dispatch"}

@@ -311,3 +311,13 @@ def test_epilogue_sub_block_width_is_checked(seed):
                                              KernelConfig(**{**SMALL, "block_n": 32, "fwd_epilogue_n": 12}))
     cfg = KernelConfig(**{**SMALL, "block_n": 32, "fwd_epilogue_n": 1, "combine_block_n": 64, "combine_epilogue_n": 2})
     run_and_check(p, make_group(p, torch.float32), cfg, torch.float32, 1e-4, seed + 1)
+
+
+def test_combine_programs_at_world_size_1():
+    """gemm_combine and combine_reduce resolve the same communication count: 1 at world size 1 unless set."""
+    from comet_megatron.kernels.config import combine_programs, default_programs
+
+    cpu = torch.device("cpu")
+    assert combine_programs(cpu, 1, None, None)[0] == 1
+    assert combine_programs(cpu, 1, 3, None)[0] == 3
+    assert combine_programs(cpu, 2, None, None) == default_programs(cpu, None, None)
