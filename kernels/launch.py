@@ -10,7 +10,7 @@ what Triton specialises on, and relaunches it through the compiled kernel's own 
 
     tensor            dtype, 16-byte alignment of data_ptr()
     int               == 1, divisible by 16, 32-/64-bit range
-    TensorDescriptor  dtype, block shape, 16-byte alignment, shape, strides
+    TensorDescriptor  dtype, block shape, 16-byte alignment, rank, strides divisible by 16
     other             its type and value (floats, bools, None, strings)
     keyword args      (constexprs, num_warps, num_stages, ...) their values
 
@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - older Triton: always Triton's own path
     _knobs = _driver = TensorDescriptor = None
 
 _INT32 = 2**31
+MAX_SIGNATURES = 4096
 _cache: dict = {}  # (kernel, launch signature) -> compiled kernel
 _off: set = set()  # kernels whose compiled-kernel launch failed once: Triton's path from then on
 stats = {"fast": 0, "slow": 0}  # launches through each path (tests)
@@ -53,8 +54,10 @@ def _arg_signature(a):
     if type(a) is int:
         return a == 1, a % 16 == 0, -_INT32 <= a < _INT32, a >= 2**63
     if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
-        return (a.base.dtype, tuple(a.block_shape), a.base.data_ptr() % 16 == 0, tuple(a.shape), tuple(a.strides),
-                a.padding, getattr(a, "round_f32_to_tf32", False))
+        # not the shape / stride values (runtime arguments: a receive-rows descriptor changes shape every
+        # call), their rank and 16-byte divisibility
+        return (a.base.dtype, tuple(a.block_shape), a.base.data_ptr() % 16 == 0, len(a.shape),
+                tuple(st % 16 == 0 for st in a.strides), a.padding, getattr(a, "round_f32_to_tf32", False))
     if a is None or isinstance(a, (bool, float, str)):
         return type(a), a
     raise TypeError(type(a))  # unknown: Triton decides
@@ -108,6 +111,8 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     if compiled is None:
         stats["slow"] += 1
         compiled = kernel[grid](*args, **kwargs)
+        if len(_cache) >= MAX_SIGNATURES:  # a safety valve: signatures are few (specialisation flags only)
+            _cache.clear()
         _cache[sig] = compiled
         return compiled
     g = tuple(grid) + (1, 1)
