@@ -169,14 +169,15 @@ class KernelBench:
     def fused(self, cfg, reps: int, warmup: int, kernels_only: bool = False) -> dict:
         """Median ms of each fused kernel (and the round's routing, the Triton wgrad, a self-check);
         `kernels_only`: the four fused kernels alone (the tuner's `--timing kernels`)."""
-        from comet_megatron.kernels.config import combine_programs, default_programs
+        from comet_megatron.kernels.config import combine_programs, dispatch_programs
         from comet_megatron.kernels import (combine_reduce, dispatch_gemm, dispatch_gemm_backward,
                                             check_errors, gemm_combine, grouped_wgrad, publish,
                                             receive_layout)
 
         view, views, T, W = self.view, self.views, self.tokens, self.world
         w1, w2 = self.w1s[0], self.w2s[0]
-        nc_d, np_ = default_programs(view.device, cfg.num_comm_dispatch, cfg.num_compute)
+        f1 = 2 * self.shape.ffn if self.shape.gated else self.shape.ffn
+        nc_d, np_ = dispatch_programs(view.device, self.world, f1, cfg.num_comm_dispatch, cfg.num_compute)
         nc_c, np_c = combine_programs(view.device, self.world, cfg.num_comm_combine, cfg.num_compute)
         l0 = cfg.dispatch_kwargs()
         l0b = cfg.dispatch_kwargs(backward=True)

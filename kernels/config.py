@@ -76,6 +76,20 @@ def default_programs(device: torch.device, num_comm: int | None, num_compute: in
     return num_comm or 2, num_compute or 2
 
 
+def dispatch_programs(device: torch.device, world_size: int, ffn1: int, num_comm: int | None,
+                      num_compute: int | None) -> tuple[int, int]:
+    """dispatch_gemm's (communication, compute) counts. At world size 1 on a GPU its communication programs
+    only copy the rows (read in place by the GEMM) into the receive buffer for the weight gradients: 2H
+    bytes per row against 2 * H * F1 GEMM flops, so they need fewer SMs the wider the expert. ceil(65536 / F1)
+    of them, between 2 and SMs / 8: Mixtral (F1 28672) 3, Phi-3.5-MoE (12800) 6, Qwen2-MoE (2816) 16 on an
+    H100, where 4 of them made layer 0 1.05-1.10x faster than 16 on the first two and 8 made Qwen2-MoE's
+    0.86x (docs/BENCHMARKS.md); otherwise `default_programs`."""
+    if num_comm is None and world_size == 1 and device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        num_comm = min(max(1, sms // 8), max(2, -(-65536 // max(ffn1, 1))))
+    return default_programs(device, num_comm, num_compute)
+
+
 def combine_programs(device: torch.device, world_size: int, num_comm: int | None,
                      num_compute: int | None) -> tuple[int, int]:
     """gemm_combine's (communication, compute) counts (combine_reduce must use the same communication

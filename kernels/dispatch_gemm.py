@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import default_programs, dot_precision, rows_16b_aligned
+from .config import dispatch_programs, dot_precision, rows_16b_aligned
 from .launch import launch
 from .operands import column_halves, load_rows_block, load_weight_block, weight_descriptor
 from .routing import ReceiveLayout
@@ -506,13 +506,13 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         knob = "bwd_epilogue_n" if backward else "fwd_epilogue_n"
         raise ValueError(f"dispatch_gemm: the column block {block_n} must be a whole number of epilogue "
                          f"sub-blocks of {epilogue_n} (set {knob} to a power of two)")
-    num_comm, num_compute = default_programs(view.device, num_comm, num_compute)
+    ffn1 = 2 * ffn if gated else ffn
+    num_comm, num_compute = dispatch_programs(view.device, view.world_size, ffn1, num_comm, num_compute)
     lay = view.layout
     hidden, dev = lay.hidden, view.device
     dtype = view.regions["tokens"].dtype
     n_rows = layout.num_rows()  # the round's host sync (see routing.py)
     alloc = max(n_rows, 1)  # Triton needs a real allocation even when nothing is received
-    ffn1 = 2 * ffn if gated else ffn
     recv = torch.empty(alloc, hidden, dtype=dtype, device=dev)
     if rows is None:
         recv_pair = torch.empty(alloc, dtype=torch.int32, device=dev)

@@ -321,3 +321,20 @@ def test_combine_programs_at_world_size_1():
     assert combine_programs(cpu, 1, None, None)[0] == 1
     assert combine_programs(cpu, 1, 3, None)[0] == 3
     assert combine_programs(cpu, 2, None, None) == default_programs(cpu, None, None)
+
+
+def test_dispatch_programs_at_world_size_1(monkeypatch):
+    """dispatch_gemm's copy programs at world size 1 on a GPU: fewer the wider the expert (2H bytes per row
+    against 2 H F1 flops), between 2 and SMs / 8; explicit counts, other world sizes and the CPU unchanged."""
+    from types import SimpleNamespace
+
+    from comet_megatron.kernels.config import default_programs, dispatch_programs
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=132))
+    gpu = torch.device("cuda", 0)
+    assert [dispatch_programs(gpu, 1, f1, None, None)[0] for f1 in (28672, 12800, 2816, 64)] == [3, 6, 16, 16]
+    assert dispatch_programs(gpu, 1, 28672, None, None)[1] == 129
+    assert dispatch_programs(gpu, 1, 28672, 5, None)[0] == 5
+    assert dispatch_programs(gpu, 2, 28672, None, None) == default_programs(gpu, None, None) == (16, 116)
+    cpu = torch.device("cpu")
+    assert dispatch_programs(cpu, 1, 28672, None, None) == default_programs(cpu, None, None)
