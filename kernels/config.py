@@ -35,7 +35,7 @@ class KernelConfig:
     bwd_num_stages: int | None = None  # dispatch_gemm_backward's pipeline depth (None: num_stages)
     pre_reduce: bool = False  # gemm_combine sums rows of one token that met on a rank before sending
     fused_act_backward: bool = False  # activation backward in the GEMM epilogue, or a separate pass after it
-    bwd_epilogue_n: int = 64  # fused activation backward: columns per epilogue sub-block (bwd block / 1, 2, 4)
+    bwd_epilogue_n: int = 64  # fused activation backward: columns per epilogue sub-block (bwd block / 1..8)
     # Epilogues on column sub-blocks (1, 2, 4 or 8 per block; None: the whole block). 32 for the forward and
     # gemm_combine: on an H100 layer 0's forward 1.02-1.13x (no more spills), gemm_combine up to 1.03x, vs
     # whole blocks; 16 or 32 did not help the fused activation backward over 64 (docs/BENCHMARKS.md).
