@@ -76,6 +76,18 @@ def default_programs(device: torch.device, num_comm: int | None, num_compute: in
     return num_comm or 2, num_compute or 2
 
 
+def epilogue_split(block_n: int, epilogue_n: int | None, where: str, knob: str) -> int:
+    """Number of column sub-blocks (1, 2, 4 or 8) an epilogue of a `block_n`-wide block works in: pieces of
+    `epilogue_n` (None: the whole block; narrower than block_n / 8 is widened). A width that does not divide
+    the block raises ValueError naming `knob`."""
+    epi_n = max(min(block_n, epilogue_n or block_n), block_n // 8)
+    split = block_n // epi_n
+    if split not in (1, 2, 4, 8) or split * epi_n != block_n:
+        raise ValueError(f"{where}: the column block {block_n} must be a whole number of epilogue sub-blocks of "
+                         f"{epilogue_n} (set {knob} to a power of two)")
+    return split
+
+
 def dispatch_programs(device: torch.device, world_size: int, ffn1: int, num_comm: int | None,
                       num_compute: int | None) -> tuple[int, int]:
     """dispatch_gemm's (communication, compute) counts. At world size 1 on a GPU its communication programs

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import dispatch_programs, dot_precision, rows_16b_aligned
+from .config import dispatch_programs, dot_precision, epilogue_split, rows_16b_aligned
 from .launch import launch
 from .operands import column_halves, load_rows_block, load_weight_block, weight_descriptor
 from .routing import ReceiveLayout
@@ -459,9 +459,9 @@ def activation_backward(out: torch.Tensor, pre: torch.Tensor, prob: torch.Tensor
                         hp: torch.Tensor | None = None, dhp: torch.Tensor | None = None) -> torch.Tensor:
     """The separate activation backward pass: from dhp = g @ w2^T [R, F] (default: in place, out[:, :F])
     writes d_pre = act'(pre) * dhp * p into out and, when given, h * p into hp [R, F]. Returns grad_prob's
-    fp32 partials per column block [R, cdiv(F, 128)] (`.sum(1)`: grad_prob, in a fixed order). One elementwise pass: what the GEMM's
-    fused epilogue (`fused_act_backward`) replaces; `bench kernels` times it after cuBLAS's GEMM as the
-    unfused layer-0 backward."""
+    fp32 partials per column block [R, cdiv(F, 128)] (`.sum(1)`: grad_prob, in a fixed order). One elementwise
+    pass: what the GEMM's fused epilogue (`fused_act_backward`) replaces; `bench kernels` times it after
+    cuBLAS's GEMM as the unfused layer-0 backward."""
     n_rows = out.shape[0]
     blocks = triton.cdiv(ffn, ACT_BACKWARD_BLOCK)
     if grad_prob_parts is None:
@@ -469,7 +469,8 @@ def activation_backward(out: torch.Tensor, pre: torch.Tensor, prob: torch.Tensor
     if n_rows:
         dhp = out if dhp is None else dhp
         launch(_act_backward_kernel, (triton.cdiv(n_rows, 32), blocks),
-            dhp, dhp.stride(0), out, out.stride(0), pre, pre.stride(0), prob, grad_prob_parts, hp if hp is not None else out, n_rows,
+            dhp, dhp.stride(0), out, out.stride(0), pre, pre.stride(0), prob, grad_prob_parts,
+            hp if hp is not None else out, n_rows,
             blocks, FFN=ffn, ACT=ACTIVATIONS[activation], GATED=gated, STORE_HP=hp is not None, BR=32,
             BC=ACT_BACKWARD_BLOCK, num_warps=4,
         )
@@ -499,13 +500,9 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
             epilogue_n: int | None = None) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
-    epi_n = max(min(block_n, epilogue_n or block_n), block_n // 8)  # at most 8 sub-blocks
-    epi_split = block_n // epi_n
-    split_used = not backward or fused_act_backward
-    if split_used and (epi_split not in (1, 2, 4, 8) or epi_split * epi_n != block_n):
-        knob = "bwd_epilogue_n" if backward else "fwd_epilogue_n"
-        raise ValueError(f"dispatch_gemm: the column block {block_n} must be a whole number of epilogue "
-                         f"sub-blocks of {epilogue_n} (set {knob} to a power of two)")
+    # the epilogue is split in the forward and in the fused activation backward (the plain backward stores dhp)
+    knob = "bwd_epilogue_n" if backward else "fwd_epilogue_n"
+    epi_split = epilogue_split(block_n, epilogue_n, "dispatch_gemm", knob) if not backward or fused_act_backward else 1
     ffn1 = 2 * ffn if gated else ffn
     num_comm, num_compute = dispatch_programs(view.device, view.world_size, ffn1, num_comm, num_compute)
     lay = view.layout
@@ -554,7 +551,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         TRACE=trace,
         GLOBALTIMER=use_globaltimer(view.errors), W_DESC=w_desc is not None, W_K_MAJOR=k_major,
         IN_PLACE=True if in_place_local is None else in_place_local, FUSED_BWD=fused_bwd,
-        STORE_HP=hp is not None, EPI_SPLIT=epi_split if fused_bwd or not backward else 1,
+        STORE_HP=hp is not None, EPI_SPLIT=epi_split,
         num_warps=num_warps, num_stages=num_stages,
     )
     if backward and not fused_bwd and n_rows > 0:

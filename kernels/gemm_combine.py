@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import combine_programs, dot_precision, rows_16b_aligned
+from .config import combine_programs, dot_precision, epilogue_split, rows_16b_aligned
 from .launch import launch
 from .operands import column_halves, load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
@@ -323,11 +323,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     Returns the trace buffer when `trace` ([2 * max_items, 2] int64: compute (start, end) per item, then
     one delivery timestamp per item in column 0), else None.
     """
-    epi_n = max(min(block_n, epilogue_n or block_n), block_n // 8)  # at most 8 sub-blocks
-    epi_split = block_n // epi_n
-    if epi_split not in (1, 2, 4, 8) or epi_split * epi_n != block_n:
-        raise ValueError(f"gemm_combine: the column chunk {block_n} must be a whole number of epilogue "
-                         f"sub-blocks of {epilogue_n} (set combine_epilogue_n to a power of two)")
+    epi_split = epilogue_split(block_n, epilogue_n, "gemm_combine", "combine_epilogue_n")
     num_comm, num_compute = combine_programs(view.device, view.world_size, num_comm, num_compute)
     lay = view.layout
     if num_comm > lay.max_comm_programs:
