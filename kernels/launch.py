@@ -8,15 +8,17 @@ launches its kernels right after its one host sync, with the GPU idle, so that t
 `launch` keeps, per kernel, the compiled kernel Triton chose for a *launch signature* computed here from
 what Triton specialises on, and relaunches it through the compiled kernel's own launcher:
 
-    tensor            dtype, 16-byte alignment of data_ptr()
+    tensor            dtype, 16-byte alignment of data_ptr(), on CUDA or not
     int               == 1, divisible by 16, 32-/64-bit range
     TensorDescriptor  dtype, block shape, 16-byte alignment, rank, strides divisible by 16
     other             its type and value (floats, bools, None, strings)
     keyword args      (constexprs, num_warps, num_stages, ...) their values
 
 Two calls with the same signature get the same compiled kernel from Triton (the signature is at least as
-fine as Triton's key), so reusing it is exact; a new signature goes through `kernel[grid](...)` once
-(compile or Triton's own cache) and is remembered. Launch hooks (profilers) are called as Triton calls
+fine as Triton's key), so reusing it is exact. CUDA tensors reach the compiled kernel's launcher as their
+`data_ptr()` integers: the launcher validates a tensor argument with a `cuPointerGetAttribute` driver call,
+an integer it takes as is (a CPU tensor is passed as the tensor, for the launcher to refuse). A new
+signature goes through `kernel[grid](...)` once (compile or Triton's own cache) and is remembered. Launch hooks (profilers) are called as Triton calls
 them. Anything unusual (Triton's interpreter, an unknown argument type, a Triton whose compiled-kernel API
 differs) takes Triton's own path.
 `COMET_FAST_LAUNCH=0` turns the shortcut off.
@@ -50,7 +52,7 @@ def enabled() -> bool:
 
 def _arg_signature(a):
     if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
+        return a.dtype, a.data_ptr() % 16 == 0, a.is_cuda
     if type(a) is int:
         return a == 1, a % 16 == 0, -_INT32 <= a < _INT32, a >= 2**63
     if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
@@ -66,9 +68,25 @@ def _arg_signature(a):
 def signature(args: tuple, kwargs: dict) -> tuple:
     """The launch signature of one call (see the module docstring); raises TypeError on an unknown or
     unhashable argument."""
-    sig = tuple(map(_arg_signature, args)), tuple(kwargs.items())
+    return bind(args, kwargs)[0]
+
+
+def bind(args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
+    """(launch signature, the runtime arguments as the compiled kernel's launcher gets them): CUDA tensors
+    as their `data_ptr()` (one read serves both), everything else as given."""
+    sig, values = [], []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            ptr = a.data_ptr()
+            cuda = a.is_cuda
+            sig.append((a.dtype, ptr % 16 == 0, cuda))
+            values.append(ptr if cuda else a)  # a CPU tensor: the launcher's own check refuses it
+        else:
+            sig.append(_arg_signature(a))
+            values.append(a)
+    sig = tuple(sig), tuple(kwargs.items())
     hash(sig)
-    return sig
+    return sig, tuple(values)
 
 
 def _layout(kernel):
@@ -103,7 +121,8 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     try:
         if lay is None or len(args) != lay[0]:
             raise TypeError("parameters")
-        sig = (kernel, torch.cuda.current_device(), signature(args, kwargs))
+        key, values = bind(args, kwargs)
+        sig = (kernel, torch.cuda.current_device(), key)
         compiled = _cache.get(sig)
     except (TypeError, AttributeError):  # an argument this signature does not know: Triton decides
         stats["slow"] += 1
@@ -119,13 +138,15 @@ def launch(kernel, grid: tuple, *args, **kwargs):
     try:
         # what JITFunction.run passes to the compiled kernel's launcher, launch hooks included (none set,
         # the usual case: no launch metadata to build, as Triton does when its hooks are None)
-        all_args = (*args, *[kwargs[name] for name in lay[1]])
+        all_args = (*values, *[kwargs[name] for name in lay[1]])
         stream = _driver.active.get_current_stream(sig[1])
         enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
         if _no_hooks(enter) and _no_hooks(leave):
             compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None, None, None,
                          *all_args)
         else:
+            # hooks (profilers) get the tensors, as from Triton's own launch
+            all_args = (*args, *all_args[len(args):])
             compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
                          compiled.launch_metadata(grid, stream, *all_args), enter, leave, *all_args)
     except (TypeError, AttributeError, ValueError, KeyError):  # not how this Triton launches: stop trying

@@ -6,6 +6,12 @@ caller may defer (Megatron's `backward_dw` / `--delay-wgrad-compute`) to overlap
 Backends: "triton" (`_grouped_wgrad_kernel`, grid (El, cdiv(M, BM) * cdiv(N, BN)), one output tile per
 program, K loop over the expert's rows; no waits), "grouped_mm" (CUDA `torch._grouped_mm` with offsets,
 bf16), "loop" (a torch loop over experts; the CPU fallback). "auto" = triton.
+
+`grouped_wgrad_accumulate`: the same products ADDED into fp32 buffers (Megatron's `main_grad`s, separate
+slices of one storage) in one launch: each program loads its output tile of `main_grad` before its K loop
+and writes it once after, so the read of the old gradient overlaps the loop instead of following it (what a
+GEMM with beta = 1 does in its epilogue), and no bf16 gradient is written and read back. With few rows per
+expert the kernel is bound by that read + write of fp32 `main_grad`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import triton.language as tl
 
 from .config import dot_precision
 from .launch import launch
+from .operands import use_tma
 
 
 @triton.jit
@@ -81,3 +88,104 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     launch(_grouped_wgrad_kernel, grid, a, a.stride(0), b, b.stride(0), out, expert_offsets, m_dim, n_dim,
                                 BM=block_m, BN=block_n, BK=block_k, DOT_PRECISION=dot_precision(a.dtype))
     return out
+
+
+@triton.jit
+def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_ptr, row_offsets_ptr, m_dim, n_dim,
+                             a_desc, b_desc,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                             USE_DESC: tl.constexpr, PREFETCH_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
+    """C_j[m, n] += sum over rows r of expert j of a[r, m] * b[r, n]; C_j at c_ptr + c_offsets[j], [M, N]
+    row-major, fp32. Grid (tiles of [M, N], experts)."""
+    j = tl.program_id(1)
+    # grouped tile order: GROUP_M row blocks sweep the column blocks together (L2 reuse of b's columns)
+    tiles_m = tl.cdiv(m_dim, BM)
+    tiles_n = tl.cdiv(n_dim, BN)
+    pid = tl.program_id(0)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(tiles_m - first_m, GROUP_M)
+    tm = first_m + (pid % per_group) % size_m
+    tn = (pid % per_group) // size_m
+    mcols = tm * BM + tl.arange(0, BM)
+    ncols = tn * BN + tl.arange(0, BN)
+    mmask = mcols < m_dim
+    nmask = ncols < n_dim
+    c_ptrs = (c_ptr + tl.load(c_offsets_ptr + j) + mcols[:, None].to(tl.int64) * n_dim + ncols[None, :])
+    cmask = mmask[:, None] & nmask[None, :]
+    start = tl.load(row_offsets_ptr + j)
+    end = tl.load(row_offsets_ptr + j + 1)
+    if PREFETCH_C:  # issued now, consumed after the K loop: the read overlaps the loop
+        c_old = tl.load(c_ptrs, mask=cmask, other=0.0)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    else:
+        acc = tl.load(c_ptrs, mask=cmask, other=0.0)
+    n_full = (end - start) // BK
+    for i in tl.range(0, n_full, num_stages=NUM_STAGES):
+        r0 = start + i * BK
+        if USE_DESC:
+            a_t = tl.trans(a_desc.load([r0, tm * BM]))
+            b_blk = b_desc.load([r0, tn * BN])
+        else:  # a^T loaded as [BM, BK] directly
+            rows = (r0 + tl.arange(0, BK)).to(tl.int64)
+            a_t = tl.load(a_ptr + rows[None, :] * stride_a + mcols[:, None], mask=mmask[:, None], other=0.0)
+            b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=nmask[None, :], other=0.0)
+        acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
+    r0 = start + n_full * BK
+    if r0 < end:  # the expert's last, partial block of rows (the next rows belong to another expert)
+        rows = r0 + tl.arange(0, BK)
+        rmask = rows < end
+        rows = rows.to(tl.int64)
+        a_t = tl.load(a_ptr + rows[None, :] * stride_a + mcols[:, None], mask=mmask[:, None] & rmask[None, :],
+                      other=0.0)
+        b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
+                        other=0.0)
+        acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
+    if PREFETCH_C:
+        acc += c_old
+    tl.store(c_ptrs, acc, mask=cmask)
+
+
+# Hopper tiles (measured on an H100 against cuBLAS GEMMs with beta = 1: docs/BENCHMARKS.md)
+WGRAD_ACCUMULATE_TILES = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
+                              prefetch_c=True)
+
+
+def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
+                             out_offsets: torch.Tensor, *, block_m: int = 64, block_n: int = 64,
+                             block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 2,
+                             prefetch_c: bool = True, use_tma_loads: bool | None = None) -> None:
+    """out_e += a[rows_e]^T @ b[rows_e] for every expert e, accumulated in fp32.
+
+    a: [R, M], b: [R, N] (rows in expert order, unit column stride); row_offsets: [El + 1] int32/int64 device
+    tensor (rows_e = row_offsets[e]:row_offsets[e + 1]); out_base: flat fp32 tensor over the outputs' storage,
+    out_offsets: [El] int64 element offsets of each expert's contiguous [M, N] output in it
+    (`kernels.accumulate.flat_base` / `element_offsets`). No host synchronisation.
+    """
+    (rows, m_dim), n_dim = a.shape, b.shape[1]
+    experts = out_offsets.numel()
+    if b.shape[0] != rows or row_offsets.numel() != experts + 1:
+        raise ValueError(f"grouped_wgrad_accumulate: a {tuple(a.shape)}, b {tuple(b.shape)}, "
+                         f"{row_offsets.numel()} row offsets for {experts} experts")
+    if out_base.dtype != torch.float32 or out_offsets.dtype != torch.int64:
+        raise ValueError("grouped_wgrad_accumulate: fp32 outputs, int64 element offsets")
+    if experts == 0 or rows == 0 or m_dim == 0 or n_dim == 0:
+        return
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    if b.stride(1) != 1:
+        b = b.contiguous()
+    desc = use_tma(a) if use_tma_loads is None else use_tma_loads
+    a_desc = b_desc = None
+    if desc:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_k, block_m])
+        b_desc = TensorDescriptor(b, list(b.shape), list(b.stride()), [block_k, block_n])
+    grid = (triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n), experts)
+    launch(_wgrad_accumulate_kernel, grid, a, a.stride(0), b, b.stride(0), out_base, out_offsets, row_offsets,
+           m_dim, n_dim, a_desc if desc else a, b_desc if desc else b,
+           BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, USE_DESC=desc, PREFETCH_C=prefetch_c,
+           NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype), num_warps=num_warps,
+           num_stages=num_stages)

@@ -39,6 +39,15 @@ def test_signature_of_tensor_descriptors():
     assert signature((d,), {}) != signature((TensorDescriptor(odd, [256, 128], [136, 1], [64, 64]),), {})
 
 
+def test_bind_hands_cpu_tensors_over_as_tensors():
+    """Only CUDA tensors become bare pointers (the launcher's own check must see a CPU tensor to refuse it)."""
+    x = torch.empty(8)
+    sig, values = fast.bind((x, 3, None), {"B": 4})
+    assert values[0] is x and values[1:] == (3, None)
+    assert sig == signature((x, 3, None), {"B": 4})
+    assert sig[0][0] == (torch.float32, x.data_ptr() % 16 == 0, False)
+
+
 def test_signature_refuses_unknown_arguments():
     with pytest.raises(TypeError):
         signature(([1, 2],), {})

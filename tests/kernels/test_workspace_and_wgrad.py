@@ -95,3 +95,55 @@ def test_flat_base_refuses_what_it_cannot_address():
     assert accumulate.flat_base([buf[:24], buf.double()[:24]]) is None  # dtypes differ
     with pytest.raises(ValueError, match="int64"):
         accumulate.accumulate_into(buf, torch.zeros(2, dtype=torch.int32), torch.zeros(2, 4))
+
+
+# ----------------------------------------------------------------------------- grouped_wgrad_accumulate
+# 16-bit operands as fp16 here: Triton 3.8's interpreter multiplies bf16 tiles wrongly (their raw bits); the
+# compiled bf16 kernel: tests/kernels/gpu
+@pytest.mark.parametrize("prefetch_c,use_desc", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("operand_dtype", [torch.float32, torch.float16])
+def test_grouped_wgrad_accumulate_into_scattered_main_grads(prefetch_c, use_desc, operand_dtype, gen):
+    """out_e += a_e^T b_e into fp32 slices of one buffer (reversed order, NaN gaps), against float64 products:
+    experts with no rows, fewer rows than a K block, whole blocks plus a tail, exactly whole blocks; M and N
+    not multiples of the tile; a row stride wider than the row (a column slice of a bigger tensor)."""
+    from comet_megatron.kernels import accumulate
+    from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate
+
+    rows_per_expert = [0, 5, 37, 32, 16]
+    m_dim, n_dim = 40, 24
+    total = sum(rows_per_expert)
+    a_full = torch.randn(total, m_dim + 8, generator=gen).to(operand_dtype)
+    a = a_full[:, 8:]  # row stride m_dim + 8
+    b = torch.randn(total, n_dim, generator=gen).to(operand_dtype)
+    experts, n = len(rows_per_expert), m_dim * n_dim
+    gap = 13
+    buffer = torch.full((experts * (n + gap) + gap,), float("nan"))
+    mains = [buffer[gap + (experts - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(experts)]
+    before = [torch.randn(m_dim, n_dim, generator=gen) for _ in range(experts)]
+    for m, v in zip(mains, before):
+        m.copy_(v)
+    base = accumulate.flat_base(mains)
+    out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64)
+    row_offsets = torch.tensor([0] + torch.cumsum(torch.tensor(rows_per_expert), 0).tolist(), dtype=torch.int32)
+    grouped_wgrad_accumulate(a, b, row_offsets, base, out_offsets, block_m=16, block_n=16, block_k=16,
+                             group_m=2, num_warps=1, num_stages=1, prefetch_c=prefetch_c, use_tma_loads=use_desc)
+    tol = 1e-5 if operand_dtype == torch.float32 else 1e-3
+    for e in range(experts):
+        s, t = row_offsets[e].item(), row_offsets[e + 1].item()
+        want = before[e].double() + a[s:t].double().t() @ b[s:t].double()
+        torch.testing.assert_close(mains[e].double(), want, rtol=tol, atol=tol, msg=f"expert {e}")
+    touched = torch.zeros(buffer.numel(), dtype=torch.bool)
+    for o in out_offsets.tolist():
+        touched[o:o + n] = True
+    assert torch.isnan(buffer[~touched]).all()  # nothing outside the main_grads written
+
+
+def test_grouped_wgrad_accumulate_refuses_mismatched_inputs():
+    from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate
+
+    a, b = torch.zeros(6, 4), torch.zeros(6, 3)
+    base, offs = torch.zeros(24), torch.tensor([0, 12])
+    with pytest.raises(ValueError, match="row offsets"):
+        grouped_wgrad_accumulate(a, b, torch.tensor([0, 6], dtype=torch.int32), base, offs)
+    with pytest.raises(ValueError, match="fp32"):
+        grouped_wgrad_accumulate(a, b, torch.tensor([0, 3, 6]), base.bfloat16(), offs)

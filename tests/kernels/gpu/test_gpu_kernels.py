@@ -196,6 +196,39 @@ def test_accumulate_into_compiled():
     assert int(torch.isnan(buffer).sum()) == gap * (groups + 1)  # the gaps were not written
 
 
+@pytest.mark.parametrize("knobs", [{}, {"use_tma_loads": False}, {"prefetch_c": False},
+                                   {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4}])
+def test_grouped_wgrad_accumulate_compiled(knobs):
+    """Expert weight gradients added into fp32 main_grads (reversed in one buffer, NaN gaps), bf16 operands, the
+    Hopper tiles (TMA loads) and variants, against float64: experts without rows, with fewer rows than a K
+    block, with whole blocks and a tail; M and N not multiples of the tiles."""
+    from comet_megatron.kernels import accumulate
+    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    rows = [300, 0, 17, 517, 64, 128]
+    m_dim, n_dim, gap = 328, 200, 77
+    a = torch.randn(sum(rows), m_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    b = torch.randn(sum(rows), n_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    el, n = len(rows), m_dim * n_dim
+    buffer = torch.full((el * (n + gap) + gap,), float("nan"), device="cuda")
+    mains = [buffer[gap + (el - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(el)]
+    for m in mains:
+        m.normal_(generator=gen)
+    before = [m.double() for m in mains]
+    base = accumulate.flat_base(mains)
+    out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device="cuda")
+    offs = [0]
+    for r in rows:
+        offs.append(offs[-1] + r)
+    grouped_wgrad_accumulate(a, b, torch.tensor(offs, dtype=torch.int32, device="cuda"), base, out_offsets,
+                             **{**WGRAD_ACCUMULATE_TILES, **knobs})
+    for e in range(el):
+        want = before[e] + a[offs[e]:offs[e + 1]].double().t() @ b[offs[e]:offs[e + 1]].double()
+        assert rel_err(mains[e].double(), want) < 1e-5, e
+    assert int(torch.isnan(buffer).sum()) == gap * (el + 1)  # the gaps were not written
+
+
 def _round_trip(p, dtype, cfg, world):
     group = EmulatedGroup(world, capacity_tokens=max(len(x) for x in p.xs), topk=p.topk, hidden=p.hidden,
                           num_experts=p.num_experts, dtype=dtype, device="cuda")

@@ -1,0 +1,120 @@
+"""Expert weight gradients accumulated into fp32 `main_grad`: the ways comet can do it, timed side by side.
+
+    python examples/bench_wgrad.py --shapes mixtral-8x7b qwen2-moe-a2.7b phi-3.5-moe --tokens 2048 8192 \
+        --out wgrad.json
+
+Under Megatron's DDP every expert's weight gradient ends in its fp32 `main_grad` (one slice of a flat buffer,
+in DDP's own order). Per shape, token count and linear (fc1: [2F, H] from d_pre and x; fc2: [H, F] from the
+output gradient and h * p), random rows split evenly over the experts, it times (median of CUDA-event timings
+after warm-up, L2 flushed, `triton.testing.do_bench`):
+
+* `cublas-addmm`: one cuBLAS GEMM per expert with beta = 1 into `main_grad` (`experts.accumulate_wgrad_gemms`);
+* `grouped+add`: cuBLAS's grouped GEMM to a bf16 [El, M, N] gradient, then one Triton add into the
+  `main_grad`s (`kernels.accumulate`);
+* `triton` (and `--configs` variants): `kernels.wgrad.grouped_wgrad_accumulate`, one launch for every expert.
+
+and prints ms, TB/s of `main_grad` traffic (read + write of fp32), TFLOP/s and each one's speed vs
+`cublas-addmm`. Checks every variant's result against `cublas-addmm`'s first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["mixtral-8x7b", "qwen2-moe-a2.7b", "phi-3.5-moe"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[2048, 8192])
+    p.add_argument("--configs", default="[{}]",
+                   help="JSON list of keyword sets for grouped_wgrad_accumulate, each timed as its own variant "
+                        "({} = its Hopper tiles, kernels.wgrad.WGRAD_ACCUMULATE_TILES)")
+    p.add_argument("--out", default=None, help="write the records as JSON here")
+    args = p.parse_args(argv)
+
+    import torch
+    import triton
+
+    from comet_megatron.bench import load_shape
+    from comet_megatron.experts import accumulate_wgrad_gemms
+    from comet_megatron.kernels import accumulate
+    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate
+
+    if not torch.cuda.is_available():
+        print("bench_wgrad.py needs a CUDA GPU.", file=sys.stderr)
+        return 2
+    configs = json.loads(args.configs)
+    dev = torch.device("cuda")
+    records = []
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for name in args.shapes:
+        shape = load_shape(name)
+        f1 = 2 * shape.ffn if shape.gated else shape.ffn
+        for tokens in args.tokens:
+            rows = tokens * shape.topk
+            el = shape.experts
+            counts = [rows // el + (1 if e < rows % el else 0) for e in range(el)]
+            offsets = [0]
+            for c in counts:
+                offsets.append(offsets[-1] + c)
+            dev_offsets = torch.tensor(offsets, dtype=torch.int32, device=dev)
+            for linear, (m_dim, n_dim) in (("fc1", (f1, shape.hidden)), ("fc2", (shape.hidden, shape.ffn))):
+                a = torch.randn(rows, m_dim, device=dev, dtype=torch.bfloat16)
+                b = torch.randn(rows, n_dim, device=dev, dtype=torch.bfloat16)
+                # main_grads in reversed order in one flat buffer, as Megatron's DDP lays them out
+                flat = torch.zeros(el * m_dim * n_dim, device=dev, dtype=torch.float32)
+                mains = [flat[(el - 1 - e) * m_dim * n_dim:][:m_dim * n_dim].view(m_dim, n_dim) for e in range(el)]
+                base = accumulate.flat_base(mains)
+                out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device=dev)
+
+                def cublas():
+                    accumulate_wgrad_gemms(mains, a, b, offsets)
+
+                def grouped_add():
+                    g = torch._grouped_mm(a.t(), b, offs=dev_offsets[1:])
+                    accumulate.accumulate_into(base, out_offsets, g)
+
+                variants = {"cublas-addmm": cublas, "grouped+add": grouped_add}
+                for i, cfg in enumerate(configs):
+                    kw = {**WGRAD_ACCUMULATE_TILES, **cfg}
+                    label = "triton" if not cfg else f"triton {json.dumps(cfg, sort_keys=True)}"
+                    variants[label] = (lambda kw=kw: grouped_wgrad_accumulate(a, b, dev_offsets, base, out_offsets,
+                                                                              **kw))
+                # correctness: each variant once from zero against cublas-addmm
+                flat.zero_()
+                cublas()
+                want = flat.clone()
+                for label, fn in variants.items():
+                    flat.zero_()
+                    try:
+                        fn()
+                        torch.cuda.synchronize()
+                        err = ((flat - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+                    except Exception as exc:  # a config Triton cannot compile: report it, go on
+                        print(f"  {name} {tokens} {linear} {label}: FAILED {type(exc).__name__}: {exc}"[:300])
+                        continue
+                    ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+                    flops = 2.0 * rows * m_dim * n_dim
+                    traffic = 8.0 * el * m_dim * n_dim  # fp32 main_grad read + write
+                    records.append(dict(shape=name, tokens=tokens, linear=linear, variant=label, ms=ms,
+                                        tflops=flops / ms / 1e9, main_grad_tbs=traffic / ms / 1e9, rel_err=err))
+                base_ms = next(r["ms"] for r in records if r["shape"] == name and r["tokens"] == tokens
+                               and r["linear"] == linear and r["variant"] == "cublas-addmm")
+                for r in records:
+                    if r["shape"] == name and r["tokens"] == tokens and r["linear"] == linear:
+                        r["vs_cublas"] = base_ms / r["ms"]
+                        print(f"{name:16s} {tokens:6d} {linear} {r['variant']:40s} {r['ms']:8.3f} ms "
+                              f"{r['main_grad_tbs']:5.2f} TB/s {r['tflops']:6.1f} TFLOP/s "
+                              f"x{r['vs_cublas']:.2f} (err {r['rel_err']:.1e})")
+                del a, b, flat, mains, base
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=triton.__version__, records=records), fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
