@@ -4,11 +4,11 @@ from comet_megatron.bench import _init_distributed, build_layers, load_shape
 from comet_megatron.kernels import launch as L
 stats = collections.defaultdict(list)
 sig_t = collections.defaultdict(list)
-orig_launch, orig_sig = L.launch, L.signature
+orig_launch, orig_sig = L.launch, L.bind
 cur = [None]
 def tsig(args, kwargs):
     t = time.perf_counter(); r = orig_sig(args, kwargs); sig_t[cur[0]].append(time.perf_counter() - t); return r
-L.signature = tsig
+L.bind = tsig
 import importlib
 mods = [importlib.import_module(f"comet_megatron.kernels.{m}") for m in ("accumulate", "dispatch_gemm", "gemm_combine", "routing", "signals", "wgrad")]
 def timed(kernel, grid, *a, **k):

@@ -49,13 +49,24 @@ def _grouped_mm_shape_ok(x: torch.Tensor, out_features: int) -> bool:
     return x.shape[-1] % 8 == 0 and out_features % 8 == 0
 
 
+def device_row_offsets(counts: Sequence[int], device: torch.device, leading_zero: bool = True) -> torch.Tensor:
+    """int32 row offsets of expert segments `counts` ([0, c0, c0 + c1, ...]; without the 0 when not
+    `leading_zero`) on `device`, copied from pinned memory without a host synchronisation (a plain
+    `torch.tensor(..., device="cuda")` waits for the GPU)."""
+    ends = list(itertools.accumulate(counts, initial=0))
+    host = torch.tensor(ends if leading_zero else ends[1:], dtype=torch.int32)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
     """rows of `x` [M, K] in expert segments of `counts` times `weight[e]`^T ([G, N, K]) -> [M, N].
 
     Megatron stores linear weights as [out, in]; the grouped GEMM reads them transposed in place.
     """
     if _grouped_mm_ok(x, weight):
-        offs = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        offs = device_row_offsets(counts, x.device, leading_zero=False)
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
     outs = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, list(counts)))]
     if not outs:
@@ -68,31 +79,57 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts: Sequence
     """Weight gradient of `grouped_linear(x, weight, counts)`: dW[e] = grad_y[e]^T @ x[e], [G, N, K]
     (the [out, in] layout of `weight`)."""
     if _grouped_mm_shape_ok(x, grad_y.shape[-1]):
-        offs = torch.tensor(counts, device=x.device, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        offs = device_row_offsets(counts, x.device, leading_zero=False)
         return torch._grouped_mm(grad_y.t(), x, offs=offs).to(out_dtype)
     pairs = zip(torch.split(grad_y, list(counts)), torch.split(x, list(counts)))
     return torch.stack([(gy.t() @ xe).to(out_dtype) for gy, xe in pairs])
 
 
-# Expert weight gradients straight into Megatron's fp32 main_grad (cuBLAS GEMM with beta = 1, one per expert):
-# only where the experts are few and large, as per-expert GEMMs of a few rows would lose to one grouped GEMM.
+# Expert weight gradients straight into Megatron's fp32 main_grad, no bf16 gradient written and read back:
+# * "gemm": one cuBLAS GEMM per expert with beta = 1, where the experts are few and large (per-expert GEMMs of
+#   a few rows would lose to one grouped GEMM): compute-bound, cuBLAS's GEMMs are the fastest there;
+# * "triton": `kernels.wgrad.grouped_wgrad_accumulate`, one launch for all experts, elsewhere on a GPU: with few
+#   rows per expert the work is the read + write of fp32 main_grad, which it does at up to 2.45 TB/s on an H100
+#   against 1.8 TB/s for the grouped GEMM + add it replaces (1.23-1.39x on Qwen2-MoE; docs/BENCHMARKS.md);
+# * "add": the grouped GEMM to a bf16 stacked gradient, added into main_grad (`hand_to_main_grads`).
 FUSED_WGRAD_MAX_EXPERTS = 16
 FUSED_WGRAD_MIN_ROWS = 512  # mean rows per expert
+WGRAD_ACCUMULATION_MODES = ("auto", "gemm", "triton", "add")
 
 
-def _fuse_wgrad_accumulation(x: torch.Tensor, counts: Sequence[int], mains) -> bool:
-    how = os.environ.get("COMET_WGRAD_ACCUMULATION", "auto")  # auto | gemm | add (A/B switch, tests)
-    if how not in ("auto", "gemm", "add"):
-        raise ValueError(f"COMET_WGRAD_ACCUMULATION={how!r}: use auto, gemm or add")
+def _wgrad_accumulation(x: torch.Tensor, counts: Sequence[int], mains) -> str:
+    """How the weight gradients of experts with `counts` rows (operands like `x`) reach `mains`: "gemm",
+    "triton" or "add" (see above). `COMET_WGRAD_ACCUMULATION` forces one (A/B measurements, tests); a forced
+    mode that cannot run here falls back to "add"."""
+    how = os.environ.get("COMET_WGRAD_ACCUMULATION", "auto")
+    if how not in WGRAD_ACCUMULATION_MODES:
+        raise ValueError(f"COMET_WGRAD_ACCUMULATION={how!r}: use one of {', '.join(WGRAD_ACCUMULATION_MODES)}")
     if how == "add" or not counts:
-        return False
+        return "add"
     # bf16 operands into fp32 main_grad: CUDA's addmm with out_dtype; same dtypes: any device (forced)
-    if any(m.dtype != x.dtype and not (x.is_cuda and m.dtype == torch.float32) for m in mains):
+    gemm_ok = not any(m.dtype != x.dtype and not (x.is_cuda and m.dtype == torch.float32) for m in mains)
+    if how == "gemm":
+        return "gemm" if gemm_ok else "add"
+    triton_ok = _triton_wgrad_ok(x, mains)
+    if how == "triton":
+        return "triton" if triton_ok else "add"
+    if not x.is_cuda:
+        return "add"
+    if gemm_ok and len(counts) <= FUSED_WGRAD_MAX_EXPERTS and sum(counts) >= FUSED_WGRAD_MIN_ROWS * len(counts):
+        return "gemm"
+    return "triton" if triton_ok else "add"
+
+
+def _triton_wgrad_ok(x: torch.Tensor, mains) -> bool:
+    """The Triton kernel can add into `mains`: fp32, slices of one storage, on x's device; Triton runs (CUDA, or
+    the interpreter)."""
+    from comet_megatron.kernels import accumulate
+
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    if not x.is_cuda and how != "gemm":
+    if any(m.dtype != torch.float32 or m.device != x.device for m in mains):
         return False
-    return how == "gemm" or (len(counts) <= FUSED_WGRAD_MAX_EXPERTS
-                             and sum(counts) >= FUSED_WGRAD_MIN_ROWS * len(counts))
+    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and accumulate.flat_base(mains) is not None
 
 
 def accumulate_wgrad_gemms(mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int]) -> None:
@@ -106,20 +143,40 @@ def accumulate_wgrad_gemms(mains, a: torch.Tensor, b: torch.Tensor, offsets: Seq
             torch.addmm(main, ae.t(), be, out_dtype=main.dtype, out=main)
 
 
+def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int],
+                            device_offsets: torch.Tensor | None = None) -> None:
+    """The same sums as `accumulate_wgrad_gemms`, by one launch of `kernels.wgrad.grouped_wgrad_accumulate`
+    (`device_offsets`: `offsets` already on the GPU, e.g. the fused path's receive layout)."""
+    from comet_megatron.kernels import accumulate
+    from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate, wgrad_accumulate_tiles
+
+    base = accumulate.flat_base(mains)
+    if device_offsets is None:
+        device_offsets = device_row_offsets([offsets[e + 1] - offsets[e] for e in range(len(mains))], a.device)
+    grouped_wgrad_accumulate(a, b, device_offsets, base, _element_offsets(base, mains), **wgrad_accumulate_tiles(a))
+
+
 def fused_wgrad_mains(params, a: torch.Tensor, offsets: Sequence[int]):
-    """The `main_grad`s of `params` when their weight gradients (rows of `a` split at `offsets`) should be
-    accumulated straight into them by per-expert GEMMs: under Megatron's DDP, few large experts; else None."""
+    """(how, main_grads) when the weight gradients of `params` (rows of `a` split at `offsets`) should be
+    accumulated straight into their `main_grad`s ("gemm" or "triton", see above): under Megatron's DDP; else
+    None (the caller hands a stacked gradient over)."""
     mains = _main_grads(params)
-    counts = [offsets[e + 1] - offsets[e] for e in range(len(params))]
-    if mains is None or not _fuse_wgrad_accumulation(a, counts, mains):
+    if mains is None:
         return None
-    return mains
+    counts = [offsets[e + 1] - offsets[e] for e in range(len(params))]
+    how = _wgrad_accumulation(a, counts, mains)
+    return None if how == "add" else (how, mains)
 
 
-def accumulate_into_mains(params, mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int]) -> None:
-    """dW[e] = a[rows_e]^T @ b[rows_e] added into `mains` by the GEMMs; marked `grad_added_to_main_grad`
-    (DDP's hooks then drop the placeholder gradients autograd gives them)."""
-    accumulate_wgrad_gemms(mains, a, b, offsets)
+def accumulate_into_mains(params, plan, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int],
+                          device_offsets: torch.Tensor | None = None) -> None:
+    """dW[e] = a[rows_e]^T @ b[rows_e] added into the `main_grad`s of `plan` (from `fused_wgrad_mains`); marked
+    `grad_added_to_main_grad` (DDP's hooks then drop the placeholder gradients autograd gives them)."""
+    how, mains = plan
+    if how == "gemm":
+        accumulate_wgrad_gemms(mains, a, b, offsets)
+    else:
+        accumulate_wgrad_triton(mains, a, b, offsets, device_offsets)
     for p in params:
         p.grad_added_to_main_grad = True
 
@@ -148,9 +205,9 @@ class _GroupedLinear(torch.autograd.Function):
         if not any(ctx.needs_input_grad[2:]):
             return (grad_x, None) + (None,) * len(params)
         offsets = list(itertools.accumulate(counts, initial=0))
-        mains = fused_wgrad_mains(params, grad_y, offsets)
-        if mains is not None:
-            accumulate_into_mains(params, mains, grad_y, x, offsets)
+        plan = fused_wgrad_mains(params, grad_y, offsets)
+        if plan is not None:
+            accumulate_into_mains(params, plan, grad_y, x, offsets)
             # placeholders for DDP's hooks, which drop them (one allocation, never written)
             return (grad_x, None) + torch.empty_like(weight).unbind(0)
         grad_w = grouped_linear_wgrad(grad_y, x, counts, weight.dtype)
@@ -319,14 +376,21 @@ def _accumulate_in_one_launch(mains, grad: torch.Tensor) -> bool:
     base = accumulate.flat_base(mains)
     if base is None or mains[0].numel() * len(mains) != grad.numel():
         return False
-    key = (str(grad.device), tuple(accumulate.element_offsets(base, mains)))
+    accumulate.accumulate_into(base, _element_offsets(base, mains), grad)
+    return True
+
+
+def _element_offsets(base: torch.Tensor, mains) -> torch.Tensor:
+    """int64 device tensor of the element offsets of `mains` in `base` (cached: DDP's buffers do not move)."""
+    from comet_megatron.kernels import accumulate
+
+    key = (str(base.device), tuple(accumulate.element_offsets(base, mains)))
     offsets = _OFFSETS.get(key)
     if offsets is None:
         if len(_OFFSETS) > 1024:  # buffers re-created many times (tests): start over
             _OFFSETS.clear()
-        offsets = _OFFSETS[key] = torch.tensor(key[1], dtype=torch.int64, device=grad.device)
-    accumulate.accumulate_into(base, offsets, grad)
-    return True
+        offsets = _OFFSETS[key] = torch.tensor(key[1], dtype=torch.int64, device=base.device)
+    return offsets
 
 
 class WgradHandoff:

@@ -238,17 +238,18 @@ class _FusedMoE(torch.autograd.Function):
 
 
 def _accumulate_into_main_grads(handoff, state, bstate) -> bool:
-    """Under Megatron's DDP with few large local experts: the expert weight gradients accumulated by
-    per-expert GEMMs straight into the parameters' fp32 `main_grad`s (`experts.accumulate_into_mains`),
-    using the receive layout's expert offsets that the forward's one host sync already read."""
+    """Under Megatron's DDP: the expert weight gradients accumulated straight into the parameters' fp32
+    `main_grad`s (`experts.accumulate_into_mains`: per-expert GEMMs for few large experts, one Triton launch
+    otherwise), using the receive layout's expert offsets (the forward's one host sync already read them)."""
     offsets = state.layout.expert_offsets_host()
     (a1, b1), (a2, b2) = weight_grad_operands(state, bstate, out_features_first=True)
     p1, p2 = handoff.params
     m1, m2 = fused_wgrad_mains(p1, a1, offsets), fused_wgrad_mains(p2, a2, offsets)
     if m1 is None or m2 is None:
         return False
-    accumulate_into_mains(p1, m1, a1, b1, offsets)
-    accumulate_into_mains(p2, m2, a2, b2, offsets)
+    device_offsets = state.layout.expert_offsets
+    accumulate_into_mains(p1, m1, a1, b1, offsets, device_offsets)
+    accumulate_into_mains(p2, m2, a2, b2, offsets, device_offsets)
     handoff.done = True
     return True
 

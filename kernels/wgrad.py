@@ -8,10 +8,11 @@ program, K loop over the expert's rows; no waits), "grouped_mm" (CUDA `torch._gr
 bf16), "loop" (a torch loop over experts; the CPU fallback). "auto" = triton.
 
 `grouped_wgrad_accumulate`: the same products ADDED into fp32 buffers (Megatron's `main_grad`s, separate
-slices of one storage) in one launch: each program loads its output tile of `main_grad` before its K loop
-and writes it once after, so the read of the old gradient overlaps the loop instead of following it (what a
-GEMM with beta = 1 does in its epilogue), and no bf16 gradient is written and read back. With few rows per
-expert the kernel is bound by that read + write of fp32 `main_grad`.
+slices of one storage, in any order) in one launch for all experts: each program starts its accumulator from
+its tile of `main_grad` and writes it back once, so no bf16 gradient is written and read back (as the grouped
+GEMM + add does). With few rows per expert the kernel is bound by that read + write of fp32 `main_grad`;
+small tiles keep several programs per SM in flight to overlap them. Row offsets come from device memory: no
+host synchronisation.
 """
 
 from __future__ import annotations
@@ -147,9 +148,18 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
     tl.store(c_ptrs, acc, mask=cmask)
 
 
-# Hopper tiles (measured on an H100 against cuBLAS GEMMs with beta = 1: docs/BENCHMARKS.md)
-WGRAD_ACCUMULATE_TILES = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
-                              prefetch_c=True)
+# GPU tiles: on an H100 (examples/bench_wgrad.py, docs/BENCHMARKS.md) 64 x 128 with 4 warps ran 1.2-1.3x faster
+# than 128 x 128 with 8 (more programs per SM in flight on a kernel bound by its main_grad traffic), and
+# loading the old main_grad tile before the K loop (prefetch_c) 1.15-1.2x slower than loading it into the
+# accumulator (registers).
+WGRAD_ACCUMULATE_TILES = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
+                              prefetch_c=False)
+INTERPRETER_TILES = dict(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, prefetch_c=False)
+
+
+def wgrad_accumulate_tiles(a: torch.Tensor) -> dict:
+    """`grouped_wgrad_accumulate`'s knobs for operands like `a`: the GPU tiles, small ones in the interpreter."""
+    return dict(WGRAD_ACCUMULATE_TILES if a.is_cuda else INTERPRETER_TILES)
 
 
 def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,

@@ -9,7 +9,8 @@ alltoall + SequentialMLP layer's, with the hand-off on (and it ran: counted), wi
 interpreter) and torch's foreach add, and when a parameter asks DDP to add zeros (`zero_out_wgrad`: the hand-off
 must step aside, else DDP would add the gradient twice), and with the per-expert GEMMs that accumulate into
 `main_grad` themselves (`COMET_WGRAD_ACCUMULATION=gemm`, forced here: on a GPU they are chosen for few large
-experts). Reference path and fused path (interpreter).
+experts), and with the one-launch Triton kernel that does the same for all experts (`triton`, the GPU's choice
+otherwise; interpreter). Reference path and fused path (interpreter).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def _body(rank, fused):
 
     count_calls(accumulate, "accumulate_into", "one_launch")
     count_calls(experts, "accumulate_wgrad_gemms", "gemm")
+    count_calls(experts, "accumulate_wgrad_triton", "triton")
     overrides = dict(moe_router_topk=2)
     ref_cfg = make_config("alltoall", **overrides)
     spec = get_gpt_layer_local_spec(num_experts=ref_cfg.num_moe_experts, moe_grouped_gemm=False)
@@ -77,7 +79,7 @@ def _body(rank, fused):
             for p in layer.experts.parameters():
                 p.zero_out_wgrad = True
         os.environ["COMET_MAIN_GRAD_HANDOFF"] = "0" if tag == "switched_off" else "1"
-        os.environ["COMET_WGRAD_ACCUMULATION"] = "gemm" if tag == "gemm" else "add"
+        os.environ["COMET_WGRAD_ACCUMULATION"] = tag if tag in ("gemm", "triton") else "add"
         before = dict(calls)
         per_iter = []
         for it in range(2):
@@ -95,14 +97,14 @@ def _body(rank, fused):
         return per_iter, {k: calls[k] - before[k] for k in calls}, left
 
     out = {"ref": run(ref, "ref")}
-    for tag in ("handoff", "switched_off", "zero_out", "gemm"):
+    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton"):
         layer = spec.submodules.mlp(config=make_config("comet", **overrides))
         layer.load_state_dict(state, strict=True)
         out[tag] = run(layer, tag)
     os.environ.pop("COMET_MAIN_GRAD_HANDOFF", None)
     os.environ.pop("COMET_WGRAD_ACCUMULATION", None)
     errs = {}
-    for tag in ("handoff", "switched_off", "zero_out", "gemm"):
+    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton"):
         for it in range(2):
             for n, g in out["ref"][0][it].items():
                 errs[f"{tag}:{it}:{n}"] = rel_err(out[tag][0][it][n], g)
@@ -125,11 +127,15 @@ def _check(results, transport, one_launch):
         # 2 iterations x 2 micro-batches x (fc1, fc2) stacked gradients
         # the one-launch Triton accumulation where Triton runs (here: the interpreter), else torch's foreach
         launches = 8 if one_launch else 0
-        assert res["calls"]["handoff"] == {"handed": 8, "declined": 0, "one_launch": launches, "gemm": 0}, \
-            res["calls"]
-        assert res["calls"]["zero_out"] == {"handed": 0, "declined": 8, "one_launch": 0, "gemm": 0}, res["calls"]
+        none = {"handed": 0, "declined": 0, "one_launch": 0, "gemm": 0, "triton": 0}
+        assert res["calls"]["handoff"] == {**none, "handed": 8, "one_launch": launches}, res["calls"]
+        assert res["calls"]["zero_out"] == {**none, "declined": 8}, res["calls"]
         # per-expert GEMMs accumulating into main_grad: no stacked gradient handed anywhere
-        assert res["calls"]["gemm"] == {"handed": 0, "declined": 0, "one_launch": 0, "gemm": 8}, res["calls"]
+        assert res["calls"]["gemm"] == {**none, "gemm": 8}, res["calls"]
+        # the grouped Triton kernel accumulating into main_grad where Triton runs, else the hand-off (forced
+        # modes that cannot run fall back to it)
+        want = {**none, "triton": 8} if one_launch else {**none, "handed": 8}
+        assert res["calls"]["triton"] == want, res["calls"]
         assert res["calls"]["switched_off"]["handed"] == 0, res["calls"]
         # DDP's hooks dropped every placeholder gradient
         assert all(not names for names in res["grad_left"].values()), res["grad_left"]
@@ -138,6 +144,12 @@ def _check(results, transport, one_launch):
 def test_reference_path_main_grad_handoff_matches_megatron_ddp():
     # without the interpreter (another test module may have set it for this process): torch's foreach add
     _check(run_distributed(_body, 2, ep=2, env={"TRITON_INTERPRET": "0"}, fused=False), "nccl", one_launch=False)
+
+
+@pytest.mark.slow
+def test_reference_path_triton_wgrad_matches_megatron_ddp():
+    # the interpreter: the Triton accumulation kernels run (the GPU's path for many small experts)
+    _check(run_distributed(_body, 2, ep=2, env=INTERPRET, fused=False), "nccl", one_launch=True)
 
 
 @pytest.mark.slow

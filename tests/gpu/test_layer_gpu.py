@@ -210,7 +210,7 @@ def _ddp_body(rank, transport, modes):
     dtype = torch.bfloat16
     out = {}
     for mode in ("megatron",) + tuple(modes):
-        os.environ["COMET_WGRAD_ACCUMULATION"] = mode if mode in ("gemm", "add") else "auto"
+        os.environ["COMET_WGRAD_ACCUMULATION"] = mode if mode in ("gemm", "triton", "add") else "auto"
         os.environ["COMET_MAIN_GRAD_HANDOFF"] = "0" if mode == "off" else "1"
         ref, com = _layers(rank, transport, (1024, 1408, 4, 2), dtype, seed=11)
         layer = ref if mode == "megatron" else com
@@ -236,9 +236,10 @@ def _ddp_body(rank, transport, modes):
 @pytest.mark.parametrize("transport", ["nccl", "emulated"])
 def test_main_grads_under_megatron_ddp_match_megatron(transport):
     """Expert weight gradients into main_grad: per-expert GEMMs accumulating into fp32 main_grad ("gemm",
-    the reference path's choice for few large experts), one grouped GEMM + one Triton accumulation launch
-    ("add"), and DDP's own per-parameter hooks ("off"); reference and fused paths."""
-    modes = ("gemm", "add", "off") if transport == "nccl" else ("add", "off")
+    the choice for few large experts), the one-launch Triton kernel doing the same for all experts ("triton",
+    the choice otherwise), one grouped GEMM + one Triton accumulation launch ("add"), and DDP's own
+    per-parameter hooks ("off"); reference and fused paths."""
+    modes = ("gemm", "triton", "add", "off")
     (res,) = run_distributed(_ddp_body, 1, ep=1, transport=transport, modes=modes)
     bad = {k: v for k, v in res["errs"].items() if not v <= 3e-2}
     assert not bad, bad
