@@ -88,12 +88,17 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts: Sequence
 # Expert weight gradients straight into Megatron's fp32 main_grad, no bf16 gradient written and read back:
 # * "gemm": one cuBLAS GEMM per expert with beta = 1, where the experts are few and large (per-expert GEMMs of
 #   a few rows would lose to one grouped GEMM): compute-bound, cuBLAS's GEMMs are the fastest there;
-# * "triton": `kernels.wgrad.grouped_wgrad_accumulate`, one launch for all experts, elsewhere on a GPU: with few
-#   rows per expert the work is the read + write of fp32 main_grad, which it does at up to 2.45 TB/s on an H100
-#   against 1.8 TB/s for the grouped GEMM + add it replaces (1.23-1.39x on Qwen2-MoE; docs/BENCHMARKS.md);
-# * "add": the grouped GEMM to a bf16 stacked gradient, added into main_grad (`hand_to_main_grads`).
+# * "triton": `kernels.wgrad.grouped_wgrad_accumulate`, one launch for all experts, for many or small experts on
+#   a GPU: with few rows per expert the work is the read + write of fp32 main_grad, which it does at up to 2.45
+#   TB/s on an H100 against 1.8 TB/s for the grouped GEMM + add (1.23-1.39x on Qwen2-MoE at 2048-8192 tokens,
+#   1.14-1.19x on Phi-3.5-MoE at 2048; docs/BENCHMARKS.md);
+# * "add": the grouped GEMM to a bf16 stacked gradient, added into main_grad (`hand_to_main_grads`): many experts
+#   with many rows each (compute-bound), or where neither kernel can run.
 FUSED_WGRAD_MAX_EXPERTS = 16
 FUSED_WGRAD_MIN_ROWS = 512  # mean rows per expert
+# Above this many mean rows per expert the weight gradient is bound by its GEMM, where cuBLAS is faster than
+# the Triton kernel (H100: even at 1024 on Qwen2-MoE, 0.6-0.67x at 2048 on Phi-3.5-MoE / Mixtral)
+TRITON_WGRAD_MAX_ROWS = 1024
 WGRAD_ACCUMULATION_MODES = ("auto", "gemm", "triton", "add")
 
 
@@ -115,9 +120,10 @@ def _wgrad_accumulation(x: torch.Tensor, counts: Sequence[int], mains) -> str:
         return "triton" if triton_ok else "add"
     if not x.is_cuda:
         return "add"
-    if gemm_ok and len(counts) <= FUSED_WGRAD_MAX_EXPERTS and sum(counts) >= FUSED_WGRAD_MIN_ROWS * len(counts):
+    rows = sum(counts)
+    if gemm_ok and len(counts) <= FUSED_WGRAD_MAX_EXPERTS and rows >= FUSED_WGRAD_MIN_ROWS * len(counts):
         return "gemm"
-    return "triton" if triton_ok else "add"
+    return "triton" if triton_ok and rows <= TRITON_WGRAD_MAX_ROWS * len(counts) else "add"
 
 
 def _triton_wgrad_ok(x: torch.Tensor, mains) -> bool:
