@@ -129,13 +129,11 @@ def _wgrad_accumulation(x: torch.Tensor, counts: Sequence[int], mains) -> str:
 def _triton_wgrad_ok(x: torch.Tensor, mains) -> bool:
     """The Triton kernel can add into `mains`: fp32, slices of one storage, on x's device; Triton runs (CUDA, or
     the interpreter)."""
-    from comet_megatron.kernels import accumulate
-
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
-    if any(m.dtype != torch.float32 or m.device != x.device for m in mains):
-        return False
-    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and accumulate.flat_base(mains) is not None
+    if mains[0].dtype != torch.float32 or mains[0].device != x.device:
+        return False  # flat_mains: all of one dtype and device
+    return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and flat_mains(mains) is not None
 
 
 def accumulate_wgrad_gemms(mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int]) -> None:
@@ -153,13 +151,12 @@ def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, offsets: Se
                             device_offsets: torch.Tensor | None = None) -> None:
     """The same sums as `accumulate_wgrad_gemms`, by one launch of `kernels.wgrad.grouped_wgrad_accumulate`
     (`device_offsets`: `offsets` already on the GPU, e.g. the fused path's receive layout)."""
-    from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate, wgrad_accumulate_tiles
 
-    base = accumulate.flat_base(mains)
+    base, out_offsets = flat_mains(mains)
     if device_offsets is None:
         device_offsets = device_row_offsets([offsets[e + 1] - offsets[e] for e in range(len(mains))], a.device)
-    grouped_wgrad_accumulate(a, b, device_offsets, base, _element_offsets(base, mains), **wgrad_accumulate_tiles(a))
+    grouped_wgrad_accumulate(a, b, device_offsets, base, out_offsets, **wgrad_accumulate_tiles(a))
 
 
 def fused_wgrad_mains(params, a: torch.Tensor, offsets: Sequence[int]):
@@ -369,7 +366,30 @@ def _add_into(mains, grad: torch.Tensor) -> None:
         torch._foreach_add_(mains, list(grad.unbind(0)))
 
 
-_OFFSETS: dict = {}  # (device, element offsets) -> int64 device tensor: DDP's buffers do not move
+_FLAT: dict = {}  # (device, dtype, numel, data pointers) -> (flat base, int64 element offsets) or None
+
+
+def flat_mains(mains):
+    """(flat view over the storage of `mains`, int64 device tensor of their element offsets in it), or None
+    when they do not lie in one storage (`kernels.accumulate.flat_base`). Cached by the buffers' addresses:
+    DDP's buffers do not move, and a cached view keeps its storage alive, so no other buffer can take those
+    addresses while the entry lives."""
+    from comet_megatron.kernels import accumulate
+
+    first = mains[0]
+    key = (str(first.device), first.dtype, first.numel(), tuple(m.data_ptr() for m in mains),
+           all(m.is_contiguous() for m in mains))
+    hit = _FLAT.get(key, False)
+    if hit is False:
+        base = accumulate.flat_base(mains)
+        hit = None
+        if base is not None:
+            offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device=base.device)
+            hit = (base, offsets)
+        if len(_FLAT) >= 64:  # buffers re-created many times (tests): start over
+            _FLAT.clear()
+        _FLAT[key] = hit
+    return hit
 
 
 def _accumulate_in_one_launch(mains, grad: torch.Tensor) -> bool:
@@ -379,24 +399,11 @@ def _accumulate_in_one_launch(mains, grad: torch.Tensor) -> bool:
 
     if not (grad.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or grad.device != mains[0].device:
         return False
-    base = accumulate.flat_base(mains)
-    if base is None or mains[0].numel() * len(mains) != grad.numel():
+    flat = flat_mains(mains)
+    if flat is None or mains[0].numel() * len(mains) != grad.numel():
         return False
-    accumulate.accumulate_into(base, _element_offsets(base, mains), grad)
+    accumulate.accumulate_into(flat[0], flat[1], grad)
     return True
-
-
-def _element_offsets(base: torch.Tensor, mains) -> torch.Tensor:
-    """int64 device tensor of the element offsets of `mains` in `base` (cached: DDP's buffers do not move)."""
-    from comet_megatron.kernels import accumulate
-
-    key = (str(base.device), tuple(accumulate.element_offsets(base, mains)))
-    offsets = _OFFSETS.get(key)
-    if offsets is None:
-        if len(_OFFSETS) > 1024:  # buffers re-created many times (tests): start over
-            _OFFSETS.clear()
-        offsets = _OFFSETS[key] = torch.tensor(key[1], dtype=torch.int64, device=base.device)
-    return offsets
 
 
 class WgradHandoff:
