@@ -102,14 +102,15 @@ TRITON_WGRAD_MAX_ROWS = 1024
 WGRAD_ACCUMULATION_MODES = ("auto", "gemm", "triton", "add")
 
 
-def _wgrad_accumulation(x: torch.Tensor, counts: Sequence[int], mains) -> str:
-    """How the weight gradients of experts with `counts` rows (operands like `x`) reach `mains`: "gemm",
-    "triton" or "add" (see above). `COMET_WGRAD_ACCUMULATION` forces one (A/B measurements, tests); a forced
-    mode that cannot run here falls back to "add"."""
+def _wgrad_accumulation(x: torch.Tensor, rows: int, mains) -> str:
+    """How the weight gradients of len(mains) experts with `rows` rows in all (operands like `x`) reach
+    `mains`: "gemm", "triton" or "add" (see above). `COMET_WGRAD_ACCUMULATION` forces one (A/B measurements,
+    tests); a forced mode that cannot run here falls back to "add"."""
     how = os.environ.get("COMET_WGRAD_ACCUMULATION", "auto")
     if how not in WGRAD_ACCUMULATION_MODES:
         raise ValueError(f"COMET_WGRAD_ACCUMULATION={how!r}: use one of {', '.join(WGRAD_ACCUMULATION_MODES)}")
-    if how == "add" or not counts:
+    experts = len(mains)
+    if how == "add" or not experts:
         return "add"
     # bf16 operands into fp32 main_grad: CUDA's addmm with out_dtype; same dtypes: any device (forced)
     gemm_ok = not any(m.dtype != x.dtype and not (x.is_cuda and m.dtype == torch.float32) for m in mains)
@@ -120,10 +121,9 @@ def _wgrad_accumulation(x: torch.Tensor, counts: Sequence[int], mains) -> str:
         return "triton" if triton_ok else "add"
     if not x.is_cuda:
         return "add"
-    rows = sum(counts)
-    if gemm_ok and len(counts) <= FUSED_WGRAD_MAX_EXPERTS and rows >= FUSED_WGRAD_MIN_ROWS * len(counts):
+    if gemm_ok and experts <= FUSED_WGRAD_MAX_EXPERTS and rows >= FUSED_WGRAD_MIN_ROWS * experts:
         return "gemm"
-    return "triton" if triton_ok and rows <= TRITON_WGRAD_MAX_ROWS * len(counts) else "add"
+    return "triton" if triton_ok and rows <= TRITON_WGRAD_MAX_ROWS * experts else "add"
 
 
 def _triton_wgrad_ok(x: torch.Tensor, mains) -> bool:
@@ -147,7 +147,7 @@ def accumulate_wgrad_gemms(mains, a: torch.Tensor, b: torch.Tensor, offsets: Seq
             torch.addmm(main, ae.t(), be, out_dtype=main.dtype, out=main)
 
 
-def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int],
+def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int] | None,
                             device_offsets: torch.Tensor | None = None) -> None:
     """The same sums as `accumulate_wgrad_gemms`, by one launch of `kernels.wgrad.grouped_wgrad_accumulate`
     (`device_offsets`: `offsets` already on the GPU, e.g. the fused path's receive layout)."""
@@ -159,27 +159,28 @@ def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, offsets: Se
     grouped_wgrad_accumulate(a, b, device_offsets, base, out_offsets, **wgrad_accumulate_tiles(a))
 
 
-def fused_wgrad_mains(params, a: torch.Tensor, offsets: Sequence[int]):
-    """(how, main_grads) when the weight gradients of `params` (rows of `a` split at `offsets`) should be
+def fused_wgrad_mains(params, a: torch.Tensor, rows: int):
+    """(how, main_grads) when the weight gradients of `params` (`rows` rows of `a` in all) should be
     accumulated straight into their `main_grad`s ("gemm" or "triton", see above): under Megatron's DDP; else
     None (the caller hands a stacked gradient over)."""
     mains = _main_grads(params)
     if mains is None:
         return None
-    counts = [offsets[e + 1] - offsets[e] for e in range(len(params))]
-    how = _wgrad_accumulation(a, counts, mains)
+    how = _wgrad_accumulation(a, rows, mains)
     return None if how == "add" else (how, mains)
 
 
-def accumulate_into_mains(params, plan, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int],
+def accumulate_into_mains(params, plan, a: torch.Tensor, b: torch.Tensor, offsets: Callable[[], Sequence[int]],
                           device_offsets: torch.Tensor | None = None) -> None:
     """dW[e] = a[rows_e]^T @ b[rows_e] added into the `main_grad`s of `plan` (from `fused_wgrad_mains`); marked
-    `grad_added_to_main_grad` (DDP's hooks then drop the placeholder gradients autograd gives them)."""
+    `grad_added_to_main_grad` (DDP's hooks then drop the placeholder gradients autograd gives them).
+    `offsets()` gives the host row offsets (rows_e = offsets[e]:offsets[e + 1]); only the per-expert GEMMs ask
+    for them, the Triton kernel reads `device_offsets` (or a copy of the host ones) on the GPU."""
     how, mains = plan
     if how == "gemm":
-        accumulate_wgrad_gemms(mains, a, b, offsets)
+        accumulate_wgrad_gemms(mains, a, b, offsets())
     else:
-        accumulate_wgrad_triton(mains, a, b, offsets, device_offsets)
+        accumulate_wgrad_triton(mains, a, b, None if device_offsets is not None else offsets(), device_offsets)
     for p in params:
         p.grad_added_to_main_grad = True
 
@@ -208,9 +209,9 @@ class _GroupedLinear(torch.autograd.Function):
         if not any(ctx.needs_input_grad[2:]):
             return (grad_x, None) + (None,) * len(params)
         offsets = list(itertools.accumulate(counts, initial=0))
-        plan = fused_wgrad_mains(params, grad_y, offsets)
+        plan = fused_wgrad_mains(params, grad_y, offsets[-1])
         if plan is not None:
-            accumulate_into_mains(params, plan, grad_y, x, offsets)
+            accumulate_into_mains(params, plan, grad_y, x, lambda: offsets)
             # placeholders for DDP's hooks, which drop them (one allocation, never written)
             return (grad_x, None) + torch.empty_like(weight).unbind(0)
         grad_w = grouped_linear_wgrad(grad_y, x, counts, weight.dtype)

@@ -240,16 +240,17 @@ class _FusedMoE(torch.autograd.Function):
 def _accumulate_into_main_grads(handoff, state, bstate) -> bool:
     """Under Megatron's DDP: the expert weight gradients accumulated straight into the parameters' fp32
     `main_grad`s (`experts.accumulate_into_mains`: per-expert GEMMs for few large experts, one Triton launch
-    otherwise), using the receive layout's expert offsets (the forward's one host sync already read them)."""
-    offsets = state.layout.expert_offsets_host()
+    otherwise), using the receive layout's expert offsets: on the GPU for the Triton kernel, on the host for the
+    per-expert GEMMs (read by the forward's host sync, or here at world size 1, where the forward had none)."""
+    layout = state.layout
+    rows = layout.num_rows()
     (a1, b1), (a2, b2) = weight_grad_operands(state, bstate, out_features_first=True)
     p1, p2 = handoff.params
-    m1, m2 = fused_wgrad_mains(p1, a1, offsets), fused_wgrad_mains(p2, a2, offsets)
+    m1, m2 = fused_wgrad_mains(p1, a1, rows), fused_wgrad_mains(p2, a2, rows)
     if m1 is None or m2 is None:
         return False
-    device_offsets = state.layout.expert_offsets
-    accumulate_into_mains(p1, m1, a1, b1, offsets, device_offsets)
-    accumulate_into_mains(p2, m2, a2, b2, offsets, device_offsets)
+    accumulate_into_mains(p1, m1, a1, b1, layout.expert_offsets_host, layout.expert_offsets)
+    accumulate_into_mains(p2, m2, a2, b2, layout.expert_offsets_host, layout.expert_offsets)
     handoff.done = True
     return True
 

@@ -54,6 +54,8 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
     publish(view, x, epoch, topk_idx, topk_probs)
     yield "publish"
     layout = receive_layout(view, epoch, cfg.block_m)
+    if view.world_size == 1:  # the rank receives every (token, slot) pair it sent: no host sync for the count
+        layout.known_rows = topk_idx.numel()
     d = dispatch_gemm(view, layout, w1, epoch, store_pre=True, **cfg.dispatch_kwargs())
     trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
                          recv_prob=d.recv_prob, **cfg.combine_kwargs())

@@ -22,7 +22,8 @@ builds the same layout from torch ops and is the tests' reference.
 Host synchronization: none in this module's kernels or torch ops (the tile table is padded to an upper
 bound and the kernels read the live tile count from device memory). The one remaining host sync of a
 round is `ReceiveLayout.num_rows()` (a `.item()` after the counts exchange), which the launchers call to
-size the receive-side output tensors; a caller that sizes them for capacity could drop it.
+size the receive-side output tensors; at world size 1 the count is known on the host (`known_rows`: every
+(token, slot) pair), so such a round has no host sync; a caller that sized them for capacity could drop it.
 """
 
 from __future__ import annotations
@@ -117,10 +118,16 @@ class ReceiveLayout:
     # lets a kernel find the tile of any receive row (`layout_kernel` only; None from the torch build)
     tile_index: torch.Tensor | None = None
     _offsets_host: list[int] | None = field(default=None, repr=False, compare=False)
+    # the row count when the host knows it without asking the GPU (world size 1: every (token, slot) pair of
+    # the rank is received by the rank, `known_rows`), so the round needs no host sync
+    known_rows: int | None = None
 
     def num_rows(self) -> int:
-        """Total receive rows. THE host sync of a round (see module doc): read once per layout, so the
-        backward round (same layout) and later launches of the round do not synchronise again."""
+        """Total receive rows. THE host sync of a round (see module doc) unless `known_rows` is set: read once
+        per layout, so the backward round (same layout) and later launches of the round do not synchronise
+        again."""
+        if self.known_rows is not None:
+            return self.known_rows
         return self.expert_offsets_host()[-1]
 
     def expert_offsets_host(self) -> list[int]:

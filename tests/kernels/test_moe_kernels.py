@@ -192,6 +192,21 @@ def test_receive_order_and_metadata(seed):
         assert last_src == sorted(last_src)
 
 
+def test_world_size_1_round_knows_its_row_count_without_the_gpu(seed):
+    """At world size 1 every (token, slot) pair comes back to the rank: the forward round sizes its receive
+    tensors from that count (no host sync) and never reads the device's expert offsets; the count is the one
+    the layout kernel computed, and the forward is correct (checked against float64 in the w1 CASES)."""
+    p = make_problem(seed, world=1, tokens=[11], topk=3, hidden=HIDDEN, ffn=FFN, experts_per_rank=4)
+    group = make_group(p, torch.float32)
+    fwd = group.forward(to_dev(p.xs), to_dev(p.topk_idx), to_dev(p.topk_probs),
+                        [p.local_w1(0, torch.float32).to(DEVICE)], [p.local_w2(0, torch.float32).to(DEVICE)],
+                        KernelConfig(**SMALL))
+    layout = fwd[0][1].layout
+    assert layout.known_rows == 11 * 3 and layout._offsets_host is None  # never read from the device
+    assert layout.expert_offsets.tolist()[-1] == layout.known_rows
+    assert fwd[0][1].dispatch.recv.shape[0] == 33
+
+
 def test_trace_mode(seed):
     p = make_problem(seed, world=2, tokens=[6, 8], topk=2, hidden=HIDDEN, ffn=FFN, experts_per_rank=1)
     group = make_group(p, torch.float32)
