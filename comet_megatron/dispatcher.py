@@ -16,7 +16,8 @@ Layout of one MoE call on EP rank r (EP size W, expert-TP size P, El local exper
     combine_postprocess  scatter-add rows to their tokens (routing weights were applied by the experts)
 
 One host synchronisation remains, as in Megatron's alltoall dispatcher: the split sizes of the
-variable-size all-to-all must be known on the host.
+variable-size all-to-all must be known on the host. At EP = expert-TP = 1 without token dropping there is
+none: the routed pair count is tokens x top-k, and the experts read their row offsets on the device.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class CometTokenDispatcher(MoETokenDispatcher):
             tp_group=self.tp_group,
             num_local_experts=self.num_local_experts,
             tp_ep_group=self.tp_ep_group,
+            known_rows=self._known_rows(routing_map),
         )
         plan = self.plan
         if self.deterministic:  # its backward sums each token's row gradients in a fixed order
@@ -67,6 +69,17 @@ class CometTokenDispatcher(MoETokenDispatcher):
         else:  # backward: index_add, atomics on GPUs
             permuted_tokens = hidden_states.index_select(0, plan.send_token_index)
         return permuted_tokens, plan.send_probs
+
+    def _known_rows(self, routing_map) -> int | None:
+        """Routed (token, expert) pairs when known without the GPU: tokens x top-k where Megatron's router
+        drops or pads nothing (no capacity factor, no quantization padding), which at EP = expert-TP = 1
+        spares the call its host sync."""
+        cfg = self.config
+        if (self.ep_size * self.tp_size != 1 or getattr(cfg, "moe_expert_capacity_factor", None) is not None
+                or getattr(cfg, "moe_router_padding_for_quantization", False)
+                or getattr(cfg, "moe_router_padding_for_fp8", False)):
+            return None
+        return routing_map.shape[0] * self.config.moe_router_topk
 
     def token_dispatch(self, hidden_states, probs):
         plan = self.plan

@@ -60,28 +60,72 @@ def device_row_offsets(counts: Sequence[int], device: torch.device, leading_zero
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
-    """rows of `x` [M, K] in expert segments of `counts` times `weight[e]`^T ([G, N, K]) -> [M, N].
+class ExpertRows:
+    """Rows per local expert of one MoE call (`tokens_per_expert`), shared by its grouped GEMMs: host counts
+    (Megatron's dispatchers, comet's at EP > 1), or device counts (comet's reference dispatcher at EP size 1,
+    which then needs no host sync): the host list is read from the GPU only when asked (`host()`: the torch
+    fallback, per-expert GEMMs, biases). The device offsets are made once and reused by every GEMM."""
+
+    __slots__ = ("_host", "_dev", "_offs")
+
+    def __init__(self, counts):
+        self._dev = counts if torch.is_tensor(counts) and counts.device.type != "cpu" else None
+        self._host = None if self._dev is not None else [int(c) for c in counts]
+        self._offs: dict = {}
+
+    @classmethod
+    def of(cls, counts) -> "ExpertRows":
+        return counts if isinstance(counts, ExpertRows) else cls(counts)
+
+    def __len__(self) -> int:
+        return len(self._host) if self._host is not None else self._dev.numel()
+
+    def host(self) -> List[int]:
+        """Rows per expert on the host (one host sync the first time when they live on the GPU)."""
+        if self._host is None:
+            self._host = self._dev.tolist()
+        return self._host
+
+    def offsets(self) -> List[int]:
+        """[0, c0, c0 + c1, ...] on the host."""
+        return list(itertools.accumulate(self.host(), initial=0))
+
+    def device_offsets(self, device, leading_zero: bool = True) -> torch.Tensor:
+        """int32 offsets on `device` ([0, c0, ...], or the cumulative ends without the 0), no host sync."""
+        full = self._offs.get(str(device))
+        if full is None:
+            if self._dev is not None:
+                full = torch.zeros(len(self) + 1, dtype=torch.int32, device=self._dev.device)
+                torch.cumsum(self._dev, 0, dtype=torch.int32, out=full[1:])
+            else:
+                full = device_row_offsets(self._host, device)
+            self._offs[str(device)] = full
+        return full if leading_zero else full[1:]
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts) -> torch.Tensor:
+    """rows of `x` [M, K] in expert segments of `counts` (a sequence, or `ExpertRows`) times `weight[e]`^T
+    ([G, N, K]) -> [M, N].
 
     Megatron stores linear weights as [out, in]; the grouped GEMM reads them transposed in place.
     """
+    rows = ExpertRows.of(counts)
     if _grouped_mm_ok(x, weight):
-        offs = device_row_offsets(counts, x.device, leading_zero=False)
-        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
-    outs = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, list(counts)))]
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=rows.device_offsets(x.device, leading_zero=False))
+    outs = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, rows.host()))]
     if not outs:
         return x.new_empty((0, weight.shape[-2]))
     return torch.cat(outs)
 
 
-def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts: Sequence[int], out_dtype: torch.dtype
-                  ) -> torch.Tensor:
+def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtype: torch.dtype) -> torch.Tensor:
     """Weight gradient of `grouped_linear(x, weight, counts)`: dW[e] = grad_y[e]^T @ x[e], [G, N, K]
     (the [out, in] layout of `weight`)."""
+    rows = ExpertRows.of(counts)
     if _grouped_mm_shape_ok(x, grad_y.shape[-1]):
-        offs = device_row_offsets(counts, x.device, leading_zero=False)
+        offs = rows.device_offsets(x.device, leading_zero=False)
         return torch._grouped_mm(grad_y.t(), x, offs=offs).to(out_dtype)
-    pairs = zip(torch.split(grad_y, list(counts)), torch.split(x, list(counts)))
+    pairs = zip(torch.split(grad_y, rows.host()), torch.split(x, rows.host()))
     return torch.stack([(gy.t() @ xe).to(out_dtype) for gy, xe in pairs])
 
 
@@ -202,16 +246,15 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
-        params, counts = ctx.params, ctx.counts
+        params, counts = ctx.params, ExpertRows.of(ctx.counts)
         grad_y = grad_y.contiguous()
         weight = stack_weights(params).detach()
         grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[2:]):
             return (grad_x, None) + (None,) * len(params)
-        offsets = list(itertools.accumulate(counts, initial=0))
-        plan = fused_wgrad_mains(params, grad_y, offsets[-1])
+        plan = fused_wgrad_mains(params, grad_y, x.shape[0])
         if plan is not None:
-            accumulate_into_mains(params, plan, grad_y, x, lambda: offsets)
+            accumulate_into_mains(params, plan, grad_y, x, counts.offsets, counts.device_offsets(x.device))
             # placeholders for DDP's hooks, which drop them (one allocation, never written)
             return (grad_x, None) + torch.empty_like(weight).unbind(0)
         grad_w = grouped_linear_wgrad(grad_y, x, counts, weight.dtype)
@@ -251,7 +294,7 @@ class _ReferenceWgrads:
     In every backward pass fc2's node runs before fc1's (fc1's output gradient comes through fc2):
     fc2's opens an entry at the end of the experts' FIFO, fc1's completes it."""
 
-    def __init__(self, experts: CometGroupedMLP, counts: List[int]):
+    def __init__(self, experts: CometGroupedMLP, counts: ExpertRows):
         self.experts, self.counts = experts, counts
         self.entry: dict | None = None
 
@@ -590,9 +633,8 @@ class CometGroupedMLP(SequentialMLP):
         permuted_probs: torch.Tensor,
     ):
         x = permuted_local_hidden_states
-        counts: List[int] = (
-            tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else list(tokens_per_expert)
-        )
+        # host counts, or device counts (comet's dispatcher at EP size 1: no host sync unless a fallback asks)
+        counts = ExpertRows(tokens_per_expert)
         probs = permuted_probs.unsqueeze(-1)
         if self.config.moe_apply_probs_on_input:
             if self.config.moe_router_topk != 1:
@@ -628,10 +670,10 @@ class CometGroupedMLP(SequentialMLP):
         return y, None
 
 
-def _per_row(bias: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+def _per_row(bias: torch.Tensor, counts: ExpertRows) -> torch.Tensor:
     """Expand per-expert biases [G, N] to one row per token [M, N]."""
     idx = torch.repeat_interleave(
         torch.arange(len(counts), device=bias.device),
-        torch.tensor(list(counts), device=bias.device),
+        torch.tensor(counts.host(), device=bias.device),
     )
     return bias.index_select(0, idx)

@@ -28,8 +28,8 @@ class RoutingPlan:
     recv_splits: List[int]  # rows received from each EP rank (this TP rank's share)
     tp_recv_splits: Optional[List[int]]  # rows each expert-TP rank received (before all-gather)
     regroup_index: Optional[torch.Tensor]  # gathered order -> canonical order; None if identity
-    tokens_per_expert: torch.Tensor  # [El] int64 on the CPU
-    counts: torch.Tensor  # [W, P, E] rows each (EP rank, TP rank) sends to each expert, CPU
+    tokens_per_expert: torch.Tensor  # [El] int64 on the CPU (on the device when `known_rows` was given)
+    counts: torch.Tensor  # [W, P, E] rows each (EP rank, TP rank) sends to each expert, CPU (idem)
 
 
 def ring_order(rank: int, world: int) -> List[int]:
@@ -61,12 +61,15 @@ def build_routing_plan(
     tp_group,
     num_local_experts: int,
     tp_ep_group=None,
+    known_rows: int | None = None,
 ) -> RoutingPlan:
     """Compute the send order, split sizes and regrouping for one MoE call.
 
     Host synchronisation: one, for the gathered per-(rank, expert) counts, which size the
     all-to-all. The counts are exchanged over the expert-TP x EP ranks (EP-major ordering, as
-    Megatron's `tp_ep` group).
+    Megatron's `tp_ep` group). None at EP = expert-TP = 1 when the caller knows the number of routed
+    (token, expert) pairs (`known_rows`: tokens x top-k when the router drops nothing): the plan's counts
+    then stay on the device.
     """
     if routing_map.dtype != torch.bool or routing_map.dim() != 2:
         raise ValueError("routing_map must be a [tokens, experts] bool tensor")
@@ -81,6 +84,15 @@ def build_routing_plan(
 
     map_t = routing_map.t().contiguous()  # [E, T]
     local_counts = map_t.sum(dim=1).to(torch.int64)  # [E]
+    if ep * tp == 1 and known_rows is not None:
+        # one rank: nothing to size on the host; the experts read their row offsets on the device
+        pairs = _nonzero_known(map_t, known_rows)
+        send_token_index = pairs[:, 1].contiguous()
+        send_probs = probs.t().reshape(-1).index_select(0, pairs[:, 0] * num_tokens + pairs[:, 1])
+        return RoutingPlan(num_tokens=num_tokens, send_token_index=send_token_index, send_probs=send_probs,
+                           send_splits=[known_rows], recv_splits=[known_rows], tp_recv_splits=None,
+                           regroup_index=None, tokens_per_expert=local_counts,
+                           counts=local_counts.view(1, 1, num_experts))
 
     # Gather everyone's counts: [W, P, E] indexed (ep rank, tp rank, expert).
     if ep * tp > 1:
