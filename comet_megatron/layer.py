@@ -106,7 +106,8 @@ class CometMoELayer(MoELayer):
         support = fused_support(self.config, self.token_dispatcher.tp_size)
         tokens = hidden_states.numel() // hidden_states.shape[-1]
         transport, why = resolve_transport(
-            self.comet_config, self.ep_group, hidden_states.device, support, tokens=tokens
+            self.comet_config, self.ep_group, hidden_states.device, support, tokens=tokens,
+            ffn=self.config.moe_ffn_hidden_size,
         )
         if transport != "nccl":
             self._fused = FusedExperts(

@@ -46,19 +46,21 @@ def placed(monkeypatch):
 CUDA0 = torch.device("cuda", 0)  # a device object only: nothing runs on it
 
 
-@pytest.mark.parametrize("tokens,hopper,want", [
-    (8192, True, "emulated"), (16384, True, "emulated"), (8191, True, "nccl"), (2048, True, "nccl"),
-    (None, True, "nccl"), (16384, False, "nccl"),
+@pytest.mark.parametrize("tokens,ffn,hopper,want", [
+    (16384, 1408, True, "emulated"), (16383, 1408, True, "nccl"), (8192, 6400, True, "nccl"),
+    (8192, 14336, True, "emulated"), (8191, 14336, True, "nccl"), (2048, 14336, True, "nccl"),
+    (None, 14336, True, "nccl"), (16384, None, True, "emulated"), (16384, 14336, False, "nccl"),
 ])
-def test_auto_at_ep_size_1_runs_the_fused_kernels_where_measured_faster(monkeypatch, tokens, hopper, want):
+def test_auto_at_ep_size_1_runs_the_fused_kernels_where_measured_faster(monkeypatch, tokens, ffn, hopper, want):
     monkeypatch.setattr(select, "_group_size", lambda group: 1)
     monkeypatch.setattr(select, "_is_hopper", lambda device: hopper)
-    transport, why = resolve_transport(CometConfig(transport="auto"), None, CUDA0, (True, ""), tokens=tokens)
+    transport, why = resolve_transport(CometConfig(transport="auto"), None, CUDA0, (True, ""), tokens=tokens,
+                                       ffn=ffn)
     assert transport == want
-    assert str(select.EP1_FUSED_MIN_TOKENS) in why and "EP size 1" in why
+    assert str(select.ep1_fused_min_tokens(ffn)) in why and "EP size 1" in why
     # a layer the fused kernels cannot run keeps the reference path whatever the size
     assert resolve_transport(CometConfig(transport="auto"), None, CUDA0, (False, "GLU offset/clamp"),
-                             tokens=tokens)[0] == "nccl"
+                             tokens=tokens, ffn=ffn)[0] == "nccl"
 
 
 def test_auto_prefers_symm_mem_one_gpu_per_rank(placed):
