@@ -66,12 +66,17 @@ class ExpertRows:
     which then needs no host sync): the host list is read from the GPU only when asked (`host()`: the torch
     fallback, per-expert GEMMs, biases). The device offsets are made once and reused by every GEMM."""
 
-    __slots__ = ("_host", "_dev", "_offs")
+    __slots__ = ("_host", "_dev", "_offs", "_copy")
 
     def __init__(self, counts):
+        from comet_megatron.kernels.host_copy import AsyncHostCopy
+
         self._dev = counts if torch.is_tensor(counts) and counts.device.type != "cpu" else None
         self._host = None if self._dev is not None else [int(c) for c in counts]
         self._offs: dict = {}
+        # device counts: their host copy queued now, so that `host()` (e.g. the per-expert GEMMs of the
+        # backward) waits for that copy only, not for every kernel queued before it
+        self._copy = AsyncHostCopy(self._dev) if self._dev is not None else None
 
     @classmethod
     def of(cls, counts) -> "ExpertRows":
@@ -81,9 +86,9 @@ class ExpertRows:
         return len(self._host) if self._host is not None else self._dev.numel()
 
     def host(self) -> List[int]:
-        """Rows per expert on the host (one host sync the first time when they live on the GPU)."""
+        """Rows per expert on the host (from the GPU the first time: waits for the copy queued at creation)."""
         if self._host is None:
-            self._host = self._dev.tolist()
+            self._host = self._copy.tolist()
         return self._host
 
     def offsets(self) -> List[int]:

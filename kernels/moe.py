@@ -56,6 +56,7 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
     layout = receive_layout(view, epoch, cfg.block_m)
     if view.world_size == 1:  # the rank receives every (token, slot) pair it sent: no host sync for the count
         layout.known_rows = topk_idx.numel()
+        layout.start_host_copy()  # the per-expert offsets, if the weight gradients ask, without draining the GPU
     d = dispatch_gemm(view, layout, w1, epoch, store_pre=True, **cfg.dispatch_kwargs())
     trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
                          recv_prob=d.recv_prob, **cfg.combine_kwargs())

@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_copy import AsyncHostCopy
+
 from .launch import launch
 from .signals import ERR_LAYOUT_INPUTS, signal_peers, use_globaltimer, wait_peers
 
@@ -121,6 +123,7 @@ class ReceiveLayout:
     # the row count when the host knows it without asking the GPU (world size 1: every (token, slot) pair of
     # the rank is received by the rank, `known_rows`), so the round needs no host sync
     known_rows: int | None = None
+    _host_copy: AsyncHostCopy | None = field(default=None, repr=False, compare=False)
 
     def num_rows(self) -> int:
         """Total receive rows. THE host sync of a round (see module doc) unless `known_rows` is set: read once
@@ -131,10 +134,17 @@ class ReceiveLayout:
         return self.expert_offsets_host()[-1]
 
     def expert_offsets_host(self) -> list[int]:
-        """`expert_offsets` on the host, read by the same single sync as `num_rows`."""
+        """`expert_offsets` on the host, read by the same single sync as `num_rows` (or, where the row count
+        was known, from the copy `start_host_copy` queued: waits for that copy only)."""
         if self._offsets_host is None:
-            self._offsets_host = self.expert_offsets.tolist()
+            copy = self._host_copy
+            self._offsets_host = copy.tolist() if copy is not None else self.expert_offsets.tolist()
         return self._offsets_host
+
+    def start_host_copy(self) -> None:
+        """Queue the copy of `expert_offsets` to the host now (right after the layout kernel), so that a later
+        `expert_offsets_host()` does not drain the GPU (see `host_copy.AsyncHostCopy`)."""
+        self._host_copy = AsyncHostCopy(self.expert_offsets)
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility

@@ -31,8 +31,12 @@ def test_plan_from_known_rows_equals_plan_from_host_counts(topk):
 
 def _device_rows(counts):
     """ExpertRows whose counts 'live on the device' (a CPU tensor standing in for one: same code path)."""
+    from comet_megatron.kernels.host_copy import AsyncHostCopy
+
     rows = ExpertRows([0])
     rows._dev, rows._host, rows._offs = torch.tensor(counts, dtype=torch.int64), None, {}
+    rows._copy = AsyncHostCopy(rows._dev)
+    rows._dev.mul_(1)  # the copy is a snapshot: later writes to the device tensor do not reach it
     return rows
 
 
