@@ -66,9 +66,9 @@ class ExpertRows:
     which then needs no host sync): the host list is read from the GPU only when asked (`host()`: the torch
     fallback, per-expert GEMMs, biases). The device offsets are made once and reused by every GEMM."""
 
-    __slots__ = ("_host", "_dev", "_offs", "_copy")
+    __slots__ = ("_host", "_dev", "_offs", "_copy", "_rows")
 
-    def __init__(self, counts):
+    def __init__(self, counts, rows: int | None = None):
         from comet_megatron.kernels.host_copy import AsyncHostCopy
 
         self._dev = counts if torch.is_tensor(counts) and counts.device.type != "cpu" else None
@@ -77,6 +77,7 @@ class ExpertRows:
         # device counts: their host copy queued now, so that `host()` (e.g. the per-expert GEMMs of the
         # backward) waits for that copy only, not for every kernel queued before it
         self._copy = AsyncHostCopy(self._dev) if self._dev is not None else None
+        self._rows = rows  # the rows the caller sized its tensors for (checked when the counts reach the host)
 
     @classmethod
     def of(cls, counts) -> "ExpertRows":
@@ -89,6 +90,11 @@ class ExpertRows:
         """Rows per expert on the host (from the GPU the first time: waits for the copy queued at creation)."""
         if self._host is None:
             self._host = self._copy.tolist()
+            if self._rows is not None and sum(self._host) != self._rows:
+                raise RuntimeError(
+                    f"comet experts: the router sent {sum(self._host)} (token, expert) pairs, the dispatcher "
+                    f"assumed {self._rows} (tokens x top-k, no token dropped or padded): a router that drops or "
+                    "pads tokens needs --moe-expert-capacity-factor (or report this configuration)")
         return self._host
 
     def offsets(self) -> List[int]:
@@ -639,7 +645,7 @@ class CometGroupedMLP(SequentialMLP):
     ):
         x = permuted_local_hidden_states
         # host counts, or device counts (comet's dispatcher at EP size 1: no host sync unless a fallback asks)
-        counts = ExpertRows(tokens_per_expert)
+        counts = ExpertRows(tokens_per_expert, rows=x.shape[0])
         probs = permuted_probs.unsqueeze(-1)
         if self.config.moe_apply_probs_on_input:
             if self.config.moe_router_topk != 1:

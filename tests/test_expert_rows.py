@@ -34,7 +34,7 @@ def _device_rows(counts):
     from comet_megatron.kernels.host_copy import AsyncHostCopy
 
     rows = ExpertRows([0])
-    rows._dev, rows._host, rows._offs = torch.tensor(counts, dtype=torch.int64), None, {}
+    rows._dev, rows._host, rows._offs, rows._rows = torch.tensor(counts, dtype=torch.int64), None, {}, None
     rows._copy = AsyncHostCopy(rows._dev)
     rows._dev.mul_(1)  # the copy is a snapshot: later writes to the device tensor do not reach it
     return rows
@@ -66,3 +66,15 @@ def test_grouped_linear_same_from_device_and_host_counts():
         dw = grouped_linear_wgrad(gy, x, rows, torch.float64)
         torch.testing.assert_close(dw[2], gy[4:11].t() @ x[4:11])
         assert torch.equal(dw[1], torch.zeros(5, 6, dtype=torch.float64))
+
+
+def test_expert_rows_refuse_counts_that_disagree_with_the_sized_rows():
+    """Device counts whose total is not what the dispatcher sized the rows for (a router that dropped or padded
+    pairs behind its back) raise a clear error when they reach the host, instead of misaligned GEMM segments."""
+    rows = _device_rows([3, 0, 5])
+    rows._rows = 9
+    with pytest.raises(RuntimeError, match="capacity-factor"):
+        rows.host()
+    ok = _device_rows([3, 0, 5])
+    ok._rows = 8
+    assert ok.host() == [3, 0, 5]
