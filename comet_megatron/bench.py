@@ -7,6 +7,8 @@ Variants (same weights, same random tokens, bf16):
                         torch._grouped_mm): the strongest baseline available without Transformer Engine
     comet-reference     the comet layer on its reference transport (collectives + grouped GEMM)
     comet-fused         the comet layer on its fused Triton kernels
+and, where both comet variants ran, a "comet (auto)" row: a copy of the one `--comet-transport auto` runs at
+EP size 1 on this GPU (what a user gets without choosing).
 plus `experts-only` (the grouped expert GEMMs alone: T_compute) and the compute floor (the layer's
 FLOPs at the dense bf16 GEMM rate measured in the same run).
 
@@ -72,6 +74,7 @@ class Record:
     tflops: float
     vs_grouped: float | None = None  # time of megatron+grouped / this time (>1: faster)
     vs_floor: float | None = None  # compute floor / this time (1.0 is the floor)
+    picks: str | None = None  # "comet (auto)" rows: the measured variant `--comet-transport auto` runs here
 
 
 def _init_distributed():
@@ -262,6 +265,32 @@ def _time_experts(layers, x, dy, mode) -> float:
     return _time(experts_step(layer.experts, counts, x.shape[-1], x.device, x.dtype, mode))
 
 
+AUTO = "comet (auto)"
+
+
+def add_auto(records, shapes, hopper: bool):
+    """Append, per (shape, tokens, mode) with both comet variants measured, a "comet (auto)" row: the
+    measurement of the path `--comet-transport auto` runs at EP size 1 on this GPU (the fused kernels from
+    `transport.select.ep1_fused_min_tokens(ffn)` tokens on Hopper, else the reference path), what a user who
+    leaves the flag alone gets. A copy of that row (`picks` names it), not another measurement."""
+    from comet_megatron.transport.select import ep1_fused_min_tokens
+
+    ffn = {s.name: s.ffn for s in shapes}
+    by_key = {(r.shape, r.tokens, r.mode, r.variant): r for r in records}
+    for (shape, tokens, mode, variant), r in list(by_key.items()):
+        if variant != "comet-reference" or (shape, tokens, mode, "comet-fused") not in by_key:
+            continue
+        fused = hopper and tokens >= ep1_fused_min_tokens(ffn.get(shape))
+        src = by_key[(shape, tokens, mode, "comet-fused" if fused else "comet-reference")]
+        records.append(Record(shape, tokens, AUTO, mode, src.ms, src.tflops, picks=src.variant))
+    # each auto row right after its shape / tokens / mode group
+    first = {}
+    for i, r in enumerate(records):
+        first.setdefault((r.shape, r.tokens, r.mode), i)
+    records.sort(key=lambda r: (first[(r.shape, r.tokens, r.mode)], r.variant == AUTO))
+    return records
+
+
 def add_ratios(records, floor_tflops):
     by_key = {(r.shape, r.tokens, r.mode): r for r in records if r.variant == "megatron+grouped"}
     for r in records:
@@ -285,8 +314,9 @@ def print_table(records, meta):
     for col in ("shape", "tokens", "mode", "variant", "ms", "TFLOP/s", "x grouped", "of floor"):
         table.add_column(col, justify="right" if col not in ("shape", "mode", "variant") else "left")
     for r in records:
+        variant = f"{r.variant} = {r.picks.removeprefix('comet-')}" if r.picks else r.variant
         table.add_row(
-            r.shape, str(r.tokens), r.mode, r.variant, f"{r.ms:.3f}", f"{r.tflops:.0f}",
+            r.shape, str(r.tokens), r.mode, variant, f"{r.ms:.3f}", f"{r.tflops:.0f}",
             f"{r.vs_grouped:.2f}" if r.vs_grouped else "-", f"{r.vs_floor:.2f}" if r.vs_floor else "-",
         )
     Console(width=140).print(table)
@@ -400,6 +430,9 @@ def main(argv=None) -> int:
         task = progress.add_task("timing", total=total)
         for shape in shapes:
             records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task, ddp=args.ddp)
+    import torch
+
+    add_auto(records, shapes, hopper=torch.cuda.get_device_capability()[0] == 9)
     add_ratios(records, meta["dense_bf16_tflops"])
     if args.timeline:
         meta["timeline"] = draw_timeline(shapes[0], args.tokens[0], out / "timeline.png")

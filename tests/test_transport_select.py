@@ -109,3 +109,26 @@ def test_explicit_transport_needs_a_gpu_or_the_interpreter(placed, monkeypatch):
     assert resolve_transport(CometConfig(transport="auto"), None, CUDA0,
                              (False, "expert tensor parallelism")) == (
         "nccl", "the fused kernels do not implement expert tensor parallelism")
+
+
+def test_bench_auto_rows_copy_what_auto_runs():
+    """`bench layer`'s "comet (auto)" rows repeat the measured variant `auto` picks at EP size 1 (fused from
+    ep1_fused_min_tokens(ffn) tokens on Hopper, else reference), each right after its group."""
+    from comet_megatron.bench import AUTO, Record, Shape, add_auto
+
+    small, large = Shape("small", 2048, 1408, 64, 4), Shape("large", 4096, 14336, 8, 2)
+    recs = []
+    for shape in (small, large):
+        for tokens in (8192, 16384):
+            for v, ms in (("megatron+grouped", 3.0), ("comet-reference", 2.0), ("comet-fused", 1.0)):
+                recs.append(Record(shape.name, tokens, v, "fwd+bwd", ms + tokens / 1e5, 1.0))
+    out = add_auto(list(recs), [small, large], hopper=True)
+    auto = {(r.shape, r.tokens): r.picks for r in out if r.variant == AUTO}
+    assert auto == {("small", 8192): "comet-reference", ("small", 16384): "comet-fused",
+                    ("large", 8192): "comet-fused", ("large", 16384): "comet-fused"}
+    for i, r in enumerate(out):
+        if r.variant == AUTO:  # right after its group, with the picked row's time
+            assert out[i - 1].shape == r.shape and out[i - 1].tokens == r.tokens
+            assert r.ms == next(q.ms for q in out if (q.shape, q.tokens, q.variant) == (r.shape, r.tokens, r.picks))
+    assert all(r.picks == "comet-reference" for r in add_auto(list(recs), [small, large], hopper=False)
+               if r.variant == AUTO)
