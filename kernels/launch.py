@@ -18,9 +18,9 @@ Two calls with the same signature get the same compiled kernel from Triton (the 
 fine as Triton's key), so reusing it is exact. CUDA tensors reach the compiled kernel's launcher as their
 `data_ptr()` integers: the launcher validates a tensor argument with a `cuPointerGetAttribute` driver call,
 an integer it takes as is (a CPU tensor is passed as the tensor, for the launcher to refuse). A new
-signature goes through `kernel[grid](...)` once (compile or Triton's own cache) and is remembered. Launch hooks (profilers) are called as Triton calls
-them. Anything unusual (Triton's interpreter, an unknown argument type, a Triton whose compiled-kernel API
-differs) takes Triton's own path.
+signature goes through `kernel[grid](...)` once (compile or Triton's own cache) and is remembered. Launch
+hooks (profilers) are called as Triton calls them. Anything unusual (Triton's interpreter, an unknown argument
+type, a Triton whose compiled-kernel API differs) takes Triton's own path.
 `COMET_FAST_LAUNCH=0` turns the shortcut off.
 """
 
