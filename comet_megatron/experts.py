@@ -49,12 +49,10 @@ def _grouped_mm_shape_ok(x: torch.Tensor, out_features: int) -> bool:
     return x.shape[-1] % 8 == 0 and out_features % 8 == 0
 
 
-def device_row_offsets(counts: Sequence[int], device: torch.device, leading_zero: bool = True) -> torch.Tensor:
-    """int32 row offsets of expert segments `counts` ([0, c0, c0 + c1, ...]; without the 0 when not
-    `leading_zero`) on `device`, copied from pinned memory without a host synchronisation (a plain
-    `torch.tensor(..., device="cuda")` waits for the GPU)."""
-    ends = list(itertools.accumulate(counts, initial=0))
-    host = torch.tensor(ends if leading_zero else ends[1:], dtype=torch.int32)
+def device_row_offsets(counts: Sequence[int], device: torch.device) -> torch.Tensor:
+    """int32 row offsets of expert segments `counts` ([0, c0, c0 + c1, ...]) on `device`, copied from pinned
+    memory without a host synchronisation (a plain `torch.tensor(..., device="cuda")` waits for the GPU)."""
+    host = torch.tensor(list(itertools.accumulate(counts, initial=0)), dtype=torch.int32)
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
@@ -202,15 +200,12 @@ def accumulate_wgrad_gemms(mains, a: torch.Tensor, b: torch.Tensor, offsets: Seq
             torch.addmm(main, ae.t(), be, out_dtype=main.dtype, out=main)
 
 
-def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int] | None,
-                            device_offsets: torch.Tensor | None = None) -> None:
+def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, device_offsets: torch.Tensor) -> None:
     """The same sums as `accumulate_wgrad_gemms`, by one launch of `kernels.wgrad.grouped_wgrad_accumulate`
-    (`device_offsets`: `offsets` already on the GPU, e.g. the fused path's receive layout)."""
+    (`device_offsets`: the [El + 1] row offsets on the GPU)."""
     from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate, wgrad_accumulate_tiles
 
     base, out_offsets = flat_mains(mains)
-    if device_offsets is None:
-        device_offsets = device_row_offsets([offsets[e + 1] - offsets[e] for e in range(len(mains))], a.device)
     grouped_wgrad_accumulate(a, b, device_offsets, base, out_offsets, **wgrad_accumulate_tiles(a))
 
 
@@ -226,16 +221,16 @@ def fused_wgrad_mains(params, a: torch.Tensor, rows: int):
 
 
 def accumulate_into_mains(params, plan, a: torch.Tensor, b: torch.Tensor, offsets: Callable[[], Sequence[int]],
-                          device_offsets: torch.Tensor | None = None) -> None:
+                          device_offsets: torch.Tensor) -> None:
     """dW[e] = a[rows_e]^T @ b[rows_e] added into the `main_grad`s of `plan` (from `fused_wgrad_mains`); marked
     `grad_added_to_main_grad` (DDP's hooks then drop the placeholder gradients autograd gives them).
     `offsets()` gives the host row offsets (rows_e = offsets[e]:offsets[e + 1]); only the per-expert GEMMs ask
-    for them, the Triton kernel reads `device_offsets` (or a copy of the host ones) on the GPU."""
+    for them, the Triton kernel reads `device_offsets` on the GPU."""
     how, mains = plan
     if how == "gemm":
         accumulate_wgrad_gemms(mains, a, b, offsets())
     else:
-        accumulate_wgrad_triton(mains, a, b, None if device_offsets is not None else offsets(), device_offsets)
+        accumulate_wgrad_triton(mains, a, b, device_offsets)
     for p in params:
         p.grad_added_to_main_grad = True
 

@@ -51,8 +51,7 @@ def enabled() -> bool:
 
 
 def _arg_signature(a):
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0, a.is_cuda
+    """Signature of a non-tensor argument (tensors: `bind`, which reads data_ptr() once for both uses)."""
     if type(a) is int:
         return a == 1, a % 16 == 0, -_INT32 <= a < _INT32, a >= 2**63
     if TensorDescriptor is not None and isinstance(a, TensorDescriptor):
