@@ -371,6 +371,64 @@ def activation(config, pre: torch.Tensor) -> torch.Tensor:
     return config.activation_func(pre)
 
 
+FUSED_ACTIVATION_MODES = ("auto", "triton", "torch")
+
+
+def _fused_activation(config, pre: torch.Tensor) -> str | None:
+    """The kernels' activation name when `activation_with_probs` runs `kernels.activation` on `pre`, else None.
+    `COMET_FUSED_ACTIVATION`: auto (on CUDA), triton (also in Triton's interpreter: CPU tests), torch (never)."""
+    how = os.environ.get("COMET_FUSED_ACTIVATION", "auto")
+    if how not in FUSED_ACTIVATION_MODES:
+        raise ValueError(f"COMET_FUSED_ACTIVATION={how!r}: use one of {', '.join(FUSED_ACTIVATION_MODES)}")
+    if how == "torch" or not (pre.is_cuda or (how == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
+        return None
+    from comet_megatron.fused import ACTIVATION_NAMES
+
+    name = ACTIVATION_NAMES.get(config.activation_func)
+    if name is None or config.activation_func_clamp_value is not None:
+        return None
+    if config.gated_linear_unit and config.glu_linear_offset != 0.0:
+        return None
+    if pre.dim() != 2 or pre.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    return name
+
+
+def activation_with_probs(config, pre: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """(activation(config, pre) * probs) in pre's dtype, `probs` [R, 1]: Megatron MLP's activation with its
+    `per_token_scale`. On a GPU one Triton pass each way (`kernels.activation`, fp32 inside, one rounding)
+    instead of ~8 PyTorch passes over [R, F] tensors; the same values within bf16 rounding."""
+    name = _fused_activation(config, pre)
+    if name is None:
+        h = activation(config, pre)
+        return (h * probs).to(h.dtype)
+    return _ActivationWithProbs.apply(pre, probs, name, bool(config.gated_linear_unit))
+
+
+class _ActivationWithProbs(torch.autograd.Function):
+    """hp = act(pre) (* up) * p by `kernels.activation` (saves pre and p only)."""
+
+    @staticmethod
+    def forward(ctx, pre, probs, name, gated):
+        from comet_megatron.kernels.activation import activation_forward
+
+        pre = pre.contiguous()
+        prob = probs.reshape(-1).contiguous()
+        ctx.save_for_backward(pre, prob)
+        ctx.name, ctx.gated, ctx.probs_shape, ctx.probs_dtype = name, gated, probs.shape, probs.dtype
+        return activation_forward(pre, prob, activation=name, gated=gated)
+
+    @staticmethod
+    def backward(ctx, dhp):
+        from comet_megatron.kernels.activation import activation_prob_backward
+
+        pre, prob = ctx.saved_tensors
+        d_pre, grad_prob = activation_prob_backward(dhp.contiguous(), pre, prob, activation=ctx.name,
+                                                    gated=ctx.gated)
+        grad_probs = grad_prob.to(ctx.probs_dtype).reshape(ctx.probs_shape) if ctx.needs_input_grad[1] else None
+        return d_pre, grad_probs, None, None
+
+
 def is_swiglu(config) -> bool:
     return bool(config.gated_linear_unit) and config.activation_func is F.silu
 
@@ -668,8 +726,7 @@ class CometGroupedMLP(SequentialMLP):
         pre = fc1(x)
         if b1 is not None:
             pre = pre + _per_row(b1, counts)
-        h = activation(self.config, pre)
-        h = (h * probs).to(h.dtype)
+        h = activation_with_probs(self.config, pre, probs)
         y = fc2(h)
         if b2 is not None:
             y = (y + _per_row(b2, counts) * probs).to(y.dtype)

@@ -293,3 +293,28 @@ def test_fast_launch_same_results(monkeypatch, request):
         assert torch.equal(fast_fwd[r][0], slow_fwd[r][0]), f"forward rank {r}"
         for a, b in zip(fast_bwd[r], slow_bwd[r]):
             assert torch.equal(a, b), f"backward rank {r}"
+
+
+@pytest.mark.parametrize("activation,gated", [("silu", True), ("gelu", False)])
+@pytest.mark.parametrize("rows,ffn", [(4096, 14336), (3001, 1408)])
+def test_activation_with_prob_compiled(activation, gated, rows, ffn):
+    """`kernels.activation` compiled, at Mixtral's / Qwen2-MoE's expert widths: bf16 within one rounding of
+    float64, grad_prob within fp32 summation error."""
+    from comet_megatron.kernels.activation import activation_forward, activation_prob_backward
+
+    fn = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[activation]
+    pre = (torch.randn(rows, 2 * ffn if gated else ffn, device="cuda") * 2).bfloat16()
+    prob = torch.rand(rows, device="cuda")
+    dhp = torch.randn(rows, ffn, device="cuda").bfloat16()
+    p64, prob64 = pre.double().requires_grad_(True), prob.double().requires_grad_(True)
+    gate, up = p64.chunk(2, dim=-1) if gated else (p64, None)
+    want = fn(gate) * (up if gated else 1.0) * prob64[:, None]
+    want.backward(dhp.double())
+    hp = torch.full((rows, ffn), float("nan"), device="cuda", dtype=torch.bfloat16)
+    activation_forward(pre, prob, activation=activation, gated=gated, out=hp)
+    d_pre = torch.full_like(pre, float("nan"))
+    _, grad_prob = activation_prob_backward(dhp, pre, prob, activation=activation, gated=gated, d_pre=d_pre)
+    bound = 2**-8 * 1.01  # round to nearest: half a bf16 ulp (+ fp32 arithmetic inside)
+    assert ((hp.double() - want.detach()).abs() <= want.detach().abs() * bound + 1e-6).all()
+    assert ((d_pre.double() - p64.grad).abs() <= p64.grad.abs() * bound + 1e-6).all()
+    torch.testing.assert_close(grad_prob.double(), prob64.grad, rtol=1e-4, atol=1e-3)
