@@ -95,13 +95,10 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
 def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_ptr, row_offsets_ptr, m_dim, n_dim,
                              a_desc, b_desc,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                             USE_DESC: tl.constexpr, LOAD_C: tl.constexpr, NUM_STAGES: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr, ALT_PERIOD):
+                             USE_DESC: tl.constexpr, PREFETCH_C: tl.constexpr, NUM_STAGES: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
     """C_j[m, n] += sum over rows r of expert j of a[r, m] * b[r, n]; C_j at c_ptr + c_offsets[j], [M, N]
-    row-major, fp32. Grid (tiles of [M, N], experts). LOAD_C (see `LOAD_C_MODES`): 0 the accumulator starts
-    from C; 1 C is loaded before the K loop into its own registers and added after it; 2 C is loaded and added
-    after the K loop; 3 programs alternate between 0 and 2 every ALT_PERIOD programs (one wave on the GPU), so
-    that programs sharing an SM are in different phases (C traffic / GEMM)."""
+    row-major, fp32. Grid (tiles of [M, N], experts)."""
     j = tl.program_id(1)
     # grouped tile order: GROUP_M row blocks sweep the column blocks together (L2 reuse of b's columns)
     tiles_m = tl.cdiv(m_dim, BM)
@@ -120,14 +117,8 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
     cmask = mmask[:, None] & nmask[None, :]
     start = tl.load(row_offsets_ptr + j)
     end = tl.load(row_offsets_ptr + j + 1)
-    if LOAD_C == 3:
-        late = ((pid + j * tl.num_programs(0)) // ALT_PERIOD) % 2 == 1
-    else:
-        late = LOAD_C == 2
-    if LOAD_C == 1:  # issued now, consumed after the K loop: the read overlaps the loop
+    if PREFETCH_C:  # issued now, consumed after the K loop: the read overlaps the loop
         c_old = tl.load(c_ptrs, mask=cmask, other=0.0)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-    elif late:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     else:
         acc = tl.load(c_ptrs, mask=cmask, other=0.0)
@@ -152,27 +143,18 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
         b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
                         other=0.0)
         acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
-    if LOAD_C == 1:
+    if PREFETCH_C:
         acc += c_old
-    elif late:
-        acc += tl.load(c_ptrs, mask=cmask, other=0.0)
     tl.store(c_ptrs, acc, mask=cmask)
 
 
 # GPU tiles: on an H100 (examples/bench_wgrad.py, docs/BENCHMARKS.md) 64 x 128 with 4 warps ran 1.2-1.3x faster
 # than 128 x 128 with 8 (more programs per SM in flight on a kernel bound by its main_grad traffic), and
-# loading the old main_grad tile before the K loop into its own registers (load_c="prefetch") 1.15-1.2x slower than loading it into the
+# loading the old main_grad tile before the K loop (prefetch_c) 1.15-1.2x slower than loading it into the
 # accumulator (registers).
 WGRAD_ACCUMULATE_TILES = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
-                              load_c="before")
-INTERPRETER_TILES = dict(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, load_c="before")
-# where a program reads its old main_grad tile (see _wgrad_accumulate_kernel's LOAD_C)
-LOAD_C_MODES = {"before": 0, "prefetch": 1, "after": 2, "alternate": 3}
-
-
-def _alt_period(a: torch.Tensor) -> int:
-    """Programs per wave for load_c="alternate": the SM count on a GPU, 1 in the interpreter."""
-    return torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
+                              prefetch_c=False)
+INTERPRETER_TILES = dict(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, prefetch_c=False)
 
 
 def wgrad_accumulate_tiles(a: torch.Tensor) -> dict:
@@ -183,7 +165,7 @@ def wgrad_accumulate_tiles(a: torch.Tensor) -> dict:
 def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
                              out_offsets: torch.Tensor, *, block_m: int = 64, block_n: int = 64,
                              block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 2,
-                             load_c: str = "before", use_tma_loads: bool | None = None) -> None:
+                             prefetch_c: bool = True, use_tma_loads: bool | None = None) -> None:
     """out_e += a[rows_e]^T @ b[rows_e] for every expert e, accumulated in fp32.
 
     a: [R, M], b: [R, N] (rows in expert order, unit column stride); row_offsets: [El + 1] int32/int64 device
@@ -198,8 +180,6 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
                          f"{row_offsets.numel()} row offsets for {experts} experts")
     if out_base.dtype != torch.float32 or out_offsets.dtype != torch.int64:
         raise ValueError("grouped_wgrad_accumulate: fp32 outputs, int64 element offsets")
-    if load_c not in LOAD_C_MODES:
-        raise ValueError(f"grouped_wgrad_accumulate: load_c={load_c!r}, use one of {', '.join(LOAD_C_MODES)}")
     if experts == 0 or rows == 0 or m_dim == 0 or n_dim == 0:
         return
     if a.stride(1) != 1:
@@ -216,6 +196,6 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
     grid = (triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n), experts)
     launch(_wgrad_accumulate_kernel, grid, a, a.stride(0), b, b.stride(0), out_base, out_offsets, row_offsets,
            m_dim, n_dim, a_desc if desc else a, b_desc if desc else b,
-           BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, USE_DESC=desc, LOAD_C=LOAD_C_MODES[load_c],
-           NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype), ALT_PERIOD=_alt_period(a), num_warps=num_warps,
+           BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, USE_DESC=desc, PREFETCH_C=prefetch_c,
+           NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype), num_warps=num_warps,
            num_stages=num_stages)

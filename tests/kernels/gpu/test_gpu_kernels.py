@@ -196,8 +196,7 @@ def test_accumulate_into_compiled():
     assert int(torch.isnan(buffer).sum()) == gap * (groups + 1)  # the gaps were not written
 
 
-@pytest.mark.parametrize("knobs", [{}, {"use_tma_loads": False}, {"load_c": "prefetch"}, {"load_c": "after"},
-                                   {"load_c": "alternate"},
+@pytest.mark.parametrize("knobs", [{}, {"use_tma_loads": False}, {"prefetch_c": True},
                                    {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4}])
 def test_grouped_wgrad_accumulate_compiled(knobs):
     """Expert weight gradients added into fp32 main_grads (reversed in one buffer, NaN gaps), bf16 operands, the
