@@ -78,33 +78,41 @@ def test_deterministic_combine_matches_megatron():
             assert not bad, f"rank {rank}: {bad}"
 
 
-def _triton_activation_body(rank, cases):
+def _triton_kernels_body(rank, cases):
     import comet_megatron.kernels.activation as act
+    import comet_megatron.kernels.token_sum as token_sum
 
-    calls = {"forward": 0, "backward": 0}
-    forward, backward = act.activation_forward, act.activation_prob_backward
+    calls = {}
 
-    def counted_forward(*args, **kwargs):
-        calls["forward"] += 1
-        return forward(*args, **kwargs)
+    def counted(module, name):
+        fn = getattr(module, name)
 
-    def counted_backward(*args, **kwargs):
-        calls["backward"] += 1
-        return backward(*args, **kwargs)
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
 
-    act.activation_forward, act.activation_prob_backward = counted_forward, counted_backward
+        setattr(module, name, wrapper)
+
+    counted(act, "activation_forward")
+    counted(act, "activation_prob_backward")
+    counted(token_sum, "sum_rows_by_token")
     return _body(rank, cases), calls
 
 
 @pytest.mark.parametrize("world,ep", [(1, 1), (2, 2)], ids=["w1-ep1", "w2-ep2"])
-def test_layer_with_triton_activation_matches_megatron(world, ep):
-    """The reference path with its activation x prob in one Triton pass each way (`kernels.activation`,
-    what a GPU runs; here Triton's interpreter, forced) against Megatron's PyTorch ops: gated and not, top-1 to
-    top-4, zero-token experts, dropped tokens, a shared expert."""
-    cases = [CASES[i] for i in (0, 2, 4, 6, 7)]
-    got = run_distributed(_triton_activation_body, world, ep=ep, cases=cases,
-                          env={"TRITON_INTERPRET": "1", "COMET_FUSED_ACTIVATION": "triton"})
+def test_layer_with_triton_activation_and_token_sum_matches_megatron(world, ep):
+    """The reference path as a GPU runs it, here in Triton's interpreter (forced): the activation x prob in one
+    pass each way (`kernels.activation`) and each token's rows summed in order (`kernels.token_sum`: the
+    combine and the dispatch gather's backward), against Megatron's layer: gated and not, top-1 to top-4,
+    zero-token experts, dropped tokens, padding to capacity (tokens with more rows than top-k), a shared
+    expert."""
+    cases = [CASES[i] for i in (0, 2, 4, 6, 7, 8)]
+    got = run_distributed(_triton_kernels_body, world, ep=ep, cases=cases,
+                          env={"TRITON_INTERPRET": "1", "COMET_FUSED_ACTIVATION": "triton",
+                               "COMET_TOKEN_SUM": "triton"})
     _check([per_rank for per_rank, _ in got])
     for rank, (_, calls) in enumerate(got):
         # every case runs the layer forward + backward once: each pass went through the kernels
-        assert calls == {"forward": len(cases), "backward": len(cases)}, (rank, calls)
+        n = len(cases)
+        assert calls == {"activation_forward": n, "activation_prob_backward": n, "sum_rows_by_token": 2 * n}, (
+            rank, calls)

@@ -318,3 +318,24 @@ def test_activation_with_prob_compiled(activation, gated, rows, ffn):
     assert ((hp.double() - want.detach()).abs() <= want.detach().abs() * bound + 1e-6).all()
     assert ((d_pre.double() - p64.grad).abs() <= p64.grad.abs() * bound + 1e-6).all()
     torch.testing.assert_close(grad_prob.double(), prob64.grad, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("tokens,hidden,topk,dtype", [(8192, 2048, 4, torch.bfloat16), (3000, 4096, 2, torch.float32),
+                                                      (100, 1000, 8, torch.bfloat16)])
+def test_token_sum_compiled(tokens, hidden, topk, dtype):
+    """`kernels.token_sum` compiled: each token's routed rows (expert-major send order, as the reference path
+    sends them) summed within one rounding of float64, bitwise the same on a second run."""
+    from comet_megatron.kernels.token_sum import sum_rows_by_token, token_row_order
+
+    experts = 16
+    idx = torch.rand(tokens, experts, device="cuda").topk(topk, dim=1).indices
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool, device="cuda").scatter_(1, idx, True)
+    token = routing_map.t().nonzero()[:, 1].contiguous()
+    rows = torch.randn(token.numel(), hidden, device="cuda").to(dtype)
+    order, starts = token_row_order(token, tokens)
+    out = torch.full((tokens, hidden), float("nan"), device="cuda", dtype=dtype)
+    sum_rows_by_token(rows, order, starts, out=out)
+    want = torch.zeros(tokens, hidden, device="cuda", dtype=torch.float64).index_add_(0, token, rows.double())
+    bound = 2**-8 * 1.01 if dtype == torch.bfloat16 else 1e-6
+    assert ((out.double() - want).abs() <= want.abs() * bound + 1e-5).all()
+    assert torch.equal(sum_rows_by_token(rows, order, starts), out)
