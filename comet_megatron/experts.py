@@ -247,14 +247,14 @@ class _GroupedLinear(torch.autograd.Function):
     def forward(ctx, x, counts, *params):
         ctx.counts, ctx.params = counts, params
         ctx.save_for_backward(x)
-        return grouped_linear(x, stack_weights(params), counts)
+        return grouped_linear(x, stacked_weights_no_grad(params), counts)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         params, counts = ctx.params, ExpertRows.of(ctx.counts)
         grad_y = grad_y.contiguous()
-        weight = stack_weights(params).detach()
+        weight = stacked_weights_no_grad(params)
         grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[2:]):
             return (grad_x, None) + (None,) * len(params)
@@ -433,21 +433,33 @@ def is_swiglu(config) -> bool:
     return bool(config.gated_linear_unit) and config.activation_func is F.silu
 
 
+_MAINS: dict = {}  # params' ids -> (their main_grads' ids, verdict): see _main_grads
+
+
 def _main_grads(params) -> list[torch.Tensor] | None:
     """The `main_grad` buffers of `params` when ALL of them are trainable parameters of Megatron's
     DistributedDataParallel whose grad-ready hook runs in autograd (it sets `grad_added_to_main_grad`
-    and registers a hook that adds `param.grad` into `main_grad` unless that flag is set), else None."""
+    and registers a hook that adds `param.grad` into `main_grad` unless that flag is set), else None.
+    Runs twice per expert linear and call: the full check is cached per (parameters, main_grad tensors,
+    requires_grad flags), which a re-created DDP or a frozen expert changes."""
     if os.environ.get("COMET_MAIN_GRAD_HANDOFF", "1") == "0":  # A/B switch for benchmarks
         return None
-    mains = []
-    for p in params:
-        main = getattr(p, "main_grad", None)
-        if (main is None or not p.requires_grad or not hasattr(p, "grad_added_to_main_grad")
-                or getattr(p, "zero_out_wgrad", False) or getattr(p, "skip_backward_post_hook", False)
-                or main.shape != p.shape):
-            return None
-        mains.append(main)
-    return mains
+    mains = [getattr(p, "main_grad", None) for p in params]
+    key = tuple(map(id, params))
+    stamp = (tuple(map(id, mains)), tuple(p.requires_grad for p in params))
+    hit = _MAINS.get(key)
+    if hit is not None and hit[0] == stamp:
+        return mains if hit[1] else None
+    ok = all(
+        main is not None and p.requires_grad and hasattr(p, "grad_added_to_main_grad")
+        and not getattr(p, "zero_out_wgrad", False) and not getattr(p, "skip_backward_post_hook", False)
+        and main.shape == p.shape
+        for p, main in zip(params, mains)
+    )
+    if len(_MAINS) >= 256:  # layers re-created many times (tests): start over
+        _MAINS.clear()
+    _MAINS[key] = (stamp, ok)
+    return mains if ok else None
 
 
 def hand_to_main_grads(params, grad: torch.Tensor) -> bool:
@@ -546,9 +558,24 @@ class _StackedView(torch.autograd.Function):
         return (None,) + tuple(grad.unbind(0))
 
 
+_B2B: dict = {}  # (params' ids, data pointers) -> whether they lie back to back
+
+
 def _back_to_back(params) -> bool:
     """Whether `params` are equally shaped, contiguous and lie one after the other inside the first one's
-    storage (cheap: one pass of pointer compares; runs on every forward)."""
+    storage. Runs several times per call: cached per (parameters, data pointers), which moving a parameter
+    (`p.data = ...`) changes."""
+    key = (tuple(map(id, params)), tuple(p.data_ptr() for p in params))
+    hit = _B2B.get(key)
+    if hit is None:
+        hit = _check_back_to_back(params)
+        if len(_B2B) >= 256:
+            _B2B.clear()
+        _B2B[key] = hit
+    return hit
+
+
+def _check_back_to_back(params) -> bool:
     first = params[0]
     if not first.is_contiguous():
         return False
@@ -560,6 +587,15 @@ def _back_to_back(params) -> bool:
             return False
     storage = first.untyped_storage()
     return base - storage.data_ptr() + len(params) * step <= storage.nbytes()
+
+
+def stacked_weights_no_grad(params) -> torch.Tensor:
+    """[G, ...] stack of `params` outside autograd (inside a Function's forward / backward): a view when
+    they lie back to back, else a copy."""
+    if _back_to_back(params):
+        first = params[0]
+        return first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()))
+    return torch.stack([p.detach() for p in params])
 
 
 def stack_weights(params, handoff: WgradHandoff | None = None) -> torch.Tensor:
@@ -684,6 +720,9 @@ class CometGroupedMLP(SequentialMLP):
                 [e.linear_fc2.weight for e in self.local_experts])
 
     def fc_biases(self):
+        first = self.local_experts[0]
+        if first.linear_fc1.bias is None and first.linear_fc2.bias is None:  # biases come with every expert or none
+            return None, None
         b1 = [e.linear_fc1.bias for e in self.local_experts]
         b2 = [e.linear_fc2.bias for e in self.local_experts]
         b1 = torch.stack(b1) if b1[0] is not None else None
