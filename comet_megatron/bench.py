@@ -268,21 +268,16 @@ def _time_experts(layers, x, dy, mode) -> float:
 AUTO = "comet (auto)"
 
 
-def add_auto(records, shapes, hopper: bool):
+def add_auto(records):
     """Append, per (shape, tokens, mode) with both comet variants measured, a "comet (auto)" row: the
-    measurement of the path `--comet-transport auto` runs at EP size 1 on this GPU (the fused kernels from
-    `transport.select.ep1_fused_min_tokens(ffn)` tokens on Hopper, else the reference path), what a user who
-    leaves the flag alone gets. A copy of that row (`picks` names it), not another measurement."""
-    from comet_megatron.transport.select import ep1_fused_min_tokens
-
-    ffn = {s.name: s.ffn for s in shapes}
+    measurement of the path `--comet-transport auto` runs at EP size 1 (the reference path,
+    `transport.select.EP1_REASON`), what a user who leaves the flag alone gets. A copy of that row (`picks`
+    names it), not another measurement."""
     by_key = {(r.shape, r.tokens, r.mode, r.variant): r for r in records}
     for (shape, tokens, mode, variant), r in list(by_key.items()):
         if variant != "comet-reference" or (shape, tokens, mode, "comet-fused") not in by_key:
             continue
-        fused = hopper and tokens >= ep1_fused_min_tokens(ffn.get(shape))
-        src = by_key[(shape, tokens, mode, "comet-fused" if fused else "comet-reference")]
-        records.append(Record(shape, tokens, AUTO, mode, src.ms, src.tflops, picks=src.variant))
+        records.append(Record(shape, tokens, AUTO, mode, r.ms, r.tflops, picks=r.variant))
     # each auto row right after its shape / tokens / mode group
     first = {}
     for i, r in enumerate(records):
@@ -430,9 +425,7 @@ def main(argv=None) -> int:
         task = progress.add_task("timing", total=total)
         for shape in shapes:
             records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task, ddp=args.ddp)
-    import torch
-
-    add_auto(records, shapes, hopper=torch.cuda.get_device_capability()[0] == 9)
+    add_auto(records)
     add_ratios(records, meta["dense_bf16_tflops"])
     if args.timeline:
         meta["timeline"] = draw_timeline(shapes[0], args.tokens[0], out / "timeline.png")

@@ -46,11 +46,8 @@ class CometConfig:
         "auto",
         "How ranks exchange tokens. auto: symm_mem when EP > 1 and every EP peer is reachable "
         "over NVLink (cuda_ipc when ranks share a GPU), else the nccl reference collectives "
-        "(logged). At EP size 1 (nothing to overlap) auto runs the fused kernels on a one-rank "
-        "workspace from 16384 tokens per call on Hopper GPUs (from 8192 for expert FFNs >= 8192; "
-        "measured faster there; it holds more "
-        "activation memory, --comet-transport nccl keeps the reference path), else the "
-        "reference path. nccl: torch.distributed "
+        "(logged). At EP size 1 (nothing to overlap) auto runs the reference path (measured as "
+        "fast as or faster than the fused kernels there; emulated forces them). nccl: torch.distributed "
         "collectives (any backend, also gloo). symm_mem: torch symmetric memory, one process "
         "per GPU. cuda_ipc: processes sharing buffers through CUDA IPC (several ranks on one "
         "GPU). emulated: N virtual ranks inside one process (tests, benchmarks).",
@@ -87,7 +84,9 @@ class CometConfig:
     )
     deterministic: bool = _knob(
         False,
-        "Bitwise run-to-run identical results: fixed reduction order for the top-k sum.",
+        "Bitwise run-to-run identical results: fixed reduction order for the top-k sum. On a GPU "
+        "both paths already sum in a fixed order (the reference path's Triton per-token sum, the "
+        "fused combine); this also fixes it where the reference path would use index_add.",
     )
     pre_reduce: bool = _knob(
         False,

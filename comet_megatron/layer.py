@@ -104,11 +104,7 @@ class CometMoELayer(MoELayer):
         from comet_megatron.transport import resolve_transport
 
         support = fused_support(self.config, self.token_dispatcher.tp_size)
-        tokens = hidden_states.numel() // hidden_states.shape[-1]
-        transport, why = resolve_transport(
-            self.comet_config, self.ep_group, hidden_states.device, support, tokens=tokens,
-            ffn=self.config.moe_ffn_hidden_size,
-        )
+        transport, why = resolve_transport(self.comet_config, self.ep_group, hidden_states.device, support)
         if transport != "nccl":
             self._fused = FusedExperts(
                 self.comet_config, self.config, transport, self.ep_group,

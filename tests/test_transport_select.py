@@ -46,21 +46,15 @@ def placed(monkeypatch):
 CUDA0 = torch.device("cuda", 0)  # a device object only: nothing runs on it
 
 
-@pytest.mark.parametrize("tokens,ffn,hopper,want", [
-    (16384, 1408, True, "emulated"), (16383, 1408, True, "nccl"), (8192, 6400, True, "nccl"),
-    (8192, 14336, True, "emulated"), (8191, 14336, True, "nccl"), (2048, 14336, True, "nccl"),
-    (None, 14336, True, "nccl"), (16384, None, True, "emulated"), (16384, 14336, False, "nccl"),
-])
-def test_auto_at_ep_size_1_runs_the_fused_kernels_where_measured_faster(monkeypatch, tokens, ffn, hopper, want):
+def test_auto_at_ep_size_1_runs_the_reference_path(monkeypatch):
     monkeypatch.setattr(select, "_group_size", lambda group: 1)
-    monkeypatch.setattr(select, "_is_hopper", lambda device: hopper)
-    transport, why = resolve_transport(CometConfig(transport="auto"), None, CUDA0, (True, ""), tokens=tokens,
-                                       ffn=ffn)
-    assert transport == want
-    assert str(select.ep1_fused_min_tokens(ffn)) in why and "EP size 1" in why
-    # a layer the fused kernels cannot run keeps the reference path whatever the size
-    assert resolve_transport(CometConfig(transport="auto"), None, CUDA0, (False, "GLU offset/clamp"),
-                             tokens=tokens, ffn=ffn)[0] == "nccl"
+    for support in ((True, ""), (False, "GLU offset/clamp")):
+        transport, why = resolve_transport(CometConfig(transport="auto"), None, CUDA0, support)
+        assert transport == "nccl"
+        assert why == (select.EP1_REASON if support[0] else "the fused kernels do not implement GLU offset/clamp")
+    assert "EP size 1" in select.EP1_REASON and "--comet-transport emulated" in select.EP1_REASON
+    # the fused kernels stay one flag away at EP size 1
+    assert resolve_transport(CometConfig(transport="emulated"), None, CUDA0, (True, ""))[0] == "emulated"
 
 
 def test_auto_prefers_symm_mem_one_gpu_per_rank(placed):
@@ -112,8 +106,8 @@ def test_explicit_transport_needs_a_gpu_or_the_interpreter(placed, monkeypatch):
 
 
 def test_bench_auto_rows_copy_what_auto_runs():
-    """`bench layer`'s "comet (auto)" rows repeat the measured variant `auto` picks at EP size 1 (fused from
-    ep1_fused_min_tokens(ffn) tokens on Hopper, else reference), each right after its group."""
+    """`bench layer`'s "comet (auto)" rows repeat the measured variant `auto` picks at EP size 1 (the reference
+    path), each right after its group; none where a comet variant was not measured."""
     from comet_megatron.bench import AUTO, Record, Shape, add_auto
 
     small, large = Shape("small", 2048, 1408, 64, 4), Shape("large", 4096, 14336, 8, 2)
@@ -122,13 +116,12 @@ def test_bench_auto_rows_copy_what_auto_runs():
         for tokens in (8192, 16384):
             for v, ms in (("megatron+grouped", 3.0), ("comet-reference", 2.0), ("comet-fused", 1.0)):
                 recs.append(Record(shape.name, tokens, v, "fwd+bwd", ms + tokens / 1e5, 1.0))
-    out = add_auto(list(recs), [small, large], hopper=True)
+    recs.append(Record("small", 4096, "comet-reference", "fwd+bwd", 2.0, 1.0))  # fused not measured there
+    out = add_auto(list(recs))
     auto = {(r.shape, r.tokens): r.picks for r in out if r.variant == AUTO}
-    assert auto == {("small", 8192): "comet-reference", ("small", 16384): "comet-fused",
-                    ("large", 8192): "comet-fused", ("large", 16384): "comet-fused"}
+    assert auto == {("small", 8192): "comet-reference", ("small", 16384): "comet-reference",
+                    ("large", 8192): "comet-reference", ("large", 16384): "comet-reference"}
     for i, r in enumerate(out):
         if r.variant == AUTO:  # right after its group, with the picked row's time
             assert out[i - 1].shape == r.shape and out[i - 1].tokens == r.tokens
             assert r.ms == next(q.ms for q in out if (q.shape, q.tokens, q.variant) == (r.shape, r.tokens, r.picks))
-    assert all(r.picks == "comet-reference" for r in add_auto(list(recs), [small, large], hopper=False)
-               if r.variant == AUTO)

@@ -67,26 +67,15 @@ def _peers_reachable(group, device: torch.device) -> tuple[bool, str, bool]:
     return check_placement(placement, rank)
 
 
-# EP size 1 (nothing to overlap): the fused kernels still win where the GEMMs are large enough. Measured on an
-# H100 under Megatron's DDP against the reference path (docs/BENCHMARKS.md, sixth session: the reference path at
-# EP size 1 has no host sync any more): fused 1.02-1.11x at 16384 tokens per call on Mixtral, Phi-3.5-MoE and
-# Qwen2-MoE shapes, and at 8192 1.06x on Mixtral (expert FFN 14336) but 0.98x on Phi-3.5-MoE (6400) and 0.87x
-# on Qwen2-MoE (1408); below 8192 0.74-0.93x. Applied on Hopper GPUs (where measured); elsewhere EP size 1
-# keeps the reference path.
-EP1_FUSED_MIN_TOKENS = 16384
-EP1_FUSED_MIN_TOKENS_LARGE_EXPERTS = 8192
-EP1_LARGE_EXPERT_FFN = 8192
-
-
-def ep1_fused_min_tokens(ffn: int | None) -> int:
-    """Tokens per call from which `auto` runs the fused kernels at EP size 1 (Hopper), for expert FFN `ffn`."""
-    if ffn is not None and ffn >= EP1_LARGE_EXPERT_FFN:
-        return EP1_FUSED_MIN_TOKENS_LARGE_EXPERTS
-    return EP1_FUSED_MIN_TOKENS
-
-
-def _is_hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+# EP size 1 (nothing to overlap): the reference path. Measured on an H100 under Megatron's DDP (docs/BENCHMARKS.md,
+# seventh session, after the reference path got its activation and per-token sums as one Triton pass each):
+# faster than the fused kernels on a one-rank workspace or level with them, 2048 to 16384 tokens per call on
+# Mixtral, Phi-3.5-MoE and Qwen2-MoE shapes: fused 0.73-1.01x of it, except Qwen2-MoE at 2048 tokens (1.10x
+# in that run, 0.97x in the run before: a host-bound case that varies +-15% between runs). The sixth
+# session's rule (fused from 8192 / 16384 tokens) dated from before those changes. `--comet-transport
+# emulated` still runs the fused kernels at EP size 1.
+EP1_REASON = ("EP size 1: no communication to overlap, and the reference path measured as fast as or faster "
+              "than the fused kernels there (--comet-transport emulated forces them)")
 
 
 SHARED_GPU = ("several EP ranks share one GPU and torch symmetric memory needs one GPU per rank "
@@ -94,15 +83,12 @@ SHARED_GPU = ("several EP ranks share one GPU and torch symmetric memory needs o
 
 
 def resolve_transport(
-    cfg: CometConfig, group, device: torch.device, fused_supported: tuple[bool, str], tokens: int | None = None,
-    ffn: int | None = None,
+    cfg: CometConfig, group, device: torch.device, fused_supported: tuple[bool, str],
 ) -> tuple[str, str]:
     """(transport, why) for a layer: one of nccl, symm_mem, cuda_ipc, emulated, and the reason
     when `auto` fell back to the reference collectives (the caller logs it).
 
-    `tokens`: tokens per call on this rank (the first call's), `ffn`: the expert FFN width; at EP size 1 `auto`
-    runs the fused kernels on a one-rank workspace ("emulated") from `ep1_fused_min_tokens(ffn)` on a Hopper
-    GPU, else the reference path.
+    At EP size 1 `auto` runs the reference path (`EP1_REASON`).
 
     `fused_supported` is (ok, why-not) for the layer's configuration (activation, expert-TP...).
     An explicit transport that cannot run raises `TransportUnavailable` naming what is missing.
@@ -120,14 +106,8 @@ def resolve_transport(
             return "nccl", f"the fused kernels do not implement {why}"
         if not on_gpu:
             return "nccl", "no GPU"
-        if world == 1:  # nothing to overlap: the fused kernels only where measured faster
-            least = ep1_fused_min_tokens(ffn)
-            if tokens is not None and tokens >= least and _is_hopper(device):
-                return "emulated", (f"EP size 1, {tokens} tokens per call: the fused kernels on a one-rank "
-                                    f"workspace (measured faster than the reference path from {least} on "
-                                    f"Hopper for expert FFN {ffn})")
-            return "nccl", (f"EP size 1, no communication to overlap (the fused kernels are used from {least} "
-                            f"tokens per call on Hopper GPUs for expert FFN {ffn}; this call has {tokens})")
+        if world == 1:
+            return "nccl", EP1_REASON
         reach, why, shared = _peers_reachable(group, device)
         if not reach:
             return "nccl", why
