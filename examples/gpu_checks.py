@@ -86,7 +86,7 @@ def peak_memory(shapes, tokens) -> list:
     out = []
     for name in shapes:
         shape = load_shape(name)
-        for variant in ("megatron", "comet-fused"):
+        for variant in ("megatron", "comet-reference", "comet-fused"):
             layers = build_layers(shape, [variant])
             layer = layers[variant]
             x = torch.randn(tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
