@@ -9,8 +9,10 @@ Variants (same weights, same random tokens, bf16):
     comet-fused         the comet layer on its fused Triton kernels
 and, where both comet variants ran, a "comet (auto)" row: a copy of the one `--comet-transport auto` runs at
 EP size 1 on this GPU (what a user gets without choosing).
-plus `experts-only` (the grouped expert GEMMs alone: T_compute) and the compute floor (the layer's
-FLOPs at the dense bf16 GEMM rate measured in the same run).
+plus `experts-only` (the grouped expert GEMMs alone: T_compute) and the floor: the layer's FLOPs at the dense
+bf16 GEMM rate measured in the same run, and with --ddp for forward+backward the larger of that and the fp32
+`main_grad` read + write of every expert weight at the copy bandwidth measured in the same run (traffic no
+implementation avoids under Megatron's DDP; it could overlap the GEMMs, hence the max).
 
 Timings: median of CUDA-event timed repetitions after warm-up (`triton.testing.do_bench`), forward
 and forward+backward. Output: a table on stdout, JSON and a PNG plot in --out.
@@ -49,6 +51,11 @@ class Shape:
         fwd = 2.0 * tokens * self.topk * self.hidden * (f1 + self.ffn)
         return fwd * (3.0 if backward else 1.0)
 
+    def main_grad_bytes(self) -> float:
+        """Bytes of one fp32 read + write of every expert weight's `main_grad` (one backward under DDP)."""
+        f1 = 2 * self.ffn if self.gated else self.ffn
+        return 8.0 * self.experts * self.hidden * (f1 + self.ffn)
+
 
 def load_shape(name: str) -> Shape:
     path = Path(name)
@@ -73,7 +80,7 @@ class Record:
     ms: float
     tflops: float
     vs_grouped: float | None = None  # time of megatron+grouped / this time (>1: faster)
-    vs_floor: float | None = None  # compute floor / this time (1.0 is the floor)
+    vs_floor: float | None = None  # floor / this time (1.0 is the floor; see the module docstring)
     picks: str | None = None  # "comet (auto)" rows: the measured variant `--comet-transport auto` runs here
 
 
@@ -193,6 +200,17 @@ def dense_gemm_tflops() -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+def copy_bandwidth_gbs() -> float:
+    """Device memory bandwidth of a large fp32 copy (read + write), GB/s: the rate `main_grad` traffic can reach."""
+    import torch
+
+    n = 1 << 28  # 1 GiB each
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _time(lambda: dst.copy_(src))
+    return 2 * 4 * n / (ms * 1e-3) / 1e9
+
+
 def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=None, ddp=False):
     import torch
 
@@ -286,14 +304,27 @@ def add_auto(records):
     return records
 
 
-def add_ratios(records, floor_tflops):
+def floor_ms(shape: Shape, tokens: int, mode: str, floor_tflops: float, copy_gbs: float | None) -> float:
+    """The layer's floor (module docstring): GEMM FLOPs at the dense rate; with `copy_gbs` (under DDP) for
+    forward+backward at least the main_grad traffic at that bandwidth."""
+    ms = shape.flops(tokens, mode == "fwd+bwd") / (floor_tflops * 1e12) * 1e3
+    if copy_gbs and mode == "fwd+bwd":
+        ms = max(ms, shape.main_grad_bytes() / (copy_gbs * 1e9) * 1e3)
+    return ms
+
+
+def add_ratios(records, floor_tflops, shapes=(), copy_gbs: float | None = None):
     by_key = {(r.shape, r.tokens, r.mode): r for r in records if r.variant == "megatron+grouped"}
+    by_name = {s.name: s for s in shapes}
     for r in records:
         base = by_key.get((r.shape, r.tokens, r.mode))
         if base is not None:
             r.vs_grouped = base.ms / r.ms
-        floor_ms = r.tflops * r.ms / floor_tflops  # same FLOPs at the dense rate
-        r.vs_floor = floor_ms / r.ms
+        shape = by_name.get(r.shape)
+        if shape is not None:
+            r.vs_floor = floor_ms(shape, r.tokens, r.mode, floor_tflops, copy_gbs) / r.ms
+        else:  # same FLOPs at the dense rate
+            r.vs_floor = r.tflops / floor_tflops
 
 
 def print_table(records, meta):
@@ -417,6 +448,7 @@ def main(argv=None) -> int:
         "ddp": bool(args.ddp),
     }
     meta["dense_bf16_tflops"] = dense_gemm_tflops()
+    meta["copy_gbs"] = copy_bandwidth_gbs() if args.ddp else None
     records = []
     from rich.progress import Progress
 
@@ -426,13 +458,14 @@ def main(argv=None) -> int:
         for shape in shapes:
             records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task, ddp=args.ddp)
     add_auto(records)
-    add_ratios(records, meta["dense_bf16_tflops"])
+    add_ratios(records, meta["dense_bf16_tflops"], shapes, meta["copy_gbs"])
     if args.timeline:
         meta["timeline"] = draw_timeline(shapes[0], args.tokens[0], out / "timeline.png")
     (out / "bench.json").write_text(json.dumps({"meta": meta, "records": [asdict(r) for r in records]},
                                                indent=1))
     plot(records, out / "bench.png")
-    print(f"dense bf16 GEMM: {meta['dense_bf16_tflops']:.0f} TFLOP/s ({meta['gpu']})")
+    copy = f", fp32 copy {meta['copy_gbs']:.0f} GB/s (main_grad floor)" if meta.get("copy_gbs") else ""
+    print(f"dense bf16 GEMM: {meta['dense_bf16_tflops']:.0f} TFLOP/s{copy} ({meta['gpu']})")
     print_table(records, meta)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0
