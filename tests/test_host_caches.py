@@ -44,3 +44,30 @@ def test_back_to_back_cache_follows_moved_parameters():
     copy = stacked_weights_no_grad(params)
     assert copy.data_ptr() != params[0].data_ptr() and torch.equal(copy[1], params[1])
     assert not copy.requires_grad
+
+
+def test_fc_params_reads_the_registries_like_attribute_access():
+    """`CometGroupedMLP.fc_params` reads `_modules` / `_parameters` directly (host time); it must give what
+    attribute access gives, also for a linear whose weight is a property (not a registered parameter)."""
+    import types
+
+    from comet_megatron.experts import CometGroupedMLP
+
+    class PropertyLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Linear(3, 4, bias=False)
+
+        @property
+        def weight(self):
+            return self.inner.weight
+
+    experts = torch.nn.ModuleList()
+    for i in range(3):
+        e = torch.nn.Module()
+        e.linear_fc1 = torch.nn.Linear(4, 6, bias=False) if i != 1 else PropertyLinear()
+        e.linear_fc2 = torch.nn.Linear(3, 4, bias=False)
+        experts.append(e)
+    w1, w2 = CometGroupedMLP.fc_params(types.SimpleNamespace(local_experts=experts))
+    assert all(a is b for a, b in zip(w1, [e.linear_fc1.weight for e in experts])) and len(w1) == 3
+    assert all(a is b for a, b in zip(w2, [e.linear_fc2.weight for e in experts])) and len(w2) == 3
