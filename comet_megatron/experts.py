@@ -589,12 +589,33 @@ def _check_back_to_back(params) -> bool:
     return base - storage.data_ptr() + len(params) * step <= storage.nbytes()
 
 
+_WARNED_COPIES: set = set()  # parameter-id tuples already warned about (once per set of weights)
+
+
+def _warn_copy(params) -> None:
+    """Say once per set of expert weights that they are copied on every call (the view needs them back to back)."""
+    key = tuple(map(id, params))
+    if key in _WARNED_COPIES:
+        return
+    _WARNED_COPIES.add(key)
+    first = params[0]
+    mib = len(params) * first.numel() * first.element_size() / 2**20
+    log.warning(
+        "comet: %d expert weights of shape %s do not lie back to back in memory, so every forward and backward "
+        "copies them into one [experts, ...] tensor for the grouped GEMMs (%.0f MiB per copy). Megatron's "
+        "distributed optimizer does this: it re-homes parameters into its buffer in its own order (reversed, "
+        "fc1 and fc2 interleaved). Correct, but slower than the view the experts were allocated for; without "
+        "--use-distributed-optimizer the weights stay back to back.",
+        len(params), tuple(first.shape), mib)
+
+
 def stacked_weights_no_grad(params) -> torch.Tensor:
     """[G, ...] stack of `params` outside autograd (inside a Function's forward / backward): a view when
-    they lie back to back, else a copy."""
+    they lie back to back, else a copy (with a warning, once)."""
     if _back_to_back(params):
         first = params[0]
         return first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()))
+    _warn_copy(params)
     return torch.stack([p.detach() for p in params])
 
 
@@ -605,6 +626,7 @@ def stack_weights(params, handoff: WgradHandoff | None = None) -> torch.Tensor:
     gradients are already in `main_grad` and DDP's hooks drop them (`grad_added_to_main_grad`)."""
     if _back_to_back(params):
         return _StackedView.apply(handoff, *params)
+    _warn_copy(params)
     return torch.stack(list(params))
 
 

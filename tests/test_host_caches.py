@@ -34,16 +34,21 @@ def test_main_grads_cache_follows_buffers_and_flags():
     assert _main_grads(params) is None
 
 
-def test_back_to_back_cache_follows_moved_parameters():
+def test_back_to_back_cache_follows_moved_parameters(caplog):
     params = _params()
     assert _back_to_back(params)
     view = stacked_weights_no_grad(params)
     assert view.data_ptr() == params[0].data_ptr() and torch.equal(view[2], params[2])
     params[1].data = params[1].data.clone()  # moved out of the shared storage
     assert not _back_to_back(params)
-    copy = stacked_weights_no_grad(params)
+    with caplog.at_level("WARNING", logger="comet_megatron"):
+        copy = stacked_weights_no_grad(params)
+        stacked_weights_no_grad(params)
     assert copy.data_ptr() != params[0].data_ptr() and torch.equal(copy[1], params[1])
     assert not copy.requires_grad
+    # a copy on every call is said once, with the cause
+    warned = [r for r in caplog.records if "do not lie back to back" in r.getMessage()]
+    assert len(warned) == 1 and "distributed optimizer" in warned[0].getMessage()
 
 
 def test_fc_params_reads_the_registries_like_attribute_access():
