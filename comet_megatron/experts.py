@@ -111,14 +111,34 @@ class ExpertRows:
             self._offs[str(device)] = full
         return full if leading_zero else full[1:]
 
+    def device_offsets_reversed(self, device) -> torch.Tensor:
+        """int32 cumulative ends of the counts in reversed expert order (the segments of the rows flipped
+        upside down), on `device`, no host sync."""
+        key = ("reversed", str(device))
+        ends = self._offs.get(key)
+        if ends is None:
+            if self._dev is not None:
+                ends = torch.cumsum(self._dev.flip(0), 0, dtype=torch.int32)
+            else:
+                ends = device_row_offsets(self._host[::-1], device)[1:]
+            self._offs[key] = ends
+        return ends
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts) -> torch.Tensor:
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts, reversed_experts: bool = False) -> torch.Tensor:
     """rows of `x` [M, K] in expert segments of `counts` (a sequence, or `ExpertRows`) times `weight[e]`^T
     ([G, N, K]) -> [M, N].
 
     Megatron stores linear weights as [out, in]; the grouped GEMM reads them transposed in place.
+    `reversed_experts`: `weight[j]` is expert G-1-j's (a view over weights laid out in descending order,
+    `expert_weights`): the rows are flipped upside down, so their segments come in that order, and back.
     """
     rows = ExpertRows.of(counts)
+    if reversed_experts:
+        if _grouped_mm_ok(x, weight):
+            y = torch._grouped_mm(x.flip(0), weight.transpose(-2, -1), offs=rows.device_offsets_reversed(x.device))
+            return y.flip(0)
+        weight = weight.flip(0)
     if _grouped_mm_ok(x, weight):
         return torch._grouped_mm(x, weight.transpose(-2, -1), offs=rows.device_offsets(x.device, leading_zero=False))
     outs = [xe @ weight[e].t() for e, xe in enumerate(torch.split(x, rows.host()))]
@@ -247,23 +267,24 @@ class _GroupedLinear(torch.autograd.Function):
     def forward(ctx, x, counts, *params):
         ctx.counts, ctx.params = counts, params
         ctx.save_for_backward(x)
-        return grouped_linear(x, stacked_weights_no_grad(params), counts)
+        weight, rev = expert_weights(params, x.shape[0])
+        return grouped_linear(x, weight, counts, rev)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
         params, counts = ctx.params, ExpertRows.of(ctx.counts)
         grad_y = grad_y.contiguous()
-        weight = stacked_weights_no_grad(params)
-        grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts) if ctx.needs_input_grad[0] else None
+        weight, rev = expert_weights(params, x.shape[0])
+        grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts, rev) if ctx.needs_input_grad[0] else None
         if not any(ctx.needs_input_grad[2:]):
             return (grad_x, None) + (None,) * len(params)
         plan = fused_wgrad_mains(params, grad_y, x.shape[0])
         if plan is not None:
             accumulate_into_mains(params, plan, grad_y, x, counts.offsets, counts.device_offsets(x.device))
             # placeholders for DDP's hooks, which drop them (one allocation, never written)
-            return (grad_x, None) + torch.empty_like(weight).unbind(0)
-        grad_w = grouped_linear_wgrad(grad_y, x, counts, weight.dtype)
+            return (grad_x, None) + torch.empty_like(params[0]).expand(len(params), *params[0].shape).unbind(0)
+        grad_w = grouped_linear_wgrad(grad_y, x, counts, params[0].dtype)
         hand_to_main_grads(params, grad_w)
         return (grad_x, None) + grad_w.unbind(0)
 
@@ -558,35 +579,65 @@ class _StackedView(torch.autograd.Function):
         return (None,) + tuple(grad.unbind(0))
 
 
-_B2B: dict = {}  # (params' ids, data pointers) -> whether they lie back to back
+_LAYOUT: dict = {}  # (params' ids, data pointers) -> _layout(params)
+
+
+def _layout(params) -> int | None:
+    """Element distance d between consecutive `params` when they are equally shaped, of one dtype, contiguous,
+    inside one storage and evenly spaced by at least their size (d = numel: back to back, as `CometGroupedMLP`
+    allocates them; d < 0: descending, as Megatron's distributed optimizer re-homes them), else None. Runs
+    several times per call: cached per (parameters, data pointers), which moving a parameter changes."""
+    key = (tuple(map(id, params)), tuple(map(torch.Tensor.data_ptr, params)))
+    if key not in _LAYOUT:
+        if len(_LAYOUT) >= 256:
+            _LAYOUT.clear()
+        _LAYOUT[key] = _check_layout(params)
+    return _LAYOUT[key]
+
+
+def _check_layout(params) -> int | None:
+    first = params[0]
+    if not first.is_contiguous():
+        return None
+    shape, dtype, size = first.shape, first.dtype, first.element_size()
+    storage = first.untyped_storage()
+    if any(p.shape != shape or p.dtype != dtype or not p.is_contiguous()
+           or p.untyped_storage().data_ptr() != storage.data_ptr() for p in params):
+        return None
+    if len(params) == 1:
+        return first.numel()
+    step_bytes = params[1].data_ptr() - first.data_ptr()
+    if step_bytes % size:
+        return None
+    step = step_bytes // size
+    if abs(step) < first.numel():
+        return None
+    if any(p.data_ptr() != first.data_ptr() + i * step_bytes for i, p in enumerate(params)):
+        return None
+    low = min(first.data_ptr(), params[-1].data_ptr())
+    return step if low >= storage.data_ptr() and (
+        low - storage.data_ptr() + ((len(params) - 1) * abs(step) + first.numel()) * size <= storage.nbytes()) else None
 
 
 def _back_to_back(params) -> bool:
-    """Whether `params` are equally shaped, contiguous and lie one after the other inside the first one's
-    storage. Runs several times per call: cached per (parameters, data pointers), which moving a parameter
-    (`p.data = ...`) changes."""
-    key = (tuple(map(id, params)), tuple(map(torch.Tensor.data_ptr, params)))
-    hit = _B2B.get(key)
-    if hit is None:
-        hit = _check_back_to_back(params)
-        if len(_B2B) >= 256:
-            _B2B.clear()
-        _B2B[key] = hit
-    return hit
+    """Whether `params` lie one after the other in one storage (`_layout`): one [G, ...] view covers them."""
+    return _layout(params) == params[0].numel()
 
 
-def _check_back_to_back(params) -> bool:
+def expert_weights(params, rows: int = 0) -> tuple[torch.Tensor, bool]:
+    """(weight [G, out, in], reversed_experts) for `grouped_linear` outside autograd: a view over the
+    parameters when they are evenly spaced in ascending order; when descending (Megatron's distributed
+    optimizer), a view in reversed expert order where flipping `rows` input and output rows costs less
+    traffic than copying the weights; else a copy (said once)."""
+    step = _layout(params)
     first = params[0]
-    if not first.is_contiguous():
-        return False
-    shape, dtype = first.shape, first.dtype
-    step = first.numel() * first.element_size()
-    base = first.data_ptr()
-    for i, p in enumerate(params):
-        if p.data_ptr() != base + i * step or p.shape != shape or p.dtype != dtype or not p.is_contiguous():
-            return False
-    storage = first.untyped_storage()
-    return base - storage.data_ptr() + len(params) * step <= storage.nbytes()
+    if step is not None and step > 0:
+        return first.as_strided((len(params), *first.shape), (step, *first.stride())), False
+    if step is not None and rows * sum(first.shape) < len(params) * first.numel():
+        last = params[-1]
+        return last.as_strided((len(params), *last.shape), (-step, *last.stride())), True
+    _warn_copy(params)
+    return torch.stack([p.detach() for p in params]), False
 
 
 _WARNED_COPIES: set = set()  # parameter-id tuples already warned about (once per set of weights)
@@ -610,13 +661,9 @@ def _warn_copy(params) -> None:
 
 
 def stacked_weights_no_grad(params) -> torch.Tensor:
-    """[G, ...] stack of `params` outside autograd (inside a Function's forward / backward): a view when
-    they lie back to back, else a copy (with a warning, once)."""
-    if _back_to_back(params):
-        first = params[0]
-        return first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()))
-    _warn_copy(params)
-    return torch.stack([p.detach() for p in params])
+    """[G, ...] stack of `params` in expert order outside autograd: a view when they are evenly spaced in
+    ascending order, else a copy (with a warning, once)."""
+    return expert_weights(params)[0]
 
 
 def stack_weights(params, handoff: WgradHandoff | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Megatron's distributed optimizer re-homes the expert weights into its parameter buffer in its own order
-(reversed, fc1 and fc2 interleaved), so they no longer lie back to back: the comet layer then copies them for
-its grouped GEMMs. It must say so (once) and compute the same output and main_grads as with the plain DDP
-layout, where they stay back to back."""
+(reversed, fc1 and fc2 interleaved): evenly spaced in descending order instead of back to back. The comet
+layer then views them in reversed expert order (flipping its rows) and must compute the same output and
+main_grads as with the plain DDP layout, without copying the weights (no copy warning)."""
 
 from __future__ import annotations
 
@@ -42,22 +42,24 @@ def _body(rank):
         model = DistributedDataParallel(layer.config, DistributedDataParallelConfig(
             use_distributed_optimizer=do, overlap_grad_reduce=False, bucket_size=10**9), layer)
         p1, p2 = layer.experts.fc_params()
-        layout = (experts._back_to_back(p1), experts._back_to_back(p2))
+        layout = tuple(experts._layout(p) for p in (p1, p2))
+        sizes = (p1[0].numel(), p2[0].numel())
         n_warn = len(warnings)
         y, _ = model(x.clone().requires_grad_(True))
         y.backward(dy)
         copies = [w for w in warnings[n_warn:] if "do not lie back to back" in w]
         mains = [p.main_grad.clone() for p in p1 + p2]
-        out[do] = (layout, len(copies), y.detach(), mains)
+        out[do] = (layout, sizes, len(copies), y.detach(), mains)
     return out
 
 
-def test_distributed_optimizer_layout_is_copied_with_a_warning_and_gives_the_same_gradients():
+def test_distributed_optimizer_layout_gives_the_same_gradients_without_copies():
     (res,) = run_distributed(_body, 1)
-    layout, warned, y, mains = res[False]
-    layout_do, warned_do, y_do, mains_do = res[True]
-    assert layout == (True, True) and warned == 0
-    assert layout_do == (False, False) and warned_do == 2  # fc1 and fc2, once each
+    layout, sizes, warned, y, mains = res[False]
+    layout_do, _, warned_do, y_do, mains_do = res[True]
+    assert layout == sizes and warned == 0  # back to back
+    # descending, fc1 and fc2 interleaved: each linear's experts one fc1 + fc2 apart
+    assert layout_do == (-(sizes[0] + sizes[1]),) * 2 and warned_do == 0
     assert torch_equal(y, y_do)
     assert all(torch_equal(a, b) for a, b in zip(mains, mains_do))
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from comet_megatron.experts import _back_to_back, _main_grads, stacked_weights_no_grad
+from comet_megatron.experts import (ExpertRows, _back_to_back, _layout, _main_grads, expert_weights, grouped_linear,
+                                    stacked_weights_no_grad)
 
 
 def _params(n=3, shape=(4, 5)):
@@ -76,3 +77,32 @@ def test_fc_params_reads_the_registries_like_attribute_access():
     w1, w2 = CometGroupedMLP.fc_params(types.SimpleNamespace(local_experts=experts))
     assert all(a is b for a, b in zip(w1, [e.linear_fc1.weight for e in experts])) and len(w1) == 3
     assert all(a is b for a, b in zip(w2, [e.linear_fc2.weight for e in experts])) and len(w2) == 3
+
+
+def test_expert_weights_view_evenly_spaced_layouts():
+    """Weights evenly spaced in one storage, ascending with gaps or descending (the distributed optimizer's
+    layout), are viewed, not copied; `grouped_linear` with the reversed view gives the per-expert products."""
+    gen = torch.Generator().manual_seed(4)
+    experts, out_f, in_f, gap = 3, 5, 4, 7
+    size = out_f * in_f
+    buf = torch.randn(experts * (size + gap), generator=gen)
+    asc = [buf[i * (size + gap):][:size].view(out_f, in_f) for i in range(experts)]
+    desc = asc[::-1]
+    assert _layout(asc) == size + gap and _layout(desc) == -(size + gap)
+    assert not _back_to_back(asc)
+    w, rev = expert_weights(asc, rows=1)
+    assert not rev and w.data_ptr() == asc[0].data_ptr() and all(torch.equal(w[i], asc[i]) for i in range(experts))
+    w, rev = expert_weights(desc, rows=1)  # flipping one row is cheaper than copying three weights
+    assert rev and all(torch.equal(w[j], desc[experts - 1 - j]) for j in range(experts))
+    assert w.data_ptr() == desc[-1].data_ptr()  # a view
+    counts = [2, 0, 3]
+    x = torch.randn(sum(counts), in_f, generator=gen)
+    got = grouped_linear(x, w, ExpertRows(counts), reversed_experts=True)
+    want = torch.cat([xe @ desc[e].t() for e, xe in enumerate(torch.split(x, counts))])
+    torch.testing.assert_close(got, want)
+    # many rows: flipping them would cost more than one copy of the weights
+    w, rev = expert_weights(desc, rows=100)
+    assert not rev and w.data_ptr() != desc[-1].data_ptr() and all(torch.equal(w[i], desc[i]) for i in range(experts))
+    assert ExpertRows(counts).device_offsets_reversed("cpu").tolist() == [3, 3, 5]
+    # unevenly spaced: no layout
+    assert _layout([asc[0], asc[2], asc[1]]) is None

@@ -214,7 +214,10 @@ def _ddp_body(rank, transport, modes):
         layer = ref if mode == "megatron" else com
         # no overlapped / final reduction: this group is gloo, which cannot reduce CUDA tensors (and at world
         # size 1 there is nothing to reduce); DDP's per-parameter hooks still run
-        model = DistributedDataParallel(layer.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), layer)
+        # "do": Megatron's distributed optimizer layout (expert weights re-homed descending and interleaved:
+        # the reference path views them in reversed expert order and flips its rows)
+        model = DistributedDataParallel(layer.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=mode == "do"), layer)
         model.zero_grad_buffer()
         for mb in range(2):
             x = make_input(1024, 1, 1024, seed=mb).cuda().to(dtype)
@@ -236,8 +239,9 @@ def test_main_grads_under_megatron_ddp_match_megatron(transport):
     """Expert weight gradients into main_grad: per-expert GEMMs accumulating into fp32 main_grad ("gemm",
     the choice for few large experts), the one-launch Triton kernel doing the same for all experts ("triton",
     the choice otherwise), one grouped GEMM + one Triton accumulation launch ("add"), and DDP's own
-    per-parameter hooks ("off"); reference and fused paths."""
-    modes = ("gemm", "triton", "add", "off")
+    per-parameter hooks ("off"), and under the distributed optimizer's parameter layout ("do"); reference and
+    fused paths."""
+    modes = ("gemm", "triton", "add", "off", "do")
     (res,) = run_distributed(_ddp_body, 1, ep=1, transport=transport, modes=modes)
     bad = {k: v for k, v in res["errs"].items() if not v <= 3e-2}
     assert not bad, bad
