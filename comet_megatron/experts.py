@@ -660,12 +660,6 @@ def _warn_copy(params) -> None:
         len(params), tuple(first.shape), mib)
 
 
-def stacked_weights_no_grad(params) -> torch.Tensor:
-    """[G, ...] stack of `params` in expert order outside autograd: a view when they are evenly spaced in
-    ascending order, else a copy (with a warning, once)."""
-    return expert_weights(params)[0]
-
-
 def stack_weights(params, handoff: WgradHandoff | None = None) -> torch.Tensor:
     """Differentiable [G, ...] stack of `params`: a view when they lie back to back (as
     `CometGroupedMLP` allocates them), else a copy (e.g. after a wrapper re-homed them). The copy's

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from comet_megatron.experts import (ExpertRows, _back_to_back, _layout, _main_grads, expert_weights, grouped_linear,
-                                    stacked_weights_no_grad)
+from comet_megatron.experts import ExpertRows, _back_to_back, _layout, _main_grads, expert_weights, grouped_linear
 
 
 def _params(n=3, shape=(4, 5)):
@@ -38,13 +37,13 @@ def test_main_grads_cache_follows_buffers_and_flags():
 def test_back_to_back_cache_follows_moved_parameters(caplog):
     params = _params()
     assert _back_to_back(params)
-    view = stacked_weights_no_grad(params)
+    view, _ = expert_weights(params)
     assert view.data_ptr() == params[0].data_ptr() and torch.equal(view[2], params[2])
     params[1].data = params[1].data.clone()  # moved out of the shared storage
     assert not _back_to_back(params)
     with caplog.at_level("WARNING", logger="comet_megatron"):
-        copy = stacked_weights_no_grad(params)
-        stacked_weights_no_grad(params)
+        copy, _ = expert_weights(params)
+        expert_weights(params)
     assert copy.data_ptr() != params[0].data_ptr() and torch.equal(copy[1], params[1])
     assert not copy.requires_grad
     # a copy on every call is said once, with the cause
