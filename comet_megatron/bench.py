@@ -313,18 +313,14 @@ def floor_ms(shape: Shape, tokens: int, mode: str, floor_tflops: float, copy_gbs
     return ms
 
 
-def add_ratios(records, floor_tflops, shapes=(), copy_gbs: float | None = None):
+def add_ratios(records, floor_tflops, shapes, copy_gbs: float | None = None):
     by_key = {(r.shape, r.tokens, r.mode): r for r in records if r.variant == "megatron+grouped"}
     by_name = {s.name: s for s in shapes}
     for r in records:
         base = by_key.get((r.shape, r.tokens, r.mode))
         if base is not None:
             r.vs_grouped = base.ms / r.ms
-        shape = by_name.get(r.shape)
-        if shape is not None:
-            r.vs_floor = floor_ms(shape, r.tokens, r.mode, floor_tflops, copy_gbs) / r.ms
-        else:  # same FLOPs at the dense rate
-            r.vs_floor = r.tflops / floor_tflops
+        r.vs_floor = floor_ms(by_name[r.shape], r.tokens, r.mode, floor_tflops, copy_gbs) / r.ms
 
 
 def print_table(records, meta):

@@ -28,7 +28,6 @@ none: the routed pair count is tokens x top-k, and the experts read their row of
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
@@ -36,6 +35,7 @@ from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
 from comet_megatron.collectives import all_gather_uneven, reduce_scatter_uneven
+from comet_megatron.experts import triton_pass
 from comet_megatron.routing import RoutingPlan, build_routing_plan
 
 
@@ -73,7 +73,7 @@ class CometTokenDispatcher(MoETokenDispatcher):
         )
         plan = self.plan
         self.token_order = None
-        if _triton_token_sum(hidden_states):  # its backward and the combine: kernels.token_sum
+        if triton_pass("COMET_TOKEN_SUM", hidden_states):  # its backward and the combine: kernels.token_sum
             from comet_megatron.kernels.token_sum import token_row_order
 
             self.token_order = token_row_order(plan.send_token_index, plan.num_tokens)
@@ -158,19 +158,6 @@ def _sum_rows_per_token_in_order(rows: torch.Tensor, token: torch.Tensor, num_to
     flat = token * width + slot
     slots = rows.new_zeros((num_tokens * width, rows.shape[-1])).index_copy(0, flat, rows)
     return slots.view(num_tokens, width, -1).sum(dim=1)
-
-
-TOKEN_SUM_MODES = ("auto", "triton", "torch")
-
-
-def _triton_token_sum(x: torch.Tensor) -> bool:
-    """Whether rows like `x` are summed per token by `kernels.token_sum` (see the module docstring)."""
-    how = os.environ.get("COMET_TOKEN_SUM", "auto")
-    if how not in TOKEN_SUM_MODES:
-        raise ValueError(f"COMET_TOKEN_SUM={how!r}: use one of {', '.join(TOKEN_SUM_MODES)}")
-    if how == "torch" or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        return False
-    return x.is_cuda or (how == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _sum_rows(rows: torch.Tensor, order) -> torch.Tensor:

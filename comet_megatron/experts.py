@@ -275,8 +275,10 @@ class _GroupedLinear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         params, counts = ctx.params, ExpertRows.of(ctx.counts)
         grad_y = grad_y.contiguous()
-        weight, rev = expert_weights(params, x.shape[0])
-        grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts, rev) if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight, rev = expert_weights(params, x.shape[0])
+            grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts, rev)
         if not any(ctx.needs_input_grad[2:]):
             return (grad_x, None) + (None,) * len(params)
         plan = fused_wgrad_mains(params, grad_y, x.shape[0])
@@ -392,16 +394,24 @@ def activation(config, pre: torch.Tensor) -> torch.Tensor:
     return config.activation_func(pre)
 
 
-FUSED_ACTIVATION_MODES = ("auto", "triton", "torch")
+TRITON_PASS_MODES = ("auto", "triton", "torch")
+
+
+def triton_pass(env: str, x: torch.Tensor) -> bool:
+    """Whether an elementwise Triton pass of the reference path (switch `env`) runs on tensors like `x`: auto
+    (on CUDA), triton (also in Triton's interpreter: CPU tests), torch (never; PyTorch's ops)."""
+    how = os.environ.get(env, "auto")
+    if how not in TRITON_PASS_MODES:
+        raise ValueError(f"{env}={how!r}: use one of {', '.join(TRITON_PASS_MODES)}")
+    if how == "torch" or x.dim() != 2 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    return x.is_cuda or (how == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _fused_activation(config, pre: torch.Tensor) -> str | None:
-    """The kernels' activation name when `activation_with_probs` runs `kernels.activation` on `pre`, else None.
-    `COMET_FUSED_ACTIVATION`: auto (on CUDA), triton (also in Triton's interpreter: CPU tests), torch (never)."""
-    how = os.environ.get("COMET_FUSED_ACTIVATION", "auto")
-    if how not in FUSED_ACTIVATION_MODES:
-        raise ValueError(f"COMET_FUSED_ACTIVATION={how!r}: use one of {', '.join(FUSED_ACTIVATION_MODES)}")
-    if how == "torch" or not (pre.is_cuda or (how == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
+    """The kernels' activation name when `activation_with_probs` runs `kernels.activation` on `pre`
+    (`COMET_FUSED_ACTIVATION`, `triton_pass`), else None."""
+    if not triton_pass("COMET_FUSED_ACTIVATION", pre):
         return None
     from comet_megatron.fused import ACTIVATION_NAMES
 
@@ -409,8 +419,6 @@ def _fused_activation(config, pre: torch.Tensor) -> str | None:
     if name is None or config.activation_func_clamp_value is not None:
         return None
     if config.gated_linear_unit and config.glu_linear_offset != 0.0:
-        return None
-    if pre.dim() != 2 or pre.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
     return name
 
