@@ -567,7 +567,9 @@ class WgradHandoff:
 
 
 class _StackedView(torch.autograd.Function):
-    """[G, ...] view over G equally shaped parameters that lie back to back in one storage.
+    """[G, ...] view over G equally shaped parameters evenly spaced in one storage (`_layout`'s step: back to
+    back as `CometGroupedMLP` allocates them, or descending as Megatron's distributed optimizer re-homes them,
+    in which case the view holds them in reversed order: view[i] = params[G-1-i]).
 
     Backward hands each parameter its slice of the stacked gradient: no copy either way. Under Megatron's
     DDP the gradient goes into the parameters' `main_grad`s in one multi-tensor add instead
@@ -575,16 +577,18 @@ class _StackedView(torch.autograd.Function):
     (they drop them: `grad_added_to_main_grad`)."""
 
     @staticmethod
-    def forward(ctx, handoff, *params):
-        ctx.params, ctx.handoff = params, handoff
-        first = params[0]
-        return first.as_strided((len(params), *first.shape), (first.numel(), *first.stride()))
+    def forward(ctx, handoff, step, *params):
+        ctx.params, ctx.handoff, ctx.reversed = params, handoff, step < 0
+        base = params[-1] if step < 0 else params[0]
+        return base.as_strided((len(params), *base.shape), (abs(step), *base.stride()))
 
     @staticmethod
     def backward(ctx, grad):
+        in_view_order = ctx.params[::-1] if ctx.reversed else ctx.params
         if ctx.handoff is None or not ctx.handoff.done:
-            hand_to_main_grads(ctx.params, grad)
-        return (None,) + tuple(grad.unbind(0))
+            hand_to_main_grads(in_view_order, grad)
+        slices = grad.unbind(0)
+        return (None, None) + tuple(slices[::-1] if ctx.reversed else slices)
 
 
 _LAYOUT: dict = {}  # (params' ids, data pointers) -> _layout(params)
@@ -669,14 +673,26 @@ def _warn_copy(params) -> None:
 
 
 def stack_weights(params, handoff: WgradHandoff | None = None) -> torch.Tensor:
-    """Differentiable [G, ...] stack of `params`: a view when they lie back to back (as
-    `CometGroupedMLP` allocates them), else a copy (e.g. after a wrapper re-homed them). The copy's
-    backward hands the slices to autograd as they come: where `handoff` says they are placeholders, the
-    gradients are already in `main_grad` and DDP's hooks drop them (`grad_added_to_main_grad`)."""
-    if _back_to_back(params):
-        return _StackedView.apply(handoff, *params)
+    """Differentiable [G, ...] stack of `params` in expert order: a view when they are evenly spaced in
+    ascending order (as `CometGroupedMLP` allocates them), else a copy (e.g. after a wrapper re-homed them).
+    The copy's backward hands the slices to autograd as they come: where `handoff` says they are placeholders,
+    the gradients are already in `main_grad` and DDP's hooks drop them (`grad_added_to_main_grad`)."""
+    step = _layout(params)
+    if step is not None and step > 0:
+        return _StackedView.apply(handoff, step, *params)
     _warn_copy(params)
     return torch.stack(list(params))
+
+
+def stack_weight_views(params, handoff: WgradHandoff | None = None) -> tuple[torch.Tensor, bool]:
+    """(differentiable [G, ...] view, reversed) over `params` for kernels that can read the experts in either
+    order: also a view (reversed: view[i] = params[G-1-i]) when they are stored in descending order, as Megatron's
+    distributed optimizer re-homes them, where `stack_weights` copies. A copy only when they are not evenly
+    spaced in one storage."""
+    step = _layout(params)
+    if step is not None:
+        return _StackedView.apply(handoff, step, *params), step < 0
+    return stack_weights(params, handoff), False
 
 
 class CometGroupedMLP(SequentialMLP):
@@ -785,6 +801,12 @@ class CometGroupedMLP(SequentialMLP):
         """Stacked ([El, F1, H], [El, H, F]) views of the experts' weights (differentiable)."""
         p1, p2 = self.fc_params()
         return stack_weights(p1, handoff), stack_weights(p2, handoff)
+
+    def fc_weight_views(self, handoff: WgradHandoff | None = None):
+        """((w1 [El, F1, H], reversed), (w2 [El, H, F], reversed)): `stack_weight_views` of each linear's
+        expert weights, for the fused kernels (which read a reversed view in place)."""
+        p1, p2 = self.fc_params()
+        return stack_weight_views(p1, handoff), stack_weight_views(p2, handoff)
 
     def fc_params(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:
         """([fc1 weights], [fc2 weights]) of the local experts, read on every call: through the modules'

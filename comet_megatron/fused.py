@@ -179,7 +179,8 @@ def _check_unchecked_forwards(runner) -> None:
 
 
 class _FusedMoE(torch.autograd.Function):
-    """x [T, H], router weights [T, K], w1 [El, H, F1], w2 [El, F, H] -> [T, H].
+    """x [T, H], router weights [T, K], w1 [El, H, F1], w2 [El, F, H] -> [T, H]; `reversed_experts` (w1's,
+    w2's): that weight holds the experts in reversed order (a view over Megatron's distributed optimizer layout).
 
     With `defer` (delayed weight gradients, `config.delay_wgrad_compute`), w1 and w2 are detached,
     `anchor` (a leaf that requires grad) keeps the node in the graph, and backward hands a callable
@@ -187,12 +188,12 @@ class _FusedMoE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, topk_probs, w1, w2, anchor, topk_idx, runner, defer=None, handoff=None,
-                defer_check=False):
-        ctx.defer, ctx.handoff = defer, handoff
+                defer_check=False, reversed_experts=(False, False)):
+        ctx.defer, ctx.handoff, ctx.reversed_experts = defer, handoff, reversed_experts
         _check_unchecked_forwards(runner)
         with _reporting(runner, "forward"):
             view = runner.workspace.ensure_capacity(x.shape[0])
-            phases = moe_forward(view, x, topk_idx, topk_probs.float(), w1, w2, runner.kernel)
+            phases = moe_forward(view, x, topk_idx, topk_probs.float(), w1, w2, runner.kernel, reversed_experts)
             # With a backward to come, the round's error buffer is read when that backward pass ends
             # (`_check_after_backward`): no host sync at the end of the forward, so the host queues what
             # follows while the round runs. A forward without autograd checks here.
@@ -212,7 +213,7 @@ class _FusedMoE(torch.autograd.Function):
         runner, state = ctx.runner, ctx.state
         view = runner.workspace.view
         with _reporting(runner, "backward"):
-            phases = moe_backward(view, state, grad_out.contiguous(), w1, w2, runner.kernel)
+            phases = moe_backward(view, state, grad_out.contiguous(), w1, w2, runner.kernel, ctx.reversed_experts)
             # No host sync here: the round's error buffer is read once the whole backward pass is over
             # (see _check_after_backward), so the host keeps queueing the weight-gradient hand-off and the
             # other layers' backward while this round runs.
@@ -227,14 +228,16 @@ class _FusedMoE(torch.autograd.Function):
         if ctx.defer is not None:
             ctx.defer(weight_grads)  # the received rows and gradients stay alive until backward_dw()
             ctx.defer = None
-            return grad_x, grad_probs, None, None, None, None, None, None, None, None
+            return grad_x, grad_probs, None, None, None, None, None, None, None, None, None
         handoff, ctx.handoff = ctx.handoff, None
         if handoff is not None and _accumulate_into_main_grads(handoff, state, bstate):
             # the gradients are in main_grad; placeholders for the stacked views (never written)
             return (grad_x, grad_probs, torch.empty_like(w1), torch.empty_like(w2),
-                    None, None, None, None, None, None)
-        dw1, dw2 = weight_grads()
-        return grad_x, grad_probs, dw1.transpose(1, 2), dw2.transpose(1, 2), None, None, None, None, None, None
+                    None, None, None, None, None, None, None)
+        # expert order -> the order of the weight views
+        dw1, dw2 = (dw.flip(0) if rev else dw for dw, rev in zip(weight_grads(), ctx.reversed_experts))
+        return (grad_x, grad_probs, dw1.transpose(1, 2), dw2.transpose(1, 2),
+                None, None, None, None, None, None, None)
 
 
 def _accumulate_into_main_grads(handoff, state, bstate) -> bool:
@@ -289,17 +292,19 @@ class FusedExperts:
         topk_idx, topk_probs = topk_from_routing(routing_map, probs, self.topk)
         if experts.delays_wgrad():  # weight gradients in experts.backward_dw()
             w1, w2, anchor = experts.delayed_fc_weights()
-            defer, handoff = experts.defer_wgrad, None
+            defer, handoff, reversed_experts = experts.defer_wgrad, None, (False, False)
         else:
             handoff = WgradHandoff(experts.fc_params())
-            w1, w2 = experts.fc_weights(handoff)  # [El, F1, H], [El, H, F]
+            # [El, F1, H], [El, H, F] views, in reversed expert order under the distributed optimizer's layout
+            (w1, rev1), (w2, rev2) = experts.fc_weight_views(handoff)
+            reversed_experts = (rev1, rev2)
             anchor = defer = None
         # COMET_DEFER_FORWARD_CHECK=0: check every forward round at its end (debugging, A/B measurements)
         defer_check = os.environ.get("COMET_DEFER_FORWARD_CHECK", "1") != "0" and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, topk_probs, w1, w2, anchor))
         return _FusedMoE.apply(
             hidden.contiguous(), topk_probs, w1.transpose(1, 2), w2.transpose(1, 2), anchor, topk_idx,
-            self, defer, handoff, defer_check,
+            self, defer, handoff, defer_check, reversed_experts,
         )
 
 

@@ -278,13 +278,15 @@ def _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
                   ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
                   W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr, FUSED_BWD: tl.constexpr,
-                  STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr):
-    """One work item: rows (a_rows: their addresses) @ W[j][:, column block nb] with the fused epilogue."""
+                  STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr, EL: tl.constexpr, W_REV: tl.constexpr):
+    """One work item: rows (a_rows: their addresses) @ W[j][:, column block nb] with the fused epilogue.
+    W_REV: the weight operand holds the experts in reversed order (its [i] is expert EL-1-i's)."""
     if TRACE:
         tl.store(trace_ptr + 2 * (max_tiles + w), now(clock_ptr, GLOBALTIMER))
     cols = nb * BN + tl.arange(0, BN)
     cmask = cols < FFN
-    w_j = w_ptr + j.to(tl.int64) * stride_we
+    jw = EL - 1 - j if W_REV else j
+    w_j = w_ptr + jw.to(tl.int64) * stride_we
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     acc_up = tl.zeros([BM, BN], dtype=tl.float32)  # forward gated: the "up" half (cols + ffn)
     n0 = nb * BN
@@ -294,11 +296,11 @@ def _compute_item(w, q, nb, a_rows, rows, rmask, j, rs, n_blocks,
         # The receive rows were written by this launch's communication programs: pointer loads
         # (see operands.py); the weights may come through TMA.
         a = load_rows_block(w_desc, a_rows, rs, k0, ks, rmask, kmask, False, EVEN_K)
-        b = load_weight_block(w_desc, w_j, j, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
+        b = load_weight_block(w_desc, w_j, jw, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
                               W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED and not BACKWARD:
-            b_up = load_weight_block(w_desc, w_j + FFN * stride_wn, j, k0, n0 + FFN, ks, cols, kmask,
+            b_up = load_weight_block(w_desc, w_j + FFN * stride_wn, jw, k0, n0 + FFN, ks, cols, kmask,
                                      cmask, stride_wk, stride_wn, W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
     m2 = rmask[:, None] & cmask[None, :]
@@ -331,7 +333,7 @@ def _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_
                 ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
                 KNOWN_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
                 GLOBALTIMER: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr,
-                FUSED_BWD: tl.constexpr, STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr):
+                FUSED_BWD: tl.constexpr, STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr, W_REV: tl.constexpr):
     """Phase 1 work item w: a tile of only this rank's rows, gathered in place from the tokens region."""
     q, nb = _dispatch_item(w, n_local, n_blocks, GROUP_M)
     j = tl.load(tile_expert_ptr + q)
@@ -349,7 +351,7 @@ def _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_
                   out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
                   trace_ptr, clock_ptr, max_tiles,
                   HIDDEN, FFN, BM, BN, BK, ACT, GATED, BACKWARD, STORE_PRE, DOT_PRECISION, TRACE,
-                  GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD, STORE_HP, EPI_SPLIT)
+                  GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD, STORE_HP, EPI_SPLIT, EL, W_REV)
 
 
 @triton.jit(do_not_specialize=["epoch"])  # epochs grow: one compile, not one per divisibility
@@ -367,7 +369,7 @@ def _dispatch_gemm_kernel(
     ACT: tl.constexpr, GATED: tl.constexpr, BACKWARD: tl.constexpr, STORE_PRE: tl.constexpr,
     KNOWN_ROWS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
     GLOBALTIMER: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, IN_PLACE: tl.constexpr,
-    FUSED_BWD: tl.constexpr, STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    FUSED_BWD: tl.constexpr, STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr, W_REV: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = HIDDEN % BK == 0
     pid = tl.program_id(0)
@@ -407,7 +409,7 @@ def _dispatch_gemm_kernel(
                         trace_ptr, clock_ptr, max_tiles,
                         TOPK, HIDDEN, FFN, WORLD, EL, BM, BN, BK, GROUP_M, ACT, GATED, BACKWARD, STORE_PRE,
                         KNOWN_ROWS, DOT_PRECISION, TRACE, GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD,
-                        STORE_HP, EPI_SPLIT)
+                        STORE_HP, EPI_SPLIT, W_REV)
             w += NUM_COMPUTE
         w -= n_local * n_blocks
         while w < (num_tiles - n_local) * n_blocks:
@@ -424,7 +426,7 @@ def _dispatch_gemm_kernel(
                           out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
                           trace_ptr, clock_ptr, max_tiles,
                           HIDDEN, FFN, BM, BN, BK, ACT, GATED, BACKWARD, STORE_PRE, DOT_PRECISION, TRACE,
-                          GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD, STORE_HP, EPI_SPLIT)
+                          GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD, STORE_HP, EPI_SPLIT, EL, W_REV)
             w += NUM_COMPUTE
 
 
@@ -497,7 +499,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
             block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int,
             group_m: int, use_tma: bool | None = None,
             in_place_local: bool | None = None, fused_act_backward: bool = False,
-            epilogue_n: int | None = None) -> DispatchResult:
+            epilogue_n: int | None = None, reversed_experts: bool = False) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
     # the epilogue is split in the forward and in the fused activation backward (the plain backward stores dhp)
@@ -551,7 +553,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         TRACE=trace,
         GLOBALTIMER=use_globaltimer(view.errors), W_DESC=w_desc is not None, W_K_MAJOR=k_major,
         IN_PLACE=True if in_place_local is None else in_place_local, FUSED_BWD=fused_bwd,
-        STORE_HP=hp is not None, EPI_SPLIT=epi_split,
+        STORE_HP=hp is not None, EPI_SPLIT=epi_split, W_REV=bool(reversed_experts),
         num_warps=num_warps, num_stages=num_stages,
     )
     if backward and not fused_bwd and n_rows > 0:
@@ -571,12 +573,14 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                   num_compute: int | None = None, block_n: int = 64, block_k: int = 32, block_h: int = 128,
                   trace: bool = False, num_warps: int = 4, num_stages: int = 3, group_m: int = 8,
                   use_tma: bool | None = None, in_place_local: bool | None = None,
-                  epilogue_n: int | None = None) -> DispatchResult:
+                  epilogue_n: int | None = None, reversed_experts: bool = False) -> DispatchResult:
     """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
 
     `epilogue_n`: the epilogue works on column sub-blocks of that width (block_n / 1, 2, 4 or 8; None: whole).
 
-    w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain).
+    w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain); with
+    `reversed_experts`, w1[i] is expert El-1-i's (a view over weights stored in descending expert order, as
+    Megatron's distributed optimizer re-homes them: read in place, no copy).
     Requires `routing.publish` of the same epoch on every rank and `layout = receive_layout(view, epoch)`.
     """
     ffn = w1.shape[2] // 2 if gated else w1.shape[2]
@@ -584,7 +588,7 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                    store_pre=store_pre, rows=None, num_comm=num_comm, num_compute=num_compute,
                    block_n=block_n, block_k=block_k, block_h=block_h, trace=trace, num_warps=num_warps,
                    num_stages=num_stages, group_m=group_m, use_tma=use_tma,
-                   in_place_local=in_place_local, epilogue_n=epilogue_n)
+                   in_place_local=in_place_local, epilogue_n=epilogue_n, reversed_experts=reversed_experts)
 
 
 def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult, w2: torch.Tensor, epoch: int,
@@ -593,7 +597,7 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
                            block_h: int = 128, trace: bool = False, num_warps: int = 4,
                            num_stages: int = 3, group_m: int = 8, use_tma: bool | None = None,
                            in_place_local: bool | None = None, fused_act_backward: bool = False,
-                           epilogue_n: int = 64) -> DispatchResult:
+                           epilogue_n: int = 64, reversed_experts: bool = False) -> DispatchResult:
     """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, activation backward.
 
     The activation backward runs in the GEMM's epilogue with `fused_act_backward`, on column sub-blocks of
@@ -604,7 +608,8 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
 
     `forward` is the forward round's result (row sources, probs and pre-activation are reused);
     requires `routing.publish(view, grad_out, epoch)` on every rank. Returns out = d_pre [R, F1],
-    grad_prob [R] and recv = the grad_out rows (operand of dW2).
+    grad_prob [R] and recv = the grad_out rows (operand of dW2). `reversed_experts`: w2[i] is expert El-1-i's
+    (see `dispatch_gemm`).
     """
     if forward.pre is None:
         raise ValueError("backward needs the pre-activation: run the forward dispatch_gemm with store_pre=True")
@@ -612,4 +617,5 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
                    activation=activation, gated=gated, store_pre=False, rows=forward, num_comm=num_comm,
                    num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace,
                    num_warps=num_warps, num_stages=num_stages, group_m=group_m, use_tma=use_tma,
-                   in_place_local=in_place_local, fused_act_backward=fused_act_backward, epilogue_n=epilogue_n)
+                   in_place_local=in_place_local, fused_act_backward=fused_act_backward, epilogue_n=epilogue_n,
+                   reversed_experts=reversed_experts)

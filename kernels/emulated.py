@@ -38,15 +38,17 @@ class EmulatedGroup:
 
     def forward(self, xs: Sequence[torch.Tensor], topk_idx: Sequence[torch.Tensor],
                 topk_probs: Sequence[torch.Tensor], w1: Sequence[torch.Tensor], w2: Sequence[torch.Tensor],
-                cfg: KernelConfig) -> list[tuple]:
-        """Forward round on every rank: [(out_r, ForwardState_r)] (per-rank inputs and local weights)."""
-        return run_ranks([moe_forward(v, xs[r], topk_idx[r], topk_probs[r], w1[r], w2[r], cfg)
+                cfg: KernelConfig, reversed_experts: tuple[bool, bool] = (False, False)) -> list[tuple]:
+        """Forward round on every rank: [(out_r, ForwardState_r)] (per-rank inputs and local weights;
+        `reversed_experts` as in `moe_forward`)."""
+        return run_ranks([moe_forward(v, xs[r], topk_idx[r], topk_probs[r], w1[r], w2[r], cfg, reversed_experts)
                           for r, v in enumerate(self.views)], self.views)
 
     def backward(self, states: Sequence, grad_outs: Sequence[torch.Tensor], w1: Sequence[torch.Tensor],
-                 w2: Sequence[torch.Tensor], cfg: KernelConfig, *, wgrad_backend: str = "auto") -> list[tuple]:
-        """Backward round on every rank: [(grad_x_r, grad_probs_r, dW1_r, dW2_r)]."""
-        results = run_ranks([moe_backward(v, states[r], grad_outs[r], w1[r], w2[r], cfg)
+                 w2: Sequence[torch.Tensor], cfg: KernelConfig, *, wgrad_backend: str = "auto",
+                 reversed_experts: tuple[bool, bool] = (False, False)) -> list[tuple]:
+        """Backward round on every rank: [(grad_x_r, grad_probs_r, dW1_r, dW2_r)] (dW in expert order)."""
+        results = run_ranks([moe_backward(v, states[r], grad_outs[r], w1[r], w2[r], cfg, reversed_experts)
                              for r, v in enumerate(self.views)], self.views)
         grads = []
         for r, (grad_x, grad_probs, bwd) in enumerate(results):

@@ -157,9 +157,10 @@ def _combine_compute_item(w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride
                           BK: tl.constexpr, GROUP_N: tl.constexpr, SCALE: tl.constexpr, SCALARS: tl.constexpr,
                           DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr,
                           A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EVEN_K: tl.constexpr,
-                          EPI_SPLIT: tl.constexpr):
+                          EPI_SPLIT: tl.constexpr, EL: tl.constexpr, W_REV: tl.constexpr):
     """Compute program, one work item w = (tile, column chunk): y = a[tile] @ w[expert][:, chunk] (scaled),
-    local rows stored into their combine slot, remote rows staged; then the item's done flag."""
+    local rows stored into their combine slot, remote rows staged; then the item's done flag. W_REV: the
+    weight operand holds the experts in reversed order (its [i] is expert EL-1-i's)."""
     if TRACE:
         tl.store(trace_ptr + 2 * w, now(clock_ptr, GLOBALTIMER))
     q, chunk = _combine_item(w, num_tiles, n_chunks, GROUP_N)
@@ -170,14 +171,15 @@ def _combine_compute_item(w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride
     rows = rs + tl.arange(0, BM)
     rmask = rows < tl.load(tile_end_ptr + q)
     a_rows = a_ptr + rows.to(tl.int64) * stride_a
-    w_j = w_ptr + j.to(tl.int64) * stride_we
+    jw = EL - 1 - j if W_REV else j
+    w_j = w_ptr + jw.to(tl.int64) * stride_we
     n0 = chunk * BN
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K_DIM, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < K_DIM
         a = load_rows_block(a_desc, a_rows, rs, k0, ks, rmask, kmask, A_DESC, EVEN_K)
-        b = load_weight_block(w_desc, w_j, j, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
+        b = load_weight_block(w_desc, w_j, jw, k0, n0, ks, cols, kmask, cmask, stride_wk, stride_wn,
                               W_DESC, W_K_MAJOR, EVEN_K, BK, BN)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     if SCALE:
@@ -213,6 +215,7 @@ def _gemm_combine_kernel(
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr, BLOCK_N_ITEMS: tl.constexpr,
     PRE_REDUCE: tl.constexpr, TOPK: tl.constexpr, CK: tl.constexpr, EL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    W_REV: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid = tl.program_id(0)
@@ -228,7 +231,7 @@ def _gemm_combine_kernel(
                 recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
                 local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
                 rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
-                DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K, EPI_SPLIT)
+                DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K, EPI_SPLIT, EL, W_REV)
             w += NUM_COMPUTE
     else:
         cid = pid - NUM_COMPUTE
@@ -308,7 +311,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                  trace: bool = False, num_warps: int = 4, num_stages: int = 3,
                  group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False,
-                 epilogue_n: int | None = None) -> torch.Tensor | None:
+                 epilogue_n: int | None = None, reversed_experts: bool = False) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
 
     pre_reduce: rows of one token that meet on this rank are summed and sent once, into the slot of the
@@ -316,7 +319,8 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     slots for experts on other ranks). Needs a layout from `receive_layout` (its `tile_index`).
 
     a: [R, Kd] receive-order rows (forward: h, Kd = F; backward: d_pre, Kd = F1).
-    w: [El, Kd, H] (forward: w2; backward: w1.transpose(1, 2), a strided view is fine).
+    w: [El, Kd, H] (forward: w2; backward: w1.transpose(1, 2), a strided view is fine); with
+    `reversed_experts`, w[i] is expert El-1-i's (weights stored in descending expert order, read in place).
     recv_prob: if given, rows are scaled by it (forward); None sends unscaled rows (backward).
     row_scalars: optional [R] fp32 delivered to the owner's combine_scalars[pair] (backward: grad_prob).
     epilogue_n: the epilogue stores column sub-blocks of that width (block_n / 1, 2, 4 or 8; None: whole).
@@ -367,7 +371,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), BLOCK_N_ITEMS=triton.next_power_of_2(group_n),
         PRE_REDUCE=pre_reduce, TOPK=lay.topk, CK=ck, EL=el, SEARCH_STEPS=el.bit_length(),
         A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major, EPI_SPLIT=epi_split,
-        num_warps=num_warps, num_stages=num_stages,
+        W_REV=bool(reversed_experts), num_warps=num_warps, num_stages=num_stages,
     )
     return trace_buf
 

@@ -48,8 +48,9 @@ Phases = Generator[str, None, tuple]
 
 
 def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch.Tensor, w1: torch.Tensor,
-                w2: torch.Tensor, cfg: KernelConfig) -> Phases:
-    """Forward round. Returns (out [T, H], ForwardState). w1: [El, H, F1], w2: [El, F, H]."""
+                w2: torch.Tensor, cfg: KernelConfig, reversed_experts: tuple[bool, bool] = (False, False)) -> Phases:
+    """Forward round. Returns (out [T, H], ForwardState). w1: [El, H, F1], w2: [El, F, H];
+    `reversed_experts` (w1's, w2's): that weight holds the experts in reversed order ([i] is expert El-1-i's)."""
     epoch = view.next_epoch()
     publish(view, x, epoch, topk_idx, topk_probs)
     yield "publish"
@@ -57,9 +58,10 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
     if view.world_size == 1:  # the rank receives every (token, slot) pair it sent: no host sync for the count
         layout.known_rows = topk_idx.numel()
         layout.start_host_copy()  # the per-expert offsets, if the weight gradients ask, without draining the GPU
-    d = dispatch_gemm(view, layout, w1, epoch, store_pre=True, **cfg.dispatch_kwargs())
+    rev1, rev2 = reversed_experts
+    d = dispatch_gemm(view, layout, w1, epoch, store_pre=True, reversed_experts=rev1, **cfg.dispatch_kwargs())
     trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
-                         recv_prob=d.recv_prob, **cfg.combine_kwargs())
+                         recv_prob=d.recv_prob, reversed_experts=rev2, **cfg.combine_kwargs())
     # The backward's activation backward (epilogue or separate pass) recomputes h * p from pre: h need not
     # live until backward ([R, F] per layer). Freeing it now is stream-ordered: the pending gemm_combine
     # still reads it.
@@ -71,17 +73,21 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
 
 
 def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                 cfg: KernelConfig) -> Phases:
-    """Backward round (weight gradients excluded, see `expert_weight_grads`).
+                 cfg: KernelConfig, reversed_experts: tuple[bool, bool] = (False, False)) -> Phases:
+    """Backward round (weight gradients excluded, see `expert_weight_grads`; `reversed_experts` as in
+    `moe_forward`).
 
     Returns (grad_x [T, H], grad_probs [T, K] fp32, BackwardState).
     """
     epoch = view.next_epoch()
     publish(view, grad_out, epoch)
     yield "publish(grad_out)"
-    b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, **cfg.dispatch_kwargs(backward=True))
+    rev1, rev2 = reversed_experts
+    b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, reversed_experts=rev2,
+                               **cfg.dispatch_kwargs(backward=True))
     trace = gemm_combine(view, state.layout, b.out, w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
-                         recv_src=b.recv_src, row_scalars=b.grad_prob, **cfg.combine_kwargs())
+                         recv_src=b.recv_src, row_scalars=b.grad_prob, reversed_experts=rev1,
+                         **cfg.combine_kwargs())
     yield "dispatch_gemm_backward+gemm_combine"
     grad_x, grad_probs = combine_reduce(view, state.num_tokens, epoch, num_comm=cfg.num_comm_combine,
                                         scalars=True, block_h=cfg.block_h,

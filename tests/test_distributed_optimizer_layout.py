@@ -1,14 +1,19 @@
 """Megatron's distributed optimizer re-homes the expert weights into its parameter buffer in its own order
 (reversed, fc1 and fc2 interleaved): evenly spaced in descending order instead of back to back. The comet
-layer then views them in reversed expert order (flipping its rows) and must compute the same output and
-main_grads as with the plain DDP layout, without copying the weights (no copy warning)."""
+layer then views them in reversed expert order (the reference path flips its rows, the fused kernels read
+expert El-1-i's weights for view index i) and must compute the same output, input gradient and main_grads as
+with the plain DDP layout, without copying the weights (no copy warning). Reference path at EP 1 and the fused
+path (Triton interpreter) at EP 2, with the weight gradients handed to main_grad directly and, with the hand-off
+switched off, through autograd and DDP's hooks (the stacked gradient un-reversed onto the parameters)."""
 
 from __future__ import annotations
+
+import pytest
 
 from mp import run_distributed
 
 
-def _body(rank):
+def _body(rank, fused=False):
     import logging
 
     import torch
@@ -20,14 +25,18 @@ def _body(rank):
     from comet_megatron.patches import cpu_training
     from moe_cases import make_config, make_input
 
+    import os
+
     cpu_training.apply()
-    comet_megatron.enable(CometConfig(transport="nccl"))
+    comet_megatron.enable(
+        CometConfig(transport="cuda_ipc", tile_m=16, tile_n=16, tile_k=16, comm_programs=1) if fused
+        else CometConfig(transport="nccl"))
     cfg = make_config("comet", moe_router_topk=2)
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False)
     torch.manual_seed(3)
     state = spec.submodules.mlp(config=cfg).state_dict()
-    x = make_input(8, 2, cfg.hidden_size, seed=11)
-    dy = torch.randn(8, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(12))
+    x = make_input(8, 2, cfg.hidden_size, seed=11 + rank)
+    dy = torch.randn(8, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(12 + rank))
     warnings = []
 
     class Catch(logging.Handler):
@@ -37,31 +46,48 @@ def _body(rank):
     logging.getLogger("comet_megatron").addHandler(Catch(level=logging.WARNING))
     out = {}
     for do in (False, True):
-        layer = spec.submodules.mlp(config=cfg)
-        layer.load_state_dict(state)
-        model = DistributedDataParallel(layer.config, DistributedDataParallelConfig(
-            use_distributed_optimizer=do, overlap_grad_reduce=False, bucket_size=10**9), layer)
-        p1, p2 = layer.experts.fc_params()
-        layout = tuple(experts._layout(p) for p in (p1, p2))
-        sizes = (p1[0].numel(), p2[0].numel())
-        n_warn = len(warnings)
-        y, _ = model(x.clone().requires_grad_(True))
-        y.backward(dy)
-        copies = [w for w in warnings[n_warn:] if "do not lie back to back" in w]
-        mains = [p.main_grad.clone() for p in p1 + p2]
-        out[do] = (layout, sizes, len(copies), y.detach(), mains)
+        for handoff in ("1", "0"):
+            os.environ["COMET_MAIN_GRAD_HANDOFF"] = handoff
+            layer = spec.submodules.mlp(config=cfg)
+            layer.load_state_dict(state)
+            model = DistributedDataParallel(layer.config, DistributedDataParallelConfig(
+                use_distributed_optimizer=do, overlap_grad_reduce=False, bucket_size=10**9), layer)
+            p1, p2 = layer.experts.fc_params()
+            layout = tuple(experts._layout(p) for p in (p1, p2))
+            sizes = (p1[0].numel(), p2[0].numel())
+            n_warn = len(warnings)
+            xin = x.clone().requires_grad_(True)
+            y, _ = model(xin)
+            y.backward(dy)
+            copies = [w for w in warnings[n_warn:] if "do not lie back to back" in w]
+            mains = [p.main_grad.clone() for p in p1 + p2]
+            out[do, handoff] = (layout, sizes, len(copies), y.detach(), xin.grad, mains, layer.transport)
+    os.environ.pop("COMET_MAIN_GRAD_HANDOFF")
     return out
 
 
+def _check(results, transport):
+    for res in results:
+        layout, sizes, warned, y, dx, mains, used = res[False, "1"]
+        assert used == transport
+        assert layout == sizes and warned == 0  # back to back
+        assert sum(m.norm().item() > 0 for m in mains) >= len(mains) // 2  # gradients reached main_grad
+        for key in ((False, "0"), (True, "1"), (True, "0")):
+            layout_k, _, warned_k, y_k, dx_k, mains_k, _ = res[key]
+            if key[0]:  # descending, fc1 and fc2 interleaved: each linear's experts one fc1 + fc2 apart
+                assert layout_k == (-(sizes[0] + sizes[1]),) * 2, layout_k
+            assert warned_k == 0, key
+            assert torch_equal(y, y_k) and torch_equal(dx, dx_k), key
+            assert all(torch_equal(a, b) for a, b in zip(mains, mains_k)), key
+
+
 def test_distributed_optimizer_layout_gives_the_same_gradients_without_copies():
-    (res,) = run_distributed(_body, 1)
-    layout, sizes, warned, y, mains = res[False]
-    layout_do, _, warned_do, y_do, mains_do = res[True]
-    assert layout == sizes and warned == 0  # back to back
-    # descending, fc1 and fc2 interleaved: each linear's experts one fc1 + fc2 apart
-    assert layout_do == (-(sizes[0] + sizes[1]),) * 2 and warned_do == 0
-    assert torch_equal(y, y_do)
-    assert all(torch_equal(a, b) for a, b in zip(mains, mains_do))
+    _check(run_distributed(_body, 1, env={"TRITON_INTERPRET": "0"}), "nccl")
+
+
+@pytest.mark.slow
+def test_fused_path_reads_the_distributed_optimizer_layout_in_place():
+    _check(run_distributed(_body, 2, ep=2, env={"TRITON_INTERPRET": "1"}, fused=True), "cuda_ipc")
 
 
 def torch_equal(a, b) -> bool:

@@ -288,6 +288,49 @@ def test_tma_descriptor_path(world, tokens, topk, k_major, seed, poison, monkeyp
     run_and_check(p, make_group(p, torch.float32), cfg, torch.float32, 1e-4, seed + 1)
 
 
+def _descending(w: torch.Tensor, gap: int) -> torch.Tensor:
+    """[El, A, B] expert weights re-homed as Megatron's distributed optimizer does: descending expert order,
+    `gap` elements of other parameters between consecutive experts. Returns the view in memory order
+    (view[i] = expert El-1-i), the operand of `reversed_experts`; the gaps hold NaN (a read of them shows)."""
+    el, a, b = w.shape
+    buf = torch.full((el * (a * b + gap),), float("nan"), dtype=w.dtype, device=w.device)
+    view = buf.as_strided((el, a, b), (a * b + gap, b, 1))
+    view.copy_(w.flip(0))
+    return view
+
+
+@pytest.mark.parametrize("use_tma", [False, True], ids=["pointer_loads", "tma"])
+@pytest.mark.parametrize("world,tokens,topk", [(1, [21], 2), (2, [13, 9], 2)])
+def test_reversed_expert_weights_read_in_place(world, tokens, topk, use_tma, seed, poison):
+    """Weights stored in descending expert order with other parameters between them (Megatron's distributed
+    optimizer layout) are read in place through `reversed_experts`: view index i is expert El-1-i. Forward,
+    input and router gradients and the weight gradients (in expert order) equal the float64 reference, for
+    both operand paths; Megatron's [out, in] parameters (K-major) in the layer, so K-major here."""
+    p = make_problem(seed, world=world, tokens=tokens, topk=topk, hidden=48, ffn=24, experts_per_rank=3,
+                     gated=True, routing="skewed")
+    cfg = KernelConfig(**{**SMALL, "use_tma": use_tma})
+    el = p.local_experts
+    # [El, out, in] parameters laid out descending, seen as [El, in, out] (K-major) by the kernels
+    w1 = [_descending(p.local_w1(r, torch.float32).transpose(1, 2).contiguous(), 16).transpose(1, 2).to(DEVICE)
+          for r in range(p.world)]
+    w2 = [_descending(p.local_w2(r, torch.float32).transpose(1, 2).contiguous(), 32).transpose(1, 2).to(DEVICE)
+          for r in range(p.world)]
+    group = make_group(p, torch.float32)
+    fwd = group.forward(to_dev(p.xs), to_dev(p.topk_idx), to_dev(p.topk_probs), w1, w2, cfg, (True, True))
+    ref = reference_rank_outputs(p)
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_outs = [torch.randn(x.shape, generator=g) for x in p.xs]
+    bwd = group.backward([s for _, s in fwd], to_dev(grad_outs), w1, w2, cfg, reversed_experts=(True, True))
+    ref_rank, dw1, dw2 = reference_grads(p, grad_outs)
+    for r in range(p.world):
+        assert rel_err(fwd[r][0].cpu(), ref[r]) < 1e-4, f"forward rank {r}"
+        gx, gp, gw1, gw2 = (t.cpu() for t in bwd[r])
+        assert rel_err(gx, ref_rank[r][0]) < 1e-4, f"grad x rank {r}"
+        assert rel_err(gp, ref_rank[r][1]) < 1e-4, f"grad probs rank {r}"
+        assert rel_err(gw1, dw1[r * el:(r + 1) * el]) < 1e-4, f"dW1 rank {r}"
+        assert rel_err(gw2, dw2[r * el:(r + 1) * el]) < 1e-4, f"dW2 rank {r}"
+
+
 def test_pre_reduce_sends_one_row_per_token_and_rank(seed, poison):
     """With pre_reduce, of the rows of one token that meet on an expert rank only one crosses to the
     owner: the owner's combine slots of the other k stay untouched (NaN from the poisoned workspace),
