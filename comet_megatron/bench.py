@@ -157,13 +157,15 @@ def build_variant_layers(shape: Shape, variants, make_config, comet_config, move
     return layers
 
 
-def build_layers(shape: Shape, variants, ddp: bool = False):
+def build_layers(shape: Shape, variants, ddp: bool = False, distributed_optimizer: bool = False):
     """The single-GPU benchmark's layers. comet-fused runs over a one-rank ("emulated") workspace:
     at EP=1 `auto` would pick the reference path, there being nothing to overlap.
 
     With `ddp`, each layer is wrapped in Megatron's DistributedDataParallel as in a bf16 training run
     (fp32 `main_grad` buffers, gradients reduced in fp32, one grad-ready hook per parameter), so a
-    backward pays what it pays in training: the gradient hand-off into `main_grad`."""
+    backward pays what it pays in training: the gradient hand-off into `main_grad`. With
+    `distributed_optimizer` (implies `ddp`), DDP lays the parameters out for Megatron's distributed optimizer
+    (experts re-homed in descending order, fc1 and fc2 interleaved), as `--use-distributed-optimizer` does."""
     from comet_megatron.config import CometConfig
 
     layers = build_variant_layers(
@@ -171,10 +173,10 @@ def build_layers(shape: Shape, variants, ddp: bool = False):
         lambda v: CometConfig(transport="nccl" if v == "comet-reference" else "emulated"),
         lambda layer: layer.cuda(),
     )
-    if ddp:
+    if ddp or distributed_optimizer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-        cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer)
         layers = {v: DistributedDataParallel(layer.config, cfg, layer) for v, layer in layers.items()}
     return layers
 
@@ -211,10 +213,11 @@ def copy_bandwidth_gbs() -> float:
     return 2 * 4 * n / (ms * 1e-3) / 1e9
 
 
-def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=None, ddp=False):
+def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=None, ddp=False,
+                distributed_optimizer=False):
     import torch
 
-    layers = build_layers(shape, variants, ddp=ddp)
+    layers = build_layers(shape, variants, ddp=ddp, distributed_optimizer=distributed_optimizer)
     records = []
     for tokens in tokens_list:
         x = torch.randn(tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
@@ -332,6 +335,8 @@ def print_table(records, meta):
             print(asdict(r))
         return
     ddp = ", under Megatron DDP" if meta.get("ddp") else ""
+    if meta.get("distributed_optimizer"):
+        ddp += " (distributed-optimizer layout)"
     table = Table(title=f"MoE layer, {meta['gpu']}, EP=1, bf16{ddp} (median ms; x = vs megatron+grouped)")
     for col in ("shape", "tokens", "mode", "variant", "ms", "TFLOP/s", "x grouped", "of floor"):
         table.add_column(col, justify="right" if col not in ("shape", "mode", "variant") else "left")
@@ -423,7 +428,12 @@ def main(argv=None) -> int:
                         help="wrap every layer in Megatron's DistributedDataParallel (fp32 main_grad, "
                              "per-parameter grad hooks) so that fwd+bwd includes the gradient hand-off "
                              "a training run pays")
+    parser.add_argument("--distributed-optimizer", action="store_true",
+                        help="with --ddp: lay the parameters out as Megatron's distributed optimizer does "
+                             "(--use-distributed-optimizer: expert weights re-homed in descending order)")
     args = parser.parse_args(argv)
+    if args.distributed_optimizer and not args.ddp:
+        parser.error("--distributed-optimizer needs --ddp (the layout is DDP's parameter buffer)")
 
     import torch
 
@@ -441,7 +451,7 @@ def main(argv=None) -> int:
         "triton": __import__("triton").__version__, "commit": _git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
         "command": "comet-megatron bench layer " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "ddp": bool(args.ddp),
+        "ddp": bool(args.ddp), "distributed_optimizer": bool(args.distributed_optimizer),
     }
     meta["dense_bf16_tflops"] = dense_gemm_tflops()
     meta["copy_gbs"] = copy_bandwidth_gbs() if args.ddp else None
@@ -452,7 +462,8 @@ def main(argv=None) -> int:
     with Progress(transient=not sys.stdout.isatty()) as progress:
         task = progress.add_task("timing", total=total)
         for shape in shapes:
-            records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task, ddp=args.ddp)
+            records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task, ddp=args.ddp,
+                                   distributed_optimizer=args.distributed_optimizer)
     add_auto(records)
     add_ratios(records, meta["dense_bf16_tflops"], shapes, meta["copy_gbs"])
     if args.timeline:

@@ -64,7 +64,7 @@ class ExpertRows:
     which then needs no host sync): the host list is read from the GPU only when asked (`host()`: the torch
     fallback, per-expert GEMMs, biases). The device offsets are made once and reused by every GEMM."""
 
-    __slots__ = ("_host", "_dev", "_offs", "_copy", "_rows")
+    __slots__ = ("_host", "_dev", "_offs", "_copy", "_rows", "_mirror")
 
     def __init__(self, counts, rows: int | None = None):
         from comet_megatron.kernels.host_copy import AsyncHostCopy
@@ -76,6 +76,7 @@ class ExpertRows:
         # backward) waits for that copy only, not for every kernel queued before it
         self._copy = AsyncHostCopy(self._dev) if self._dev is not None else None
         self._rows = rows  # the rows the caller sized its tensors for (checked when the counts reach the host)
+        self._mirror = None  # `reversed()`: the ExpertRows whose counts these are, in reversed order
 
     @classmethod
     def of(cls, counts) -> "ExpertRows":
@@ -84,8 +85,18 @@ class ExpertRows:
     def __len__(self) -> int:
         return len(self._host) if self._host is not None else self._dev.numel()
 
+    def reversed(self) -> "ExpertRows":
+        """The same counts in reversed expert order (for rows flipped upside down), sharing the host copy."""
+        out = object.__new__(ExpertRows)
+        out._dev = self._dev.flip(0) if self._dev is not None else None
+        out._host = self._host[::-1] if self._host is not None else None
+        out._offs, out._copy, out._rows, out._mirror = {}, None, self._rows, self
+        return out
+
     def host(self) -> List[int]:
         """Rows per expert on the host (from the GPU the first time: waits for the copy queued at creation)."""
+        if self._host is None and self._mirror is not None:
+            self._host = self._mirror.host()[::-1]
         if self._host is None:
             self._host = self._copy.tolist()
             if self._rows is not None and sum(self._host) != self._rows:
@@ -631,6 +642,13 @@ def _check_layout(params) -> int | None:
         low - storage.data_ptr() + ((len(params) - 1) * abs(step) + first.numel()) * size <= storage.nbytes()) else None
 
 
+def _descending(params) -> bool:
+    """Whether `params` are evenly spaced in descending order (`_layout`), as Megatron's distributed optimizer
+    re-homes them: reversed, `params[::-1]` is one ascending view."""
+    step = _layout(params)
+    return step is not None and step < 0 and len(params) > 1
+
+
 def _back_to_back(params) -> bool:
     """Whether `params` lie one after the other in one storage (`_layout`): one [G, ...] view covers them."""
     return _layout(params) == params[0].numel()
@@ -847,6 +865,7 @@ class CometGroupedMLP(SequentialMLP):
             x = (probs * x).to(x.dtype)
             probs = torch.ones_like(probs)
         b1, b2 = self.fc_biases()
+        flipped = False
         if self.delays_wgrad():  # weight gradients in backward_dw()
             w1, w2, anchor = self.delayed_fc_weights()
             wgrads = _ReferenceWgrads(self, counts)
@@ -858,6 +877,14 @@ class CometGroupedMLP(SequentialMLP):
                 return _GroupedLinearDelayedWgrad.apply(t, w2, anchor, counts, wgrads.keep_fc2)
         else:
             p1, p2 = self.fc_params()
+            if _descending(p1) and _descending(p2):
+                # Megatron's distributed optimizer stores the experts in descending order: run them in that
+                # order, the rows flipped upside down once here and back at the end (rather than around every
+                # GEMM: 2 x hidden elements per row each way instead of 2 x hidden + 3 x ffn), the weights
+                # then read as one ascending view
+                x, probs, counts, flipped = x.flip(0), probs.flip(0), counts.reversed(), True
+                p1, p2 = p1[::-1], p2[::-1]
+                b1, b2 = (b.flip(0) if b is not None else None for b in (b1, b2))
 
             def fc1(t):
                 return _GroupedLinear.apply(t, counts, *p1)
@@ -871,7 +898,7 @@ class CometGroupedMLP(SequentialMLP):
         y = fc2(h)
         if b2 is not None:
             y = (y + _per_row(b2, counts) * probs).to(y.dtype)
-        return y, None
+        return (y.flip(0) if flipped else y), None
 
 
 def _per_row(bias: torch.Tensor, counts: ExpertRows) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """`bench layer`'s floor: GEMM FLOPs at the dense rate, and under DDP for forward+backward at least the fp32
-main_grad traffic (checked against the arithmetic written out by hand for a small shape)."""
+main_grad traffic (checked against the arithmetic written out by hand for a small shape); the
+--distributed-optimizer flag refused without --ddp."""
 
 from __future__ import annotations
 
@@ -29,3 +30,13 @@ def test_add_ratios_uses_the_shapes_floor():
     add_ratios(recs, 1e-9, [s], copy_gbs=1e-6)  # GEMMs 4320 ms, traffic 576 ms
     assert recs[1].vs_grouped == 2.0
     assert recs[0].vs_floor == pytest.approx(4320 / 8000) and recs[1].vs_floor == pytest.approx(4320 / 4000)
+
+
+def test_distributed_optimizer_flag_needs_ddp(capsys):
+    # the layout is DDP's parameter buffer: asking for it without --ddp is refused with the fix, before any GPU work
+    from comet_megatron.bench import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--distributed-optimizer", "--shapes", "mixtral-8x7b"])
+    assert exit_info.value.code == 2
+    assert "--distributed-optimizer needs --ddp" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import pytest
 from mp import run_distributed
 
 
-def _body(rank, fused=False):
+def _body(rank, fused=False, bias=False):
     import logging
 
     import torch
@@ -31,7 +31,15 @@ def _body(rank, fused=False):
     comet_megatron.enable(
         CometConfig(transport="cuda_ipc", tile_m=16, tile_n=16, tile_k=16, comm_programs=1) if fused
         else CometConfig(transport="nccl"))
-    cfg = make_config("comet", moe_router_topk=2)
+    cfg = make_config("comet", moe_router_topk=2, add_bias_linear=bias)
+    flips = {"n": 0}
+    real_reversed = experts.ExpertRows.reversed
+
+    def counting(self):
+        flips["n"] += 1
+        return real_reversed(self)
+
+    experts.ExpertRows.reversed = counting
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False)
     torch.manual_seed(3)
     state = spec.submodules.mlp(config=cfg).state_dict()
@@ -55,34 +63,39 @@ def _body(rank, fused=False):
             p1, p2 = layer.experts.fc_params()
             layout = tuple(experts._layout(p) for p in (p1, p2))
             sizes = (p1[0].numel(), p2[0].numel())
-            n_warn = len(warnings)
+            n_warn, n_flips = len(warnings), flips["n"]
             xin = x.clone().requires_grad_(True)
             y, _ = model(xin)
             y.backward(dy)
             copies = [w for w in warnings[n_warn:] if "do not lie back to back" in w]
             mains = [p.main_grad.clone() for p in p1 + p2]
-            out[do, handoff] = (layout, sizes, len(copies), y.detach(), xin.grad, mains, layer.transport)
+            out[do, handoff] = (layout, sizes, len(copies), y.detach(), xin.grad, mains, layer.transport,
+                                flips["n"] - n_flips)
     os.environ.pop("COMET_MAIN_GRAD_HANDOFF")
     return out
 
 
 def _check(results, transport):
     for res in results:
-        layout, sizes, warned, y, dx, mains, used = res[False, "1"]
+        layout, sizes, warned, y, dx, mains, used, flips = res[False, "1"]
         assert used == transport
-        assert layout == sizes and warned == 0  # back to back
+        assert layout == sizes and warned == 0 and flips == 0  # back to back
         assert sum(m.norm().item() > 0 for m in mains) >= len(mains) // 2  # gradients reached main_grad
         for key in ((False, "0"), (True, "1"), (True, "0")):
-            layout_k, _, warned_k, y_k, dx_k, mains_k, _ = res[key]
-            if key[0]:  # descending, fc1 and fc2 interleaved: each linear's experts one fc1 + fc2 apart
-                assert layout_k == (-(sizes[0] + sizes[1]),) * 2, layout_k
+            layout_k, _, warned_k, y_k, dx_k, mains_k, _, flips_k = res[key]
+            if key[0]:  # descending, fc1 and fc2 (and biases) interleaved: each linear's experts that far apart
+                assert layout_k[0] == layout_k[1] <= -(sizes[0] + sizes[1]), layout_k
+                # the reference path runs the experts in reversed order (rows flipped once per call); the
+                # fused kernels read the reversed view directly
+                assert flips_k == (0 if transport == "cuda_ipc" else 1), flips_k
             assert warned_k == 0, key
             assert torch_equal(y, y_k) and torch_equal(dx, dx_k), key
             assert all(torch_equal(a, b) for a, b in zip(mains, mains_k)), key
 
 
-def test_distributed_optimizer_layout_gives_the_same_gradients_without_copies():
-    _check(run_distributed(_body, 1, env={"TRITON_INTERPRET": "0"}), "nccl")
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_distributed_optimizer_layout_gives_the_same_gradients_without_copies(bias):
+    _check(run_distributed(_body, 1, env={"TRITON_INTERPRET": "0"}, bias=bias), "nccl")
 
 
 @pytest.mark.slow
