@@ -311,10 +311,10 @@ class _GroupedLinearDelayedWgrad(torch.autograd.Function):
     requires grad, keeps the node in the graph when `x` needs no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, anchor, counts, keep):
+    def forward(ctx, x, weight, anchor, counts, keep, reversed_experts=False):
         ctx.save_for_backward(x, weight)
-        ctx.counts, ctx.keep = counts, keep
-        return grouped_linear(x, weight, counts)
+        ctx.counts, ctx.keep, ctx.reversed_experts = counts, keep, reversed_experts
+        return grouped_linear(x, weight, counts, reversed_experts)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -324,8 +324,8 @@ class _GroupedLinearDelayedWgrad(torch.autograd.Function):
         ctx.keep(x.detach(), grad_y, weight.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), ctx.counts)
-        return grad_x, None, None, None, None
+            grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), ctx.counts, ctx.reversed_experts)
+        return grad_x, None, None, None, None, None
 
 
 class _ReferenceWgrads:
@@ -683,10 +683,10 @@ def _warn_copy(params) -> None:
     mib = len(params) * first.numel() * first.element_size() / 2**20
     log.warning(
         "comet: %d expert weights of shape %s do not lie back to back in memory, so every forward and backward "
-        "copies them into one [experts, ...] tensor for the grouped GEMMs (%.0f MiB per copy). Megatron's "
-        "distributed optimizer does this: it re-homes parameters into its buffer in its own order (reversed, "
-        "fc1 and fc2 interleaved). Correct, but slower than the view the experts were allocated for; without "
-        "--use-distributed-optimizer the weights stay back to back.",
+        "copies them into one [experts, ...] tensor for the grouped GEMMs (%.0f MiB per copy). Evenly spaced "
+        "weights in either order (as allocated, or as Megatron's distributed optimizer re-homes them) are read "
+        "in place; these are not: something re-homed them unevenly or into several buffers. Correct, but "
+        "slower and a copy's worth of memory per layer until its backward.",
         len(params), tuple(first.shape), mib)
 
 
@@ -761,12 +761,13 @@ class CometGroupedMLP(SequentialMLP):
         )
 
     def delayed_fc_weights(self):
-        """(w1, w2, anchor) for a delayed-wgrad forward: the stacked weights detached from autograd,
-        and a fresh leaf that requires grad to keep the experts' backward in the graph."""
+        """(w1, w2, anchor, (w1 reversed, w2 reversed)) for a delayed-wgrad forward: the stacked weight views
+        detached from autograd (`stack_weight_views`: in reversed expert order under the distributed optimizer's
+        layout, no copy), and a fresh leaf that requires grad to keep the experts' backward in the graph."""
         with torch.no_grad():
-            w1, w2 = self.fc_weights()
+            (w1, rev1), (w2, rev2) = self.fc_weight_views()
         anchor = torch.empty(0, device=w1.device, dtype=w1.dtype, requires_grad=True)
-        return w1, w2, anchor
+        return w1, w2, anchor, (rev1, rev2)
 
     def defer_wgrad(self, weight_grads: Callable) -> None:
         """Queue one micro-batch's weight gradients (called from the experts' backward)."""
@@ -867,14 +868,16 @@ class CometGroupedMLP(SequentialMLP):
         b1, b2 = self.fc_biases()
         flipped = False
         if self.delays_wgrad():  # weight gradients in backward_dw()
-            w1, w2, anchor = self.delayed_fc_weights()
+            # weight views in reversed expert order under the distributed optimizer's layout: rows flipped around
+            # each GEMM (the kept rows stay in expert order for backward_dw)
+            w1, w2, anchor, (rev1, rev2) = self.delayed_fc_weights()
             wgrads = _ReferenceWgrads(self, counts)
 
             def fc1(t):
-                return _GroupedLinearDelayedWgrad.apply(t, w1, anchor, counts, wgrads.keep_fc1)
+                return _GroupedLinearDelayedWgrad.apply(t, w1, anchor, counts, wgrads.keep_fc1, rev1)
 
             def fc2(t):
-                return _GroupedLinearDelayedWgrad.apply(t, w2, anchor, counts, wgrads.keep_fc2)
+                return _GroupedLinearDelayedWgrad.apply(t, w2, anchor, counts, wgrads.keep_fc2, rev2)
         else:
             p1, p2 = self.fc_params()
             if _descending(p1) and _descending(p2):

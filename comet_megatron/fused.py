@@ -291,8 +291,8 @@ class FusedExperts:
                                         world_size=self.workspace.world)
         topk_idx, topk_probs = topk_from_routing(routing_map, probs, self.topk)
         if experts.delays_wgrad():  # weight gradients in experts.backward_dw()
-            w1, w2, anchor = experts.delayed_fc_weights()
-            defer, handoff, reversed_experts = experts.defer_wgrad, None, (False, False)
+            w1, w2, anchor, reversed_experts = experts.delayed_fc_weights()
+            defer, handoff = experts.defer_wgrad, None
         else:
             handoff = WgradHandoff(experts.fc_params())
             # [El, F1, H], [El, H, F] views, in reversed expert order under the distributed optimizer's layout

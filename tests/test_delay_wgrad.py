@@ -5,7 +5,8 @@ and queues one entry; `layer.backward_dw()` (Megatron's `MoELayer.backward_dw`) 
 exactly the gradients of the same layer with the delay off and of Megatron's alltoall+SequentialMLP
 layer: reference path (float64, gloo, EP=2), fused path (Triton interpreter, cuda_ipc over
 /dev/shm, EP=2), FIFO order over several micro-batches, and Megatron's DistributedDataParallel
-(main_grad, grad-ready hooks, --overlap-grad-reduce) on CPU.
+(main_grad, grad-ready hooks, --overlap-grad-reduce; also with the distributed optimizer's parameter layout,
+whose descending expert weights are read as views) on CPU.
 
 Megatron's TransformerConfig only accepts `delay_wgrad_compute=True` together with
 `overlap_moe_expert_parallel_comm`, which the comet layer rejects; the tests set the attribute after
@@ -307,12 +308,14 @@ def _ddp_body(rank):
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    from comet_megatron.experts import _layout as experts_layout
     from comet_megatron.patches import cpu_training
     from moe_cases import rel_err
 
     cpu_training.apply()
     ref, off, on = _build(dict(moe_router_topk=2), "skewed", seed=23)
     _, _, untold = _build(dict(moe_router_topk=2), "skewed", seed=23)
+    _, _, on_do = _build(dict(moe_router_topk=2), "skewed", seed=23)
     warnings = []
 
     class _Keep(logging.Handler):
@@ -325,11 +328,13 @@ def _ddp_body(rank):
         "off": (off, True, False),
         "on": (on, True, True),
         "untold": (untold, False, False),  # layer delays, DDP config does not
+        "on_do": (on_do, True, True),  # under the distributed optimizer's layout (weights read as reversed views)
     }
     out, launched_by_dw = {}, {}
     for tag, (layer, overlap, ddp_delay) in runs.items():
         ddp_cfg = DistributedDataParallelConfig(
-            overlap_grad_reduce=overlap, delay_wgrad_compute=ddp_delay, bucket_size=10**9 if overlap else None
+            overlap_grad_reduce=overlap, delay_wgrad_compute=ddp_delay, bucket_size=10**9 if overlap else None,
+            use_distributed_optimizer=tag == "on_do",
         )
         model = DistributedDataParallel(layer.config, ddp_cfg, layer)
         per_iter = []
@@ -353,11 +358,15 @@ def _ddp_body(rank):
                 n for n, p in layer.named_parameters() if p.grad is not None)
         out[tag] = per_iter
     errs = {}
-    for tag in ("on", "untold", "off"):
+    for tag in ("on", "untold", "off", "on_do"):
         for it in range(2):
             for n, g in out["ref"][it].items():
+                if tag == "on_do" and "experts" not in n:
+                    continue  # the distributed optimizer reduce-scatters the dense gradients: a shard per rank
                 errs[f"{tag}-vs-ref:{it}:{n}"] = rel_err(out[tag][it][n], g)
             for n, g in out["off"][it].items():
+                if tag == "on_do" and "experts" not in n:
+                    continue
                 errs[f"{tag}-vs-off:{it}:{n}"] = rel_err(out[tag][it][n], g)
     return {
         "errs": errs,
@@ -365,6 +374,7 @@ def _ddp_body(rank):
         "grad_left": {t: out[t + "_grad_left"] for t in runs},
         "hooks": len(on.experts._wgrad_hooks),
         "untold_hooks": len(untold.experts._wgrad_hooks),
+        "do_layout": [experts_layout(p) for p in on_do.experts.fc_params()],
         "warnings": warnings,
         "nonzero": min(g.norm().item() for g in out["on"][1].values()),
     }
@@ -380,3 +390,6 @@ def test_megatron_ddp_main_grad_and_grad_ready_hooks():
         assert res["launched_by_dw"] == {"before": [False], "after": [True]}, res["launched_by_dw"]
         assert all(not names for names in res["grad_left"].values()), res["grad_left"]
         assert any("DistributedDataParallelConfig" in w for w in res["warnings"]), res["warnings"]
+        # the distributed optimizer re-homed the experts descending: read as views, never copied
+        assert all(step is not None and step < 0 for step in res["do_layout"]), res["do_layout"]
+        assert not any("do not lie back to back" in w for w in res["warnings"]), res["warnings"]
