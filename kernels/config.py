@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +43,6 @@ class KernelConfig:
     combine_epilogue_n: int | None = 32  # gemm_combine (forward and backward)
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
-    combine_flatten: bool = False  # gemm_combine: item and K loops flattened into one (compiled only)
-    dispatch_flatten: bool = False  # dispatch_gemm (forward and backward): the same for its local tiles
 
 
     def dispatch_kwargs(self, backward: bool = False) -> dict:
@@ -58,7 +55,7 @@ class KernelConfig:
                     num_compute=self.num_compute, block_n=block_n, block_k=self.block_k,
                     block_h=self.block_h, trace=self.trace, num_warps=self.num_warps,
                     num_stages=stages, group_m=self.group_m, use_tma=self.use_tma,
-                    in_place_local=self.in_place_local, flatten=self.dispatch_flatten)
+                    in_place_local=self.in_place_local)
 
     def combine_kwargs(self) -> dict:
         """Keyword arguments of `gemm_combine` (forward and backward)."""
@@ -66,7 +63,7 @@ class KernelConfig:
                     block_n=self.combine_block_n or self.block_n, block_k=self.block_k, trace=self.trace,
                     num_warps=self.num_warps, num_stages=self.combine_num_stages or self.num_stages,
                     group_n=self.group_n, use_tma=self.use_tma, pre_reduce=self.pre_reduce,
-                    epilogue_n=self.combine_epilogue_n, flatten=self.combine_flatten)
+                    epilogue_n=self.combine_epilogue_n)
 
 
 def default_programs(device: torch.device, num_comm: int | None, num_compute: int | None) -> tuple[int, int]:
@@ -114,11 +111,6 @@ def combine_programs(device: torch.device, world_size: int, num_comm: int | None
     if num_comm is None and world_size == 1:
         num_comm = 1
     return default_programs(device, num_comm, num_compute)
-
-
-def compiled(t: torch.Tensor) -> bool:
-    """Whether kernels on `t`'s device are compiled (a CUDA tensor, not Triton's interpreter)."""
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import compiled, dispatch_programs, dot_precision, epilogue_split, rows_16b_aligned
+from .config import dispatch_programs, dot_precision, epilogue_split, rows_16b_aligned
 from .launch import launch
 from .operands import column_halves, load_rows_block, load_weight_block, weight_descriptor
 from .routing import ReceiveLayout
@@ -370,7 +370,6 @@ def _dispatch_gemm_kernel(
     KNOWN_ROWS: tl.constexpr, ROWS_16B: tl.constexpr, DOT_PRECISION: tl.constexpr, TRACE: tl.constexpr,
     GLOBALTIMER: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, IN_PLACE: tl.constexpr,
     FUSED_BWD: tl.constexpr, STORE_HP: tl.constexpr, EPI_SPLIT: tl.constexpr, W_REV: tl.constexpr,
-    FLATTEN: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = HIDDEN % BK == 0
     pid = tl.program_id(0)
@@ -402,33 +401,17 @@ def _dispatch_gemm_kernel(
         if IN_PLACE:
             n_local = tl.load(num_tiles_ptr + 1)
         w = pid - NUM_COMM
-        n_items = n_local * n_blocks
-        if FLATTEN:
-            # compiled only (the interpreter cannot range() over a bound read from memory): the item and K loops
-            # flattened into one, so the next item's blocks can be loaded during an item's epilogue
-            for v in tl.range(w, n_items, NUM_COMPUTE, flatten=True):
-                _local_item(v, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_ptr, recv_pair_ptr,
-                            local_tokens_ptr, local_order_ptr, local_offsets_ptr, seg_start_ptr, rank,
-                            w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-                            out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
-                            trace_ptr, clock_ptr, max_tiles,
-                            TOPK, HIDDEN, FFN, WORLD, EL, BM, BN, BK, GROUP_M, ACT, GATED, BACKWARD, STORE_PRE,
-                            KNOWN_ROWS, DOT_PRECISION, TRACE, GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD,
-                            STORE_HP, EPI_SPLIT, W_REV)
-            if w < n_items:  # the first item of this program past phase 1
-                w += tl.cdiv(n_items - w, NUM_COMPUTE) * NUM_COMPUTE
-        else:
-            while w < n_items:
-                _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_ptr, recv_pair_ptr,
-                            local_tokens_ptr, local_order_ptr, local_offsets_ptr, seg_start_ptr, rank,
-                            w_ptr, stride_we, stride_wk, stride_wn, w_desc,
-                            out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
-                            trace_ptr, clock_ptr, max_tiles,
-                            TOPK, HIDDEN, FFN, WORLD, EL, BM, BN, BK, GROUP_M, ACT, GATED, BACKWARD, STORE_PRE,
-                            KNOWN_ROWS, DOT_PRECISION, TRACE, GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD,
-                            STORE_HP, EPI_SPLIT, W_REV)
-                w += NUM_COMPUTE
-        w -= n_items
+        while w < n_local * n_blocks:
+            _local_item(w, n_local, n_blocks, tile_expert_ptr, tile_start_ptr, tile_end_ptr, recv_pair_ptr,
+                        local_tokens_ptr, local_order_ptr, local_offsets_ptr, seg_start_ptr, rank,
+                        w_ptr, stride_we, stride_wk, stride_wn, w_desc,
+                        out_ptr, stride_out, pre_ptr, stride_pre, gp_part_ptr, hp_ptr, recv_prob_ptr,
+                        trace_ptr, clock_ptr, max_tiles,
+                        TOPK, HIDDEN, FFN, WORLD, EL, BM, BN, BK, GROUP_M, ACT, GATED, BACKWARD, STORE_PRE,
+                        KNOWN_ROWS, DOT_PRECISION, TRACE, GLOBALTIMER, W_DESC, W_K_MAJOR, EVEN_K, FUSED_BWD,
+                        STORE_HP, EPI_SPLIT, W_REV)
+            w += NUM_COMPUTE
+        w -= n_local * n_blocks
         while w < (num_tiles - n_local) * n_blocks:
             q, nb = _dispatch_item(w, num_tiles - n_local, n_blocks, GROUP_M)
             q += n_local
@@ -516,7 +499,7 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
             block_n: int, block_k: int, block_h: int, trace: bool, num_warps: int, num_stages: int,
             group_m: int, use_tma: bool | None = None,
             in_place_local: bool | None = None, fused_act_backward: bool = False,
-            epilogue_n: int | None = None, reversed_experts: bool = False, flatten: bool = False) -> DispatchResult:
+            epilogue_n: int | None = None, reversed_experts: bool = False) -> DispatchResult:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATIONS)}")
     # the epilogue is split in the forward and in the fused activation backward (the plain backward stores dhp)
@@ -571,7 +554,6 @@ def _launch(view, layout: ReceiveLayout, w_kernel: torch.Tensor, epoch: int, *, 
         GLOBALTIMER=use_globaltimer(view.errors), W_DESC=w_desc is not None, W_K_MAJOR=k_major,
         IN_PLACE=True if in_place_local is None else in_place_local, FUSED_BWD=fused_bwd,
         STORE_HP=hp is not None, EPI_SPLIT=epi_split, W_REV=bool(reversed_experts),
-        FLATTEN=bool(flatten) and compiled(recv),
         num_warps=num_warps, num_stages=num_stages,
     )
     if backward and not fused_bwd and n_rows > 0:
@@ -591,13 +573,10 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                   num_compute: int | None = None, block_n: int = 64, block_k: int = 32, block_h: int = 128,
                   trace: bool = False, num_warps: int = 4, num_stages: int = 3, group_m: int = 8,
                   use_tma: bool | None = None, in_place_local: bool | None = None,
-                  epilogue_n: int | None = None, reversed_experts: bool = False,
-                  flatten: bool = False) -> DispatchResult:
+                  epilogue_n: int | None = None, reversed_experts: bool = False) -> DispatchResult:
     """Forward layer 0 of round `epoch`: pull routed rows into receive order and compute h = act(x @ w1[e]).
 
     `epilogue_n`: the epilogue works on column sub-blocks of that width (block_n / 1, 2, 4 or 8; None: whole).
-    `flatten`: compiled GPU only (ignored by the interpreter): the loop over the local tiles' work items and
-    their K loop flattened into one (`tl.range(..., flatten=True)`).
 
     w1: [El, H, F1] local experts' fc1 weights (F1 = 2F gated: [gate | up] halves; F1 = F plain); with
     `reversed_experts`, w1[i] is expert El-1-i's (a view over weights stored in descending expert order, as
@@ -609,8 +588,7 @@ def dispatch_gemm(view, layout: ReceiveLayout, w1: torch.Tensor, epoch: int, *, 
                    store_pre=store_pre, rows=None, num_comm=num_comm, num_compute=num_compute,
                    block_n=block_n, block_k=block_k, block_h=block_h, trace=trace, num_warps=num_warps,
                    num_stages=num_stages, group_m=group_m, use_tma=use_tma,
-                   in_place_local=in_place_local, epilogue_n=epilogue_n, reversed_experts=reversed_experts,
-                   flatten=flatten)
+                   in_place_local=in_place_local, epilogue_n=epilogue_n, reversed_experts=reversed_experts)
 
 
 def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult, w2: torch.Tensor, epoch: int,
@@ -619,8 +597,7 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
                            block_h: int = 128, trace: bool = False, num_warps: int = 4,
                            num_stages: int = 3, group_m: int = 8, use_tma: bool | None = None,
                            in_place_local: bool | None = None, fused_act_backward: bool = False,
-                           epilogue_n: int = 64, reversed_experts: bool = False,
-                           flatten: bool = False) -> DispatchResult:
+                           epilogue_n: int = 64, reversed_experts: bool = False) -> DispatchResult:
     """Backward of layer 1 (= the same kernel): pull grad_out rows, dhp = g @ w2[e]^T, activation backward.
 
     The activation backward runs in the GEMM's epilogue with `fused_act_backward`, on column sub-blocks of
@@ -641,4 +618,4 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
                    num_compute=num_compute, block_n=block_n, block_k=block_k, block_h=block_h, trace=trace,
                    num_warps=num_warps, num_stages=num_stages, group_m=group_m, use_tma=use_tma,
                    in_place_local=in_place_local, fused_act_backward=fused_act_backward, epilogue_n=epilogue_n,
-                   reversed_experts=reversed_experts, flatten=flatten)
+                   reversed_experts=reversed_experts)

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import combine_programs, compiled, dot_precision, epilogue_split, rows_16b_aligned
+from .config import combine_programs, dot_precision, epilogue_split, rows_16b_aligned
 from .launch import launch
 from .operands import column_halves, load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
@@ -215,7 +215,7 @@ def _gemm_combine_kernel(
     TRACE: tl.constexpr, GLOBALTIMER: tl.constexpr, BLOCK_N_ITEMS: tl.constexpr,
     PRE_REDUCE: tl.constexpr, TOPK: tl.constexpr, CK: tl.constexpr, EL: tl.constexpr, SEARCH_STEPS: tl.constexpr,
     A_DESC: tl.constexpr, W_DESC: tl.constexpr, W_K_MAJOR: tl.constexpr, EPI_SPLIT: tl.constexpr,
-    W_REV: tl.constexpr, FLATTEN: tl.constexpr,
+    W_REV: tl.constexpr,
 ):
     EVEN_K: tl.constexpr = K_DIM % BK == 0
     pid = tl.program_id(0)
@@ -224,26 +224,15 @@ def _gemm_combine_kernel(
     total = num_tiles * n_chunks
     # while loops: the bounds live in device memory (Triton's interpreter cannot range() over them)
     if pid < NUM_COMPUTE:
-        if FLATTEN:
-            # compiled only (the interpreter cannot range() over a bound read from memory): one flattened loop
-            # over (item, K step), which Triton's pipeliner can prefetch the next item's blocks across
-            for w in tl.range(pid, total, NUM_COMPUTE, flatten=True):
-                _combine_compute_item(
-                    w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc,
-                    w_desc, recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
-                    local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-                    rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
-                    DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K, EPI_SPLIT, EL, W_REV)
-        else:
-            w = pid
-            while w < total:
-                _combine_compute_item(
-                    w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc,
-                    w_desc, recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
-                    local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-                    rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
-                    DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K, EPI_SPLIT, EL, W_REV)
-                w += NUM_COMPUTE
+        w = pid
+        while w < total:
+            _combine_compute_item(
+                w, num_tiles, n_chunks, a_ptr, stride_a, w_ptr, stride_we, stride_wk, stride_wn, a_desc, w_desc,
+                recv_prob_ptr, stage_ptr, done_ptr, recv_pair_ptr, recv_src_ptr, row_scalars_ptr,
+                local_combine_ptr, local_scalars_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
+                rank, epoch, trace_ptr, clock_ptr, K_DIM, HIDDEN, BM, BN, BK, GROUP_N, SCALE, SCALARS,
+                DOT_PRECISION, TRACE, GLOBALTIMER, A_DESC, W_DESC, W_K_MAJOR, EVEN_K, EPI_SPLIT, EL, W_REV)
+            w += NUM_COMPUTE
     else:
         cid = pid - NUM_COMPUTE
         # Communication works per (super-chunk, tile): one wait for the tile's chunks of the super-chunk,
@@ -322,8 +311,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
                  num_compute: int | None = None, block_n: int = 64, block_k: int = 32,
                  trace: bool = False, num_warps: int = 4, num_stages: int = 3,
                  group_n: int = 8, use_tma: bool | None = None, pre_reduce: bool = False,
-                 epilogue_n: int | None = None, reversed_experts: bool = False,
-                 flatten: bool = False) -> torch.Tensor | None:
+                 epilogue_n: int | None = None, reversed_experts: bool = False) -> torch.Tensor | None:
     """Compute y = a @ w[e] per receive row and deliver each row to combine[pair] on its owner rank.
 
     pre_reduce: rows of one token that meet on this rank are summed and sent once, into the slot of the
@@ -336,9 +324,6 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
     recv_prob: if given, rows are scaled by it (forward); None sends unscaled rows (backward).
     row_scalars: optional [R] fp32 delivered to the owner's combine_scalars[pair] (backward: grad_prob).
     epilogue_n: the epilogue stores column sub-blocks of that width (block_n / 1, 2, 4 or 8; None: whole).
-    flatten: compiled GPU only (ignored by the interpreter): the compute programs' loop over work items and
-    their K loop flattened into one (`tl.range(..., flatten=True)`), so the next item's loads can be issued
-    during an item's epilogue.
     Returns the trace buffer when `trace` ([2 * max_items, 2] int64: compute (start, end) per item, then
     one delivery timestamp per item in column 0), else None.
     """
@@ -386,8 +371,7 @@ def gemm_combine(view, layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, 
         TRACE=trace, GLOBALTIMER=use_globaltimer(view.errors), BLOCK_N_ITEMS=triton.next_power_of_2(group_n),
         PRE_REDUCE=pre_reduce, TOPK=lay.topk, CK=ck, EL=el, SEARCH_STEPS=el.bit_length(),
         A_DESC=a_desc is not None, W_DESC=w_desc is not None, W_K_MAJOR=k_major, EPI_SPLIT=epi_split,
-        W_REV=bool(reversed_experts), FLATTEN=bool(flatten) and compiled(a),
-        num_warps=num_warps, num_stages=num_stages,
+        W_REV=bool(reversed_experts), num_warps=num_warps, num_stages=num_stages,
     )
     return trace_buf
 

@@ -53,38 +53,6 @@ def test_parity_emulated_ranks(world, topk, pre_reduce, dtype, tol, request):
         assert rel_err(gw2, dw2[r * el:(r + 1) * el]) < tol, f"dW2 rank {r}"
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_flattened_loops_compiled(world, request):
-    """`dispatch_flatten` / `combine_flatten` (compiled only: item and K loops flattened into one by Triton)
-    give the float64 reference's results, Hopper tiles, gated, bf16, forward and backward (layer 0's backward
-    with its activation backward in the epilogue)."""
-    seed = seed_from(request.node.nodeid)
-    dtype, tokens = torch.bfloat16, [301 + 67 * r for r in range(world)]
-    p = _round_problem(make_problem(seed, world=world, tokens=tokens, topk=2, hidden=256, ffn=352,
-                                    experts_per_rank=3, routing="skewed"), dtype)
-    group = EmulatedGroup(world, capacity_tokens=max(tokens), topk=2, hidden=256, num_experts=p.num_experts,
-                          dtype=dtype, device="cuda")
-    cfg = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, combine_block_n=256,
-                       fused_act_backward=True, dispatch_flatten=True, combine_flatten=True)
-    w1 = [p.local_w1(r, dtype).cuda() for r in range(world)]
-    w2 = [p.local_w2(r, dtype).cuda() for r in range(world)]
-    fwd = group.forward([x.to("cuda", dtype) for x in p.xs], [i.cuda() for i in p.topk_idx],
-                        [q.cuda() for q in p.topk_probs], w1, w2, cfg)
-    ref = reference_rank_outputs(p)
-    g = torch.Generator().manual_seed(seed + 1)
-    grad_outs = [torch.randn(x.shape, generator=g).to(dtype).float() for x in p.xs]
-    bwd = group.backward([s for _, s in fwd], [go.to("cuda", dtype) for go in grad_outs], w1, w2, cfg)
-    ref_rank, dw1, dw2 = reference_grads(p, grad_outs)
-    el = p.local_experts
-    for r in range(world):
-        assert rel_err(fwd[r][0].cpu(), ref[r]) < 2e-2, f"forward rank {r}"
-        gx, gp, gw1, gw2 = (t.cpu() for t in bwd[r])
-        assert rel_err(gx, ref_rank[r][0]) < 2e-2, f"grad x rank {r}"
-        assert rel_err(gp, ref_rank[r][1]) < 2e-2, f"grad probs rank {r}"
-        assert rel_err(gw1, dw1[r * el:(r + 1) * el]) < 2e-2, f"dW1 rank {r}"
-        assert rel_err(gw2, dw2[r * el:(r + 1) * el]) < 2e-2, f"dW2 rank {r}"
-
-
 def _time_ms(fn, iters=10, warmup=3):
     """Median of `iters` timings; `fn(record=(start, end))` records the events around what is timed."""
     for _ in range(warmup):
