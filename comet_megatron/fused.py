@@ -231,13 +231,20 @@ class _FusedMoE(torch.autograd.Function):
             return grad_x, grad_probs, None, None, None, None, None, None, None, None, None
         handoff, ctx.handoff = ctx.handoff, None
         if handoff is not None and _accumulate_into_main_grads(handoff, state, bstate):
-            # the gradients are in main_grad; placeholders for the stacked views (never written)
-            return (grad_x, grad_probs, torch.empty_like(w1), torch.empty_like(w2),
+            # the gradients are in main_grad; placeholders for the stacked views (never written): one expert's
+            # worth of memory seen by every expert (each parameter's slice is a dense tensor autograd keeps as
+            # is, and DDP's hook drops), not a stack the size of all expert weights
+            return (grad_x, grad_probs, _placeholder(w1), _placeholder(w2),
                     None, None, None, None, None, None, None)
         # expert order -> the order of the weight views
         dw1, dw2 = (dw.flip(0) if rev else dw for dw, rev in zip(weight_grads(), ctx.reversed_experts))
         return (grad_x, grad_probs, dw1.transpose(1, 2), dw2.transpose(1, 2),
                 None, None, None, None, None, None, None)
+
+
+def _placeholder(w: torch.Tensor) -> torch.Tensor:
+    """A gradient of `w`'s shape ([El, ...]) backed by one expert's memory (stride 0 across experts)."""
+    return torch.empty_like(w[0]).expand_as(w)
 
 
 def _accumulate_into_main_grads(handoff, state, bstate) -> bool:
