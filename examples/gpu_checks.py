@@ -5,8 +5,10 @@
 1. Repeated use: `--calls` forward+backward calls of the fused layer with varying token counts;
    every 50th call is compared with the reference transport (stale flags would show as wrong
    results); allocated memory after warm-up vs at the end (growth = a leak).
-2. Peak memory of one forward+backward, comet fused vs Megatron alltoall (+SequentialMLP), at the
-   benchmark shapes (one GPU, EP=1).
+2. Peak memory of one forward+backward above what is resident before it (weights, and with `--ddp` the fp32
+   main_grad buffers of Megatron's DistributedDataParallel, as in training; `--distributed-optimizer` for its
+   parameter layout): Megatron alltoall (+SequentialMLP), Megatron's dispatcher with comet's grouped experts,
+   the comet reference and fused paths, at the benchmark shapes (one GPU, EP=1).
 3. Determinism: two identical forward+backward calls, bitwise equal or not, per path.
 
 Writes gpu_checks.json into OUT_DIR and prints a summary.
@@ -80,14 +82,14 @@ def repeated_use(calls: int) -> dict:
             "growth_bytes": mem[1] - mem[0], "epoch": fused._fused.workspace.view.epoch}
 
 
-def peak_memory(shapes, tokens) -> list:
+def peak_memory(shapes, tokens, ddp=False, distributed_optimizer=False) -> list:
     from comet_megatron.bench import build_layers, load_shape
 
     out = []
     for name in shapes:
         shape = load_shape(name)
-        for variant in ("megatron", "comet-reference", "comet-fused"):
-            layers = build_layers(shape, [variant])
+        for variant in ("megatron", "megatron+grouped", "comet-reference", "comet-fused"):
+            layers = build_layers(shape, [variant], ddp=ddp, distributed_optimizer=distributed_optimizer)
             layer = layers[variant]
             x = torch.randn(tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
             dy = torch.randn_like(x)
@@ -97,7 +99,8 @@ def peak_memory(shapes, tokens) -> list:
             torch.cuda.reset_peak_memory_stats()
             _fwd_bwd(layer, x, dy)
             torch.cuda.synchronize()
-            out.append({"shape": name, "tokens": tokens, "variant": variant,
+            out.append({"shape": name, "tokens": tokens, "variant": variant, "ddp": ddp,
+                        "distributed_optimizer": distributed_optimizer,
                         "peak_above_resident_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20})
             del layers, layer
             torch.cuda.empty_cache()
@@ -148,7 +151,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--only", choices=["determinism", "repeated", "memory"], default=None,
                         help="run one check only")
+    parser.add_argument("--ddp", action="store_true", help="memory: layers inside Megatron's DDP (as in training)")
+    parser.add_argument("--distributed-optimizer", action="store_true",
+                        help="memory, with --ddp: the distributed optimizer's parameter layout")
     args = parser.parse_args()
+    if args.distributed_optimizer and not args.ddp:
+        parser.error("--distributed-optimizer needs --ddp")
     _init()
     import comet_megatron
 
@@ -161,7 +169,7 @@ def main() -> int:
         result["repeated_use"] = repeated_use(args.calls)
         print("repeated use:", result["repeated_use"], flush=True)
     if args.only in (None, "memory"):
-        result["peak_memory"] = peak_memory(args.shapes, args.tokens)
+        result["peak_memory"] = peak_memory(args.shapes, args.tokens, args.ddp, args.distributed_optimizer)
         for row in result["peak_memory"]:
             print("peak memory:", row, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
