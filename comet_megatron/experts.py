@@ -816,11 +816,6 @@ class CometGroupedMLP(SequentialMLP):
             hook()
         return True
 
-    def fc_weights(self, handoff: WgradHandoff | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked ([El, F1, H], [El, H, F]) views of the experts' weights (differentiable)."""
-        p1, p2 = self.fc_params()
-        return stack_weights(p1, handoff), stack_weights(p2, handoff)
-
     def fc_weight_views(self, handoff: WgradHandoff | None = None):
         """((w1 [El, F1, H], reversed), (w2 [El, H, F], reversed)): `stack_weight_views` of each linear's
         expert weights, for the fused kernels (which read a reversed view in place)."""
