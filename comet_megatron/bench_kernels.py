@@ -13,7 +13,11 @@ to the unfused GEMM it replaces, `torch._grouped_mm` on the same rows (pre-sorte
 Reported per kernel: ms, TFLOP/s, `vs cuBLAS` = t_cublas / t_ours (>= 0.95 is the single-GPU issue's
 target for plain GEMMs) and `vs SM share` = t_cublas * SMs / compute programs / t_ours: the fused
 kernels give `num_comm` SMs to communication, so at world size 1 their floor is the cuBLAS time
-scaled by the share of SMs left to compute (target: >= 0.95, i.e. within 5%).
+scaled by the share of SMs left to compute (target: >= 0.95, i.e. within 5%). The GEMM alone does less
+than the fused kernel (no row gather, activation, combine), so two more yardsticks: `cuBLAS+act` (layer 0:
+GEMM + its elementwise pass) and, at world size 1, `unfused` = the cheapest unfused pipeline doing the
+kernel's whole job (row gather + GEMM + one Triton activation pass; GEMM + one Triton per-token row sum for
+layer 1's combine, which the fused L1 timing holds: gemm_combine + combine_reduce), with `vs share unf`.
 
 With `--world N` the N expert-parallel ranks are EMULATED on this GPU (one process, one workspace per
 rank, ranks' kernels serialized on one stream) and rank 0's kernels are timed: 1/N of its rows are
@@ -153,7 +157,10 @@ class KernelBench:
             activation_backward(torch.empty_like(self.pre_sorted), self.pre_sorted, prob, ffn=f,
                                 activation="silu", gated=s.gated, hp=hp, dhp=dhp).sum(1)
 
-        out = {
+        out = {}
+        if self.world == 1:
+            out.update(self._unfused(gm, timed, prob, act_backward))
+        out.update({
             "L0 fwd": timed(lambda: gm(self.x_sorted, w1, offs=offs)),
             "L0 fwd +act": timed(lambda: act(gm(self.x_sorted, w1, offs=offs))),
             "L1 fwd": timed(lambda: gm(self.h_sorted, w2, offs=offs)),
@@ -162,8 +169,35 @@ class KernelBench:
             "L1 bwd": timed(lambda: gm(self.pre_sorted, w1.transpose(1, 2), offs=offs)),
             "wgrad dW1": timed(lambda: gm(self.x_sorted.t(), self.pre_sorted, offs=offs)),
             "wgrad dW2": timed(lambda: gm(self.h_sorted.t(), self.g_sorted, offs=offs)),
-        }
+        })
         return out
+
+    def _unfused(self, gm, timed, prob, act_backward) -> dict:
+        """World size 1: the cheapest unfused pipeline doing what each fused kernel does, "<kernel> unfused":
+        L0 fwd = gather of the routed rows (`index_select`) + grouped GEMM + one Triton activation pass;
+        L1 fwd = grouped GEMM + one Triton pass summing each token's rows (`kernels.token_sum`, the reference
+        path's combine); L0 bwd = gather of the output-gradient rows + grouped GEMM + one activation-backward
+        pass; L1 bwd = grouped GEMM + the token sum (the return of the input gradients). The per-token row
+        order (shared by the combine and the gather's backward, once per call) is built outside the window."""
+        import torch
+
+        from comet_megatron.kernels.activation import activation_forward
+        from comet_megatron.kernels.token_sum import sum_rows_by_token, token_row_order
+
+        s, offs = self.shape, self.offs
+        w1, w2 = self.w1s[0], self.w2s[0]
+        # receive order = (token, slot) pairs sorted by expert, stably
+        token = torch.sort(self.idx.reshape(-1).long(), stable=True).indices // s.topk
+        order = token_row_order(token, self.tokens)
+        return {
+            "L0 fwd unfused": timed(lambda: activation_forward(
+                gm(self.x.index_select(0, token), w1, offs=offs), prob, activation="silu", gated=s.gated)),
+            "L1 fwd unfused": timed(lambda: sum_rows_by_token(gm(self.h_sorted, w2, offs=offs), *order)),
+            "L0 bwd unfused": timed(lambda: act_backward(gm(self.grad.index_select(0, token), w2.transpose(1, 2),
+                                                            offs=offs))),
+            "L1 bwd unfused": timed(lambda: sum_rows_by_token(gm(self.pre_sorted, w1.transpose(1, 2), offs=offs),
+                                                              *order)),
+        }
 
     # --- fused kernels ----------------------------------------------------------------------------
     def fused(self, cfg, reps: int, warmup: int, kernels_only: bool = False) -> dict:
@@ -363,6 +397,12 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                     k = rec["kernels"][kname]
                     k["cublas_with_act_ms"] = base[f"{kname} +act"]
                     k["vs_sm_share_with_act"] = base[f"{kname} +act"] * share / k["ms"]
+                for kname in ("L0 fwd", "L1 fwd", "L0 bwd", "L1 bwd"):  # world 1: the whole unfused pipeline
+                    if f"{kname} unfused" in base:
+                        k = rec["kernels"][kname]
+                        k["unfused_ms"] = base[f"{kname} unfused"]
+                        k["vs_sm_share_unfused"] = (base[f"{kname} unfused"]
+                                                    * (share_l1 if kname.startswith("L1") else share) / k["ms"])
                 records.append(rec)
                 if progress is not None:
                     progress(rec)
@@ -406,7 +446,7 @@ def print_record(rec) -> None:
     if "error" in rec:
         return
     head = (f"{'shape':18s} {'tok':>6s} {'kernel':10s} {'ms':>8s} {'cuBLAS':>8s} {'TF/s':>6s} {'vs cuBLAS':>9s} "
-            f"{'vs SM share':>11s} {'cuBLAS+act':>10s} {'vs share+act':>12s}")
+            f"{'vs SM share':>11s} {'cuBLAS+act':>10s} {'vs share+act':>12s} {'unfused':>8s} {'vs share unf':>12s}")
     ep = f" EP={rec['world']} (ranks emulated on one GPU; L1 = rank 0's gemm_combine only)" if rec["world"] > 1 else ""
     print(f"\n{rec['shape']} tokens={rec['tokens']}{ep} programs={rec['programs']} config={rec['config']} "
           f"routing={rec['routing_ms']:.3f} ms")
@@ -415,8 +455,11 @@ def print_record(rec) -> None:
         share = f"{r['vs_sm_share']:.3f}" if r["vs_sm_share"] is not None else "-"
         act = f"{r['cublas_with_act_ms']:10.3f}" if "cublas_with_act_ms" in r else f"{'-':>10s}"
         act_share = f"{r['vs_sm_share_with_act']:12.3f}" if "vs_sm_share_with_act" in r else f"{'-':>12s}"
+        unf = f"{r['unfused_ms']:8.3f}" if "unfused_ms" in r else f"{'-':>8s}"
+        unf_share = f"{r['vs_sm_share_unfused']:12.3f}" if "vs_sm_share_unfused" in r else f"{'-':>12s}"
         print(f"{rec['shape']:18s} {rec['tokens']:6d} {kname:10s} {r['ms']:8.3f} {r['cublas_ms']:8.3f} "
-              f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s} {act} {act_share}", flush=True)
+              f"{r['tflops']:6.0f} {r['vs_cublas']:9.3f} {share:>11s} {act} {act_share} {unf} {unf_share}",
+              flush=True)
 
 
 def parse_configs(text: str) -> list[dict]:

@@ -47,4 +47,8 @@ def test_bench_kernels_cpu_smoke(tmp_path, world):
         for name, k in rec["kernels"].items():
             assert k["ms"] > 0 and k["cublas_ms"] > 0, (name, k)
             assert (k["vs_sm_share"] is None) == name.startswith("wgrad")
+            # world 1: the whole unfused pipeline (gather / activation / combine passes) as a second yardstick
+            assert ("unfused_ms" in k) == (world == 1 and not name.startswith("wgrad")), (name, k)
+            if "unfused_ms" in k:
+                assert k["unfused_ms"] > 0 and k["vs_sm_share_unfused"] > 0
     assert f"EP={world}" in proc.stdout or world == 1
