@@ -816,6 +816,25 @@ class CometGroupedMLP(SequentialMLP):
             hook()
         return True
 
+    def wait_for_weights(self) -> None:
+        """Run the forward pre-hooks of the expert linears, whose own forward the grouped GEMMs bypass. Megatron's
+        DDP registers one on every module under `--overlap-param-gather` (distributed optimizer) to wait for the
+        all-gather of that module's parameters: without this a forward would read expert weights whose gather
+        may still be in flight, and the bucket's gather would never be waited for. Called once per forward by
+        both paths before they read the weights; a handful of dict lookups when no hook is registered."""
+        for expert in self.local_experts._modules.values():
+            for name in ("linear_fc1", "linear_fc2"):
+                linear = expert._modules.get(name)
+                hooks = linear._forward_pre_hooks if linear is not None else None
+                if not hooks:
+                    continue
+                with_kwargs = linear._forward_pre_hooks_with_kwargs
+                for hook_id, hook in tuple(hooks.items()):
+                    if hook_id in with_kwargs:
+                        hook(linear, (), {})
+                    else:
+                        hook(linear, ())
+
     def fc_weight_views(self, handoff: WgradHandoff | None = None):
         """((w1 [El, F1, H], reversed), (w2 [El, H, F], reversed)): `stack_weight_views` of each linear's
         expert weights, for the fused kernels (which read a reversed view in place)."""
@@ -851,6 +870,7 @@ class CometGroupedMLP(SequentialMLP):
         tokens_per_expert: torch.Tensor,
         permuted_probs: torch.Tensor,
     ):
+        self.wait_for_weights()
         x = permuted_local_hidden_states
         # host counts, or device counts (comet's dispatcher at EP size 1: no host sync unless a fallback asks)
         counts = ExpertRows(tokens_per_expert, rows=x.shape[0])

@@ -297,6 +297,7 @@ class FusedExperts:
             self.kernel = kernel_config(cfg, config, tokens=hidden.shape[0], device=device, dtype=dtype,
                                         world_size=self.workspace.world)
         topk_idx, topk_probs = topk_from_routing(routing_map, probs, self.topk)
+        experts.wait_for_weights()  # --overlap-param-gather: the expert linears' forward pre-hooks
         if experts.delays_wgrad():  # weight gradients in experts.backward_dw()
             w1, w2, anchor, reversed_experts = experts.delayed_fc_weights()
             defer, handoff = experts.defer_wgrad, None

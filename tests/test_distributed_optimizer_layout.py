@@ -4,7 +4,11 @@ layer then views them in reversed expert order (the reference path flips its row
 expert El-1-i's weights for view index i) and must compute the same output, input gradient and main_grads as
 with the plain DDP layout, without copying the weights (no copy warning). Reference path at EP 1 and the fused
 path (Triton interpreter) at EP 2, with the weight gradients handed to main_grad directly and, with the hand-off
-switched off, through autograd and DDP's hooks (the stacked gradient un-reversed onto the parameters)."""
+switched off, through autograd and DDP's hooks (the stacked gradient un-reversed onto the parameters).
+
+With --overlap-param-gather DDP waits for each module's parameter all-gather in a forward pre-hook of that module;
+the grouped GEMMs bypass the expert linears' forward, so the comet experts run those hooks themselves: checked on
+both paths against Megatron's own layer (every expert linear's pre-hook runs once per forward)."""
 
 from __future__ import annotations
 
@@ -107,3 +111,76 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _param_gather_body(rank, fused=False):
+    """Megatron's DDP with the distributed optimizer and --overlap-param-gather: a forward must wait for the
+    all-gather of every parameter bucket it reads (DDP's forward pre-hook on each module). The comet experts
+    read the expert linears' weights without calling those modules: count the waits on the expert buckets."""
+    import torch
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    import comet_megatron
+    from comet_megatron import CometConfig
+    from comet_megatron.patches import cpu_training
+    from moe_cases import make_config, make_input
+
+    cpu_training.apply()
+    comet_megatron.enable(
+        CometConfig(transport="cuda_ipc", tile_m=16, tile_n=16, tile_k=16, comm_programs=1) if fused
+        else CometConfig(transport="nccl"))
+    waits = {}
+    real_finish = _ParamAndGradBucketGroup.finish_param_sync
+
+    def counting(self, *args, **kwargs):
+        waits[id(self)] = waits.get(id(self), 0) + 1
+        return real_finish(self, *args, **kwargs)
+
+    _ParamAndGradBucketGroup.finish_param_sync = counting
+    out = {}
+    torch.manual_seed(5)
+    state = None
+    for dispatcher in ("alltoall", "comet"):
+        cfg = make_config(dispatcher, moe_router_topk=2)
+        layer = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts, moe_grouped_gemm=False).submodules.mlp(
+            config=cfg)
+        if state is None:
+            state = layer.state_dict()
+        layer.load_state_dict(state)
+        model = DistributedDataParallel(layer.config, DistributedDataParallelConfig(
+            use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True,
+            bucket_size=10**9), layer)
+        assert model.use_forward_hook
+        # one more forward pre-hook on each expert linear, next to DDP's: every one must run per forward
+        linears = [m for n, m in layer.named_modules() if n.endswith(("linear_fc1", "linear_fc2")) and "experts" in n]
+        ran = []
+        for m in linears:
+            m.register_forward_pre_hook(lambda mod, args: ran.append(mod))
+        x = make_input(8, 2, cfg.hidden_size, seed=21 + rank)
+        waits.clear()
+        y, _ = model(x)
+        expert_groups = {id(model.param_to_bucket_group[p]) for n, p in layer.named_parameters() if "experts" in n}
+        out[dispatcher] = (sum(waits.get(g, 0) for g in expert_groups), len(expert_groups), y.detach(),
+                           len(linears), sorted(map(id, ran)) == sorted(map(id, linears)))
+    return out
+
+
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["reference", "fused"])
+def test_overlap_param_gather_waits_for_the_expert_weights(fused):
+    env = {"TRITON_INTERPRET": "1" if fused else "0"}
+    results = run_distributed(_param_gather_body, 2 if fused else 1, ep=2 if fused else 1, env=env, fused=fused)
+    for res in results:
+        megatron_waits, groups, y_ref, n_linears, megatron_all_ran = res["alltoall"]
+        comet_waits, _, y, _, comet_all_ran = res["comet"]
+        assert n_linears >= 4 and megatron_all_ran  # Megatron's own experts call every linear (and its hooks)
+        assert comet_all_ran  # the grouped GEMMs bypass the linears' forward: their pre-hooks still run, once
+        assert groups >= 1 and megatron_waits >= groups and comet_waits >= groups, (megatron_waits, comet_waits)
+        assert torch_equal(y, y_ref) or _close(y, y_ref)
+
+
+def _close(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-5)
