@@ -379,6 +379,9 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                 # each kernel's floor: cuBLAS scaled by the SMs its own compute programs get
                 share = kb.sms / progs["compute"] if kb.sms else 1.0
                 share_l1 = kb.sms / progs["compute_combine"] if kb.sms else 1.0
+
+                def share_of(kname):  # gemm_combine has its own compute-program count
+                    return share_l1 if kname.startswith("L1") else share
                 rec = {"shape": shape.name, "tokens": tokens, "world": world,
                        "ranks": "emulated on one GPU" if world > 1 else "one", "rows_rank0": kb.rows,
                        "l1_includes_combine_reduce": world == 1, "config": knobs, "programs": progs,
@@ -390,8 +393,7 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                     rec["kernels"][kname] = {
                         "ms": ms, "cublas_ms": ref, "tflops": flops[kname] / ms / 1e9,
                         "cublas_tflops": flops[kname] / ref / 1e9, "vs_cublas": ref / ms,
-                        "vs_sm_share": (ref * (share_l1 if kname.startswith("L1") else share) / ms
-                                        if fused_kernel else None),
+                        "vs_sm_share": ref * share_of(kname) / ms if fused_kernel else None,
                     }
                 for kname in ("L0 fwd", "L0 bwd"):  # GEMM + the unfused elementwise pass the kernel fuses
                     k = rec["kernels"][kname]
@@ -401,8 +403,7 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                     if f"{kname} unfused" in base:
                         k = rec["kernels"][kname]
                         k["unfused_ms"] = base[f"{kname} unfused"]
-                        k["vs_sm_share_unfused"] = (base[f"{kname} unfused"]
-                                                    * (share_l1 if kname.startswith("L1") else share) / k["ms"])
+                        k["vs_sm_share_unfused"] = base[f"{kname} unfused"] * share_of(kname) / k["ms"]
                 records.append(rec)
                 if progress is not None:
                     progress(rec)

@@ -690,27 +690,18 @@ def _warn_copy(params) -> None:
         len(params), tuple(first.shape), mib)
 
 
-def stack_weights(params, handoff: WgradHandoff | None = None) -> torch.Tensor:
-    """Differentiable [G, ...] stack of `params` in expert order: a view when they are evenly spaced in
-    ascending order (as `CometGroupedMLP` allocates them), else a copy (e.g. after a wrapper re-homed them).
-    The copy's backward hands the slices to autograd as they come: where `handoff` says they are placeholders,
-    the gradients are already in `main_grad` and DDP's hooks drop them (`grad_added_to_main_grad`)."""
-    step = _layout(params)
-    if step is not None and step > 0:
-        return _StackedView.apply(handoff, step, *params)
-    _warn_copy(params)
-    return torch.stack(list(params))
-
-
 def stack_weight_views(params, handoff: WgradHandoff | None = None) -> tuple[torch.Tensor, bool]:
-    """(differentiable [G, ...] view, reversed) over `params` for kernels that can read the experts in either
-    order: also a view (reversed: view[i] = params[G-1-i]) when they are stored in descending order, as Megatron's
-    distributed optimizer re-homes them, where `stack_weights` copies. A copy only when they are not evenly
-    spaced in one storage."""
+    """(differentiable [G, ...] stack, reversed) of `params`: a view when they are evenly spaced in one storage,
+    in ascending order (as `CometGroupedMLP` allocates them) or descending (as Megatron's distributed optimizer
+    re-homes them; reversed: view[i] = params[G-1-i]), for kernels that read the experts in either order; else a
+    copy in expert order (said once). The copy's backward hands the slices to autograd as they come: where
+    `handoff` says they are placeholders, the gradients are already in `main_grad` and DDP's hooks drop them
+    (`grad_added_to_main_grad`)."""
     step = _layout(params)
     if step is not None:
         return _StackedView.apply(handoff, step, *params), step < 0
-    return stack_weights(params, handoff), False
+    _warn_copy(params)
+    return torch.stack(list(params)), False
 
 
 class CometGroupedMLP(SequentialMLP):
@@ -837,8 +828,9 @@ class CometGroupedMLP(SequentialMLP):
 
     def fc_weight_views(self, handoff: WgradHandoff | None = None):
         """((w1 [El, F1, H], reversed), (w2 [El, H, F], reversed)): `stack_weight_views` of each linear's
-        expert weights, for the fused kernels (which read a reversed view in place)."""
-        p1, p2 = self.fc_params()
+        expert weights (those of `handoff` when given), for the fused kernels (which read a reversed view in
+        place)."""
+        p1, p2 = handoff.params if handoff is not None else self.fc_params()
         return stack_weight_views(p1, handoff), stack_weight_views(p2, handoff)
 
     def fc_params(self) -> tuple[list[torch.nn.Parameter], list[torch.nn.Parameter]]:

@@ -182,7 +182,7 @@ def test_enable_makes_every_megatron_parse_accept_comet_flags(monkeypatch):
 
 
 def test_stacked_expert_weights_are_views_with_per_parameter_gradients():
-    from comet_megatron.experts import _back_to_back, stack_weights
+    from comet_megatron.experts import _back_to_back, stack_weight_views
 
     base = torch.randn(3, 4, 5)
     params = [torch.nn.Parameter(torch.empty(4, 5)) for _ in range(3)]
@@ -191,7 +191,7 @@ def test_stacked_expert_weights_are_views_with_per_parameter_gradients():
         p.data = stacked[i]
         p.data.copy_(base[i])
     assert _back_to_back(params)
-    w = stack_weights(params)
+    w, _ = stack_weight_views(params)
     assert w.data_ptr() == params[0].data_ptr() and torch.equal(w, base)
     g = torch.randn(3, 4, 5)
     (w * g).sum().backward()
@@ -199,7 +199,7 @@ def test_stacked_expert_weights_are_views_with_per_parameter_gradients():
         assert torch.equal(p.grad, g[i])
     loose = [torch.nn.Parameter(base[i].clone()) for i in range(3)]
     assert not _back_to_back(loose)
-    w2 = stack_weights(loose)
+    w2, _ = stack_weight_views(loose)
     assert torch.equal(w2, base) and w2.data_ptr() != loose[0].data_ptr()
 
 

@@ -51,18 +51,23 @@ def to_dev(ts, dtype=None):
     return [t.to(DEVICE, dtype) if dtype is not None and t.is_floating_point() else t.to(DEVICE) for t in ts]
 
 
-def run_and_check(p, group, cfg, dtype, tol, grad_seed):
+def run_and_check(p, group, cfg, dtype, tol, grad_seed, weights=None, reversed_experts=(False, False)):
+    """Forward and backward round on every rank against the float64 reference. `weights`: per-rank (w1, w2)
+    lists to use instead of the problem's (with `reversed_experts` as in `moe_forward`)."""
     el = p.local_experts
-    w1 = [p.local_w1(r, dtype).to(DEVICE) for r in range(p.world)]
-    w2 = [p.local_w2(r, dtype).to(DEVICE) for r in range(p.world)]
+    if weights is None:
+        weights = ([p.local_w1(r, dtype).to(DEVICE) for r in range(p.world)],
+                   [p.local_w2(r, dtype).to(DEVICE) for r in range(p.world)])
+    w1, w2 = weights
     xs, probs = to_dev(p.xs, dtype), to_dev(p.topk_probs)
-    fwd = group.forward(xs, to_dev(p.topk_idx), probs, w1, w2, cfg)
+    fwd = group.forward(xs, to_dev(p.topk_idx), probs, w1, w2, cfg, reversed_experts)
     ref = reference_rank_outputs(p)
     for r in range(p.world):
         assert rel_err(fwd[r][0].cpu(), ref[r]) < tol, f"forward rank {r}"
     g = torch.Generator().manual_seed(grad_seed)
     grad_outs = [torch.randn(x.shape, generator=g) for x in p.xs]
-    bwd = group.backward([s for _, s in fwd], to_dev(grad_outs, dtype), w1, w2, cfg)
+    bwd = group.backward([s for _, s in fwd], to_dev(grad_outs, dtype), w1, w2, cfg,
+                         reversed_experts=reversed_experts)
     ref_rank, dw1, dw2 = reference_grads(p, grad_outs)
     for r in range(p.world):
         gx, gp, gw1, gw2 = (t.cpu() for t in bwd[r])
@@ -309,26 +314,13 @@ def test_reversed_expert_weights_read_in_place(world, tokens, topk, use_tma, see
     p = make_problem(seed, world=world, tokens=tokens, topk=topk, hidden=48, ffn=24, experts_per_rank=3,
                      gated=True, routing="skewed")
     cfg = KernelConfig(**{**SMALL, "use_tma": use_tma})
-    el = p.local_experts
     # [El, out, in] parameters laid out descending, seen as [El, in, out] (K-major) by the kernels
     w1 = [_descending(p.local_w1(r, torch.float32).transpose(1, 2).contiguous(), 16).transpose(1, 2).to(DEVICE)
           for r in range(p.world)]
     w2 = [_descending(p.local_w2(r, torch.float32).transpose(1, 2).contiguous(), 32).transpose(1, 2).to(DEVICE)
           for r in range(p.world)]
-    group = make_group(p, torch.float32)
-    fwd = group.forward(to_dev(p.xs), to_dev(p.topk_idx), to_dev(p.topk_probs), w1, w2, cfg, (True, True))
-    ref = reference_rank_outputs(p)
-    g = torch.Generator().manual_seed(seed + 1)
-    grad_outs = [torch.randn(x.shape, generator=g) for x in p.xs]
-    bwd = group.backward([s for _, s in fwd], to_dev(grad_outs), w1, w2, cfg, reversed_experts=(True, True))
-    ref_rank, dw1, dw2 = reference_grads(p, grad_outs)
-    for r in range(p.world):
-        assert rel_err(fwd[r][0].cpu(), ref[r]) < 1e-4, f"forward rank {r}"
-        gx, gp, gw1, gw2 = (t.cpu() for t in bwd[r])
-        assert rel_err(gx, ref_rank[r][0]) < 1e-4, f"grad x rank {r}"
-        assert rel_err(gp, ref_rank[r][1]) < 1e-4, f"grad probs rank {r}"
-        assert rel_err(gw1, dw1[r * el:(r + 1) * el]) < 1e-4, f"dW1 rank {r}"
-        assert rel_err(gw2, dw2[r * el:(r + 1) * el]) < 1e-4, f"dW2 rank {r}"
+    run_and_check(p, make_group(p, torch.float32), cfg, torch.float32, 1e-4, seed + 1, weights=(w1, w2),
+                  reversed_experts=(True, True))
 
 
 def test_pre_reduce_sends_one_row_per_token_and_rank(seed, poison):
