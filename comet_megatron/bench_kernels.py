@@ -207,6 +207,7 @@ class KernelBench:
         from comet_megatron.kernels import (combine_reduce, dispatch_gemm, dispatch_gemm_backward,
                                             check_errors, gemm_combine, grouped_wgrad, publish,
                                             receive_layout)
+        from comet_megatron.kernels.gemm_combine import local_gemm_combine, local_layer1
 
         view, views, T, W = self.view, self.views, self.tokens, self.world
         w1, w2 = self.w1s[0], self.w2s[0]
@@ -240,10 +241,15 @@ class KernelBench:
                 rec(1)
                 return
             rec(0)
-            gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
-                         recv_prob=d.recv_prob, **l1)
-            if W == 1:  # with emulated peers their deliveries never come: rank 0's gemm_combine only
-                combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine)
+            st["gluon"] = local_layer1(view, cfg, d.out, w2)
+            if st["gluon"]:  # world size 1 on Hopper: what moe_forward runs
+                local_gemm_combine(layout, d.out, w2, T, self.shape.topk, recv_pair=d.recv_pair,
+                                   recv_prob=d.recv_prob, **cfg.local_combine_kwargs())
+            else:
+                gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
+                             recv_prob=d.recv_prob, **l1)
+                if W == 1:  # with emulated peers their deliveries never come: rank 0's gemm_combine only
+                    combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine)
             rec(1)
             st.update(layout=layout, d=d, epoch=epoch)
 
@@ -261,10 +267,14 @@ class KernelBench:
                 rec(1)
                 return
             rec(0)
-            gemm_combine(view, layout, b.out, w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
-                         recv_src=b.recv_src, row_scalars=b.grad_prob, **l1)
-            if W == 1:
-                combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine, scalars=True)
+            if local_layer1(view, cfg, b.out, w1.transpose(1, 2)):
+                local_gemm_combine(layout, b.out, w1.transpose(1, 2), T, self.shape.topk, recv_pair=b.recv_pair,
+                                   row_scalars=b.grad_prob, **cfg.local_combine_kwargs())
+            else:
+                gemm_combine(view, layout, b.out, w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
+                             recv_src=b.recv_src, row_scalars=b.grad_prob, **l1)
+                if W == 1:
+                    combine_reduce(view, T, epoch, num_comm=cfg.num_comm_combine, scalars=True)
             rec(1)
             st.update(b=b)
 
@@ -289,7 +299,10 @@ class KernelBench:
 
         out["wgrad dW1"] = wg(d.recv, b.out)
         out["wgrad dW2"] = wg(d.out, b.recv)
-        out["_programs"] = {"comm_dispatch": nc_d, "comm_combine": nc_c, "compute": np_, "compute_combine": np_c}
+        gluon = st.get("gluon", False)  # the Gluon layer 1 uses every SM, no communication program
+        out["_programs"] = {"comm_dispatch": nc_d, "comm_combine": 0 if gluon else nc_c, "compute": np_,
+                            "compute_combine": self.sms if gluon and self.sms else np_c,
+                            "layer1": "gluon" if gluon else "triton"}
         check_errors(view, "bench kernels")  # a timed-out wait would make the timings meaningless
         self.check(cfg)
         return out

@@ -43,6 +43,9 @@ class KernelConfig:
     combine_epilogue_n: int | None = 32  # gemm_combine (forward and backward)
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
+    # World size 1 on Hopper: layer 1 (forward GEMM + prob scale, backward input-gradient GEMM) through the Gluon
+    # kernel (gluon_gemm.py) + one per-token sum instead of gemm_combine + combine_reduce. None: where supported.
+    gluon_layer1: bool | None = None
 
 
     def dispatch_kwargs(self, backward: bool = False) -> dict:
@@ -56,6 +59,11 @@ class KernelConfig:
                     block_h=self.block_h, trace=self.trace, num_warps=self.num_warps,
                     num_stages=stages, group_m=self.group_m, use_tma=self.use_tma,
                     in_place_local=self.in_place_local)
+
+    def local_combine_kwargs(self) -> dict:
+        """Keyword arguments of `local_gemm_combine` (world size 1, Gluon)."""
+        return dict(block_n=self.combine_block_n or self.block_n, group_n=self.group_n,
+                    num_stages=self.combine_num_stages or self.num_stages)
 
     def combine_kwargs(self) -> dict:
         """Keyword arguments of `gemm_combine` (forward and backward)."""

@@ -33,10 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import combine_programs, dot_precision, epilogue_split, rows_16b_aligned
+from .config import KernelConfig, combine_programs, dot_precision, epilogue_split, rows_16b_aligned
+from .gluon_gemm import gluon_supported, grouped_gemm_rows
 from .launch import launch
 from .operands import column_halves, load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
+from .token_sum import sum_rows_by_token
 from .signals import (ERR_COMBINE_ARRIVAL, ERR_COMBINE_CHUNK, now, store_release, use_globaltimer, wait_all_geq,
                       wait_gather_geq,
                       wait_until_geq)
@@ -436,3 +438,48 @@ def combine_reduce(view, num_tokens: int, epoch: int, *, num_comm: int | None = 
     )
     grad_probs = view.regions["combine_scalars"][: num_tokens * k].view(num_tokens, k).clone() if scalars else None
     return out[:num_tokens], grad_probs
+
+
+# --- world size 1: layer 1 without a combine region --------------------------------------------------------
+
+def local_layer1(view, cfg: KernelConfig, a: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether layer 1 of this round runs as `local_gemm_combine` (world size 1, the Gluon kernel applies and
+    `cfg.gluon_layer1` is not False) instead of gemm_combine + combine_reduce."""
+    if view.world_size != 1 or cfg.gluon_layer1 is False or cfg.pre_reduce:
+        return False
+    why = gluon_supported(a, w, cfg.block_m, cfg.combine_block_n or cfg.block_n, trace=cfg.trace)
+    if why is not None and cfg.gluon_layer1:
+        raise ValueError(f"gluon_layer1=True but the Gluon layer-1 kernel cannot run here: {why}")
+    return why is None
+
+
+def sum_by_pair(rows: torch.Tensor, recv_pair: torch.Tensor, num_tokens: int, topk: int,
+                row_scalars: torch.Tensor | None = None, out: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """World size 1, where the receive rows are a permutation of the (token, slot) pairs: (out [T, H],
+    per-pair scalars [T, K] fp32 or None) with out[t] = sum over k of rows[r(t, k)] (recv_pair[r(t, k)] =
+    t * K + k) in fp32, k ascending (combine_reduce's order), rounded once; scalars[t, k] = row_scalars[r(t, k)].
+    `out`: [T, H] buffer for the sums."""
+    n = num_tokens * topk
+    if rows.shape[0] < n or recv_pair.numel() < n:
+        raise ValueError(f"{rows.shape[0]} rows / {recv_pair.numel()} pairs for {num_tokens} tokens x top-{topk}")
+    inv = torch.empty(n, dtype=torch.int64, device=rows.device)
+    inv[recv_pair[:n].long()] = torch.arange(n, device=rows.device)
+    starts = torch.arange(0, n + 1, topk, device=rows.device)
+    out = sum_rows_by_token(rows[:n], inv, starts, out=out)
+    scalars = row_scalars[inv].view(num_tokens, topk).float() if row_scalars is not None else None
+    return out, scalars
+
+
+def local_gemm_combine(layout: ReceiveLayout, a: torch.Tensor, w: torch.Tensor, num_tokens: int, topk: int, *,
+                       recv_pair: torch.Tensor, recv_prob: torch.Tensor | None = None,
+                       row_scalars: torch.Tensor | None = None, block_n: int = 256, group_n: int = 8,
+                       num_stages: int = 3, reversed_experts: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """gemm_combine + combine_reduce at world size 1 (check `local_layer1` first): the Gluon grouped GEMM writes
+    the (prob-scaled) rows in receive order, then each token's rows are summed (`sum_by_pair`). Same arguments
+    and results as that pair (forward: recv_prob; backward: row_scalars -> per-pair grad of the probs)."""
+    n = num_tokens * topk
+    rows = grouped_gemm_rows(a, w, layout, n, prob=recv_prob, block_n=block_n, group_n=group_n,
+                             num_stages=num_stages, reversed_experts=reversed_experts)
+    return sum_by_pair(rows, recv_pair, num_tokens, topk, row_scalars)

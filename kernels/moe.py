@@ -21,7 +21,7 @@ import torch
 
 from .config import KernelConfig
 from .dispatch_gemm import DispatchResult, dispatch_gemm, dispatch_gemm_backward
-from .gemm_combine import combine_reduce, gemm_combine
+from .gemm_combine import combine_reduce, gemm_combine, local_gemm_combine, local_layer1
 from .routing import ReceiveLayout, publish, receive_layout
 from .signals import check_errors
 from .wgrad import grouped_wgrad
@@ -60,6 +60,12 @@ def moe_forward(view, x: torch.Tensor, topk_idx: torch.Tensor, topk_probs: torch
         layout.start_host_copy()  # the per-expert offsets, if the weight gradients ask, without draining the GPU
     rev1, rev2 = reversed_experts
     d = dispatch_gemm(view, layout, w1, epoch, store_pre=True, reversed_experts=rev1, **cfg.dispatch_kwargs())
+    if local_layer1(view, cfg, d.out, w2):  # world size 1: no combine region, no signals
+        out, _ = local_gemm_combine(layout, d.out, w2, x.shape[0], view.layout.topk, recv_pair=d.recv_pair,
+                                    recv_prob=d.recv_prob, reversed_experts=rev2, **cfg.local_combine_kwargs())
+        d.out = None
+        yield "dispatch_gemm+gemm_combine"
+        return out, ForwardState(layout, d, x.shape[0], None, topk_idx)
     trace = gemm_combine(view, layout, d.out, w2, epoch, recv_pair=d.recv_pair, recv_src=d.recv_src,
                          recv_prob=d.recv_prob, reversed_experts=rev2, **cfg.combine_kwargs())
     # The backward's activation backward (epilogue or separate pass) recomputes h * p from pre: h need not
@@ -85,6 +91,12 @@ def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Te
     rev1, rev2 = reversed_experts
     b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, reversed_experts=rev2,
                                **cfg.dispatch_kwargs(backward=True))
+    if local_layer1(view, cfg, b.out, w1.transpose(1, 2)):
+        grad_x, grad_probs = local_gemm_combine(state.layout, b.out, w1.transpose(1, 2), state.num_tokens,
+                                                view.layout.topk, recv_pair=b.recv_pair, row_scalars=b.grad_prob,
+                                                reversed_experts=rev1, **cfg.local_combine_kwargs())
+        yield "dispatch_gemm_backward+gemm_combine"
+        return grad_x, grad_probs, BackwardState(b, None)
     trace = gemm_combine(view, state.layout, b.out, w1.transpose(1, 2), epoch, recv_pair=b.recv_pair,
                          recv_src=b.recv_src, row_scalars=b.grad_prob, reversed_experts=rev1,
                          **cfg.combine_kwargs())
