@@ -44,7 +44,8 @@ class KernelConfig:
     in_place_local: bool | None = None  # dispatch_gemm: local tiles read in place (None: on)
     use_tma: bool | None = None  # TMA descriptors for weights / gemm_combine rows; None: where fast (operands.py)
     # World size 1 on Hopper: layer 1 (forward GEMM + prob scale, backward input-gradient GEMM) through the Gluon
-    # kernel (gluon_gemm.py) + one per-token sum instead of gemm_combine + combine_reduce. None: where supported.
+    # kernel (gluon_gemm.py) + one per-token sum instead of gemm_combine + combine_reduce. None: where supported
+    # and K <= gluon_gemm.AUTO_MAX_K (faster there on an H100; slower on long-K experts).
     gluon_layer1: bool | None = None
 
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .config import KernelConfig, combine_programs, dot_precision, epilogue_split, rows_16b_aligned
-from .gluon_gemm import gluon_supported, grouped_gemm_rows
+from .gluon_gemm import AUTO_MAX_K, gluon_supported, grouped_gemm_rows
 from .launch import launch
 from .operands import column_halves, load_rows_block, load_weight_block, rows_descriptor, weight_descriptor
 from .routing import ReceiveLayout
@@ -443,9 +443,12 @@ def combine_reduce(view, num_tokens: int, epoch: int, *, num_comm: int | None = 
 # --- world size 1: layer 1 without a combine region --------------------------------------------------------
 
 def local_layer1(view, cfg: KernelConfig, a: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether layer 1 of this round runs as `local_gemm_combine` (world size 1, the Gluon kernel applies and
-    `cfg.gluon_layer1` is not False) instead of gemm_combine + combine_reduce."""
+    """Whether layer 1 of this round runs as `local_gemm_combine` instead of gemm_combine + combine_reduce: world
+    size 1, the Gluon kernel applies, and `cfg.gluon_layer1` is True, or None (auto) with K <= AUTO_MAX_K (where
+    it was measured faster). True where it cannot run raises ValueError with the reason."""
     if view.world_size != 1 or cfg.gluon_layer1 is False or cfg.pre_reduce:
+        return False
+    if cfg.gluon_layer1 is None and w.shape[1] > AUTO_MAX_K:
         return False
     why = gluon_supported(a, w, cfg.block_m, cfg.combine_block_n or cfg.block_n, trace=cfg.trace)
     if why is not None and cfg.gluon_layer1:

@@ -37,6 +37,11 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 BLOCK_M, BLOCK_K = 128, 64  # wgmma with 8 warps: 128-row tiles; 64-deep K steps (128-byte swizzle)
 NUM_WARPS = 8
+# `gluon_layer1=None` (auto) takes the Gluon kernel up to this K: its gain is the epilogue hidden behind the next
+# tile, which matters when a tile has few K steps. H100, bench kernels --world 1 (docs/BENCHMARKS.md, ninth
+# session): Qwen2-MoE (K 1408 forward / 2816 backward) at 8192 tokens 1.08x / 1.04x faster than gemm_combine +
+# combine_reduce (2048: 0.98x / 0.98x); Phi-3.5-MoE (6400 / 12800) 0.97-0.99x; Mixtral (14336 / 28672) 0.93-0.99x.
+AUTO_MAX_K = 4096
 
 
 def gluon_supported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, *, trace: bool = False) -> str | None:

@@ -4,6 +4,7 @@ Gluon kernel is chosen. The Gluon GEMM itself is compiled-only: tests/kernels/gp
 
 from __future__ import annotations
 
+import importlib
 import types
 
 import pytest
@@ -87,3 +88,16 @@ def test_local_layer1_choice():
     assert not local_layer1(one, KernelConfig(block_m=128, combine_block_n=256, gluon_layer1=False), a, w)
     with pytest.raises(ValueError, match="gluon_layer1=True but .*compiled CUDA"):
         local_layer1(one, KernelConfig(block_m=128, combine_block_n=256, gluon_layer1=True), a, w)
+
+
+def test_local_layer1_auto_takes_short_k_only(monkeypatch):
+    """Auto (None) takes the Gluon kernel where it was measured faster (K <= AUTO_MAX_K); True forces it."""
+    gc = importlib.import_module("comet_megatron.kernels.gemm_combine")
+    monkeypatch.setattr(gc, "gluon_supported", lambda *a, **k: None)  # as on a Hopper GPU
+    one = types.SimpleNamespace(world_size=1)
+    auto, on = KernelConfig(block_m=128, combine_block_n=256), KernelConfig(block_m=128, combine_block_n=256,
+                                                                           gluon_layer1=True)
+    short, long_ = _operands(k=gc.AUTO_MAX_K), _operands(k=gc.AUTO_MAX_K + 64)
+    assert local_layer1(one, auto, *short) and not local_layer1(one, auto, *long_)
+    assert local_layer1(one, on, *long_)
+    assert not local_layer1(one, KernelConfig(block_m=128, combine_block_n=256, pre_reduce=True), *short)
