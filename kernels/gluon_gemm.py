@@ -42,6 +42,7 @@ NUM_WARPS = 8
 # session): Qwen2-MoE (K 1408 forward / 2816 backward) at 8192 tokens 1.08x / 1.04x faster than gemm_combine +
 # combine_reduce (2048: 0.98x / 0.98x); Phi-3.5-MoE (6400 / 12800) 0.97-0.99x; Mixtral (14336 / 28672) 0.93-0.99x.
 AUTO_MAX_K = 4096
+SMEM_BYTES = 232448 - 1024  # an H100 block's shared memory, less the barriers' and the compiler's share
 
 
 def gluon_supported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, *, trace: bool = False) -> str | None:
@@ -125,10 +126,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _mma(consumer, acc, use_acc, bars, a_bufs, w_bufs, NB: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-             W_K_MAJOR: gl.constexpr):
+             W_K_MAJOR: gl.constexpr, LAG: gl.constexpr):
         s = consumer % NB
         mbarrier.wait(bars.index(s), (consumer // NB) & 1)
-        acc = warpgroup_mma_wait(0, (acc,))  # the previous wgmma has read its stage: the ring may refill it
+        # at most LAG earlier wgmmas still running: the stages they read are not refilled before they finish
+        # (the loads run NB - 2 - LAG steps ahead)
+        acc = warpgroup_mma_wait(LAG, (acc,))
         if W_K_MAJOR:
             b = w_bufs.index(s).reshape([BN, BK]).permute((1, 0))
         else:
@@ -140,13 +143,16 @@ if HAVE_GLUON:
     def _grouped_rows_kernel(a_desc, w_desc, c_desc, out_ptr, prob_ptr, tile_expert_ptr, tile_start_ptr,
                              tile_end_ptr, num_tiles_ptr, K_DIM: gl.constexpr, N_DIM: gl.constexpr,
                              GROUP_N: gl.constexpr, NB: gl.constexpr, SCALE: gl.constexpr, EL: gl.constexpr,
-                             W_REV: gl.constexpr, W_K_MAJOR: gl.constexpr, num_warps: gl.constexpr):
+                             W_REV: gl.constexpr, W_K_MAJOR: gl.constexpr, LAG: gl.constexpr,
+                             num_warps: gl.constexpr):
         BM: gl.constexpr = c_desc.block_type.shape[0]
         BN: gl.constexpr = c_desc.block_type.shape[1]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         dtype: gl.constexpr = a_desc.dtype
         gl.static_assert(K_DIM % BK == 0)
-        gl.static_assert(K_DIM // BK >= NB - 1)
+        AHEAD: gl.constexpr = NB - 1 - LAG  # loads in flight when a tile's first wgmma is issued
+        gl.static_assert(AHEAD >= 1)
+        gl.static_assert(K_DIM // BK >= AHEAD)
         gl.static_assert(N_DIM % BN == 0)
         layout: gl.constexpr = _acc_layout(BM, BN, num_warps)
         row_l: gl.constexpr = gl.SliceLayout(1, layout)
@@ -168,17 +174,17 @@ if HAVE_GLUON:
         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
         r0, r1, e, n0 = _tile(pid, total, num_tiles, tile_expert_ptr, tile_start_ptr, tile_end_ptr, N_DIM, BN,
                               GROUP_N, EL, W_REV)
-        for ki in gl.static_range(NB - 1):
+        for ki in gl.static_range(AHEAD):
             producer = _load(producer, a_desc, w_desc, r0, e, n0, ki * BK, bars, a_bufs, w_bufs, NB, W_K_MAJOR,
                              mine > 0)
         for i in range(mine):
             rows = r0 + gl.arange(0, BM, layout=row_l)
             if SCALE:  # read now, used after the K loop: its latency hides behind the loop
                 prob = gl.load(prob_ptr + rows, mask=rows < r1, other=0.0)
-            consumer, acc = _mma(consumer, acc, False, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR)
-            for k in range(BK * (NB - 1), K_DIM, BK):
+            consumer, acc = _mma(consumer, acc, False, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
+            for k in range(BK * AHEAD, K_DIM, BK):
                 producer = _load(producer, a_desc, w_desc, r0, e, n0, k, bars, a_bufs, w_bufs, NB, W_K_MAJOR, True)
-                consumer, acc = _mma(consumer, acc, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR)
+                consumer, acc = _mma(consumer, acc, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
             t_r0 = r0
             t_r1 = r1
             t_n0 = n0
@@ -186,11 +192,11 @@ if HAVE_GLUON:
             # The next tile's first loads go out before this tile's last wgmmas and its epilogue.
             r0, r1, e, n0 = _tile(pid + (i + 1) * nprog, total, num_tiles, tile_expert_ptr, tile_start_ptr,
                                   tile_end_ptr, N_DIM, BN, GROUP_N, EL, W_REV)
-            for ki in gl.static_range(NB - 2):
+            for ki in gl.static_range(AHEAD - 1):
                 producer = _load(producer, a_desc, w_desc, r0, e, n0, ki * BK, bars, a_bufs, w_bufs, NB, W_K_MAJOR,
                                  more)
-                consumer, acc = _mma(consumer, acc, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR)
-            producer = _load(producer, a_desc, w_desc, r0, e, n0, (NB - 2) * BK, bars, a_bufs, w_bufs, NB,
+                consumer, acc = _mma(consumer, acc, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
+            producer = _load(producer, a_desc, w_desc, r0, e, n0, (AHEAD - 1) * BK, bars, a_bufs, w_bufs, NB,
                              W_K_MAJOR, more)
             acc = warpgroup_mma_wait(0, (acc,))
             if SCALE:
@@ -217,11 +223,12 @@ def _gl_dtype(dtype: torch.dtype):
 
 def grouped_gemm_rows(a: torch.Tensor, w: torch.Tensor, layout, num_rows: int, *, prob: torch.Tensor | None = None,
                       block_n: int = 256, group_n: int = 8, num_stages: int = 3, reversed_experts: bool = False,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, block_k: int = BLOCK_K, mma_lag: int = 0) -> torch.Tensor:
     """stage [num_rows, N]: stage[r] = (prob[r] *) a[r] @ w[e] for the receive rows r of each tile of `layout`
     (a ReceiveLayout: tile tables, block_m = 128), in receive order. a: [>= num_rows, K]; w: [El, K, N] with K
     or N contiguous (`reversed_experts`: w[i] is expert El-1-i's); `out`: the [>= num_rows, N] buffer to write
-    (contiguous). Check `gluon_supported` first."""
+    (contiguous). Check `gluon_supported` first. num_stages: shared-memory stages (capped by what fits next to
+    the epilogue tile); mma_lag: wgmmas left running when the next is issued (0 or 1; 1 needs 4 stages)."""
     el, k_dim, n_dim = w.shape
     gdt = _gl_dtype(a.dtype)
     if out is None:
@@ -234,16 +241,20 @@ def grouped_gemm_rows(a: torch.Tensor, w: torch.Tensor, layout, num_rows: int, *
         stage = out
     if num_rows == 0:
         return stage[:num_rows]
-    if num_stages < 2:
-        raise ValueError(f"num_stages={num_stages}: the Gluon layer-1 kernel needs >= 2 stages")
-    nb = min(num_stages, k_dim // BLOCK_K + 1, 3 if block_n == 256 else 4)  # 3 x 48 KB + 64 KB of epilogue
-    a_desc = GluonDescriptor.from_tensor(a, [BLOCK_M, BLOCK_K],
-                                         gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gdt))
+    if mma_lag not in (0, 1) or block_k not in (32, 64) or k_dim % block_k:
+        raise ValueError(f"mma_lag={mma_lag}, block_k={block_k}: lag 0 or 1, K blocks of 32 or 64 dividing K={k_dim}")
+    stage_bytes = (BLOCK_M + block_n) * block_k * a.element_size()
+    fit = (SMEM_BYTES - BLOCK_M * block_n * a.element_size()) // stage_bytes  # next to the epilogue tile
+    nb = min(num_stages, fit, k_dim // block_k + 1 + mma_lag)
+    if nb < 2 + mma_lag:
+        raise ValueError(f"num_stages={num_stages} (fits {fit}): the Gluon layer-1 kernel needs >= {2 + mma_lag}")
+    a_desc = GluonDescriptor.from_tensor(a, [BLOCK_M, block_k],
+                                         gl.NVMMASharedLayout.get_default_for([BLOCK_M, block_k], gdt))
     k_major = w.stride(1) == 1
     if k_major:  # memory [El, N, K]
-        mem, block = w.transpose(1, 2), [1, block_n, BLOCK_K]
+        mem, block = w.transpose(1, 2), [1, block_n, block_k]
     else:
-        mem, block = w, [1, BLOCK_K, block_n]
+        mem, block = w, [1, block_k, block_n]
     w_desc = GluonDescriptor(mem, list(mem.shape), list(mem.stride()), block,
                              gl.NVMMASharedLayout.get_default_for(block, gdt))
     c_desc = GluonDescriptor.from_tensor(stage, [BLOCK_M, block_n],
@@ -254,5 +265,5 @@ def grouped_gemm_rows(a: torch.Tensor, w: torch.Tensor, layout, num_rows: int, *
         a_desc, w_desc, c_desc, stage, prob if prob is not None else stage, layout.tile_expert,
         layout.tile_row_start, layout.tile_row_end, layout.num_tiles,
         K_DIM=k_dim, N_DIM=n_dim, GROUP_N=group_n, NB=nb, SCALE=prob is not None, EL=el,
-        W_REV=bool(reversed_experts), W_K_MAJOR=k_major, num_warps=NUM_WARPS)
+        W_REV=bool(reversed_experts), W_K_MAJOR=k_major, LAG=mma_lag, num_warps=NUM_WARPS)
     return stage[:num_rows]
