@@ -25,6 +25,8 @@ import os
 import torch
 import triton
 
+from .launch import launch
+
 try:  # Gluon ships with Triton >= 3.4; without it every caller keeps the Triton kernels
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -261,7 +263,7 @@ def grouped_gemm_rows(a: torch.Tensor, w: torch.Tensor, layout, num_rows: int, *
                                          gl.NVMMASharedLayout.get_default_for([BLOCK_M, block_n], gdt))
     items = layout.max_tiles * (n_dim // block_n)
     grid = (max(1, min(torch.cuda.get_device_properties(a.device).multi_processor_count, items)),)
-    _grouped_rows_kernel[grid](
+    launch(_grouped_rows_kernel, grid,
         a_desc, w_desc, c_desc, stage, prob if prob is not None else stage, layout.tile_expert,
         layout.tile_row_start, layout.tile_row_end, layout.num_tiles,
         K_DIM=k_dim, N_DIM=n_dim, GROUP_N=group_n, NB=nb, SCALE=prob is not None, EL=el,

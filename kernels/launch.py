@@ -10,7 +10,8 @@ what Triton specialises on, and relaunches it through the compiled kernel's own 
 
     tensor            dtype, 16-byte alignment of data_ptr(), on CUDA or not
     int               == 1, divisible by 16, 32-/64-bit range
-    TensorDescriptor  dtype, block shape, 16-byte alignment, rank, strides divisible by 16
+    TensorDescriptor  dtype, block shape, 16-byte alignment, rank, strides divisible by 16 (Gluon's: and
+                      its shared-memory layout)
     other             its type and value (floats, bools, None, strings)
     keyword args      (constexprs, num_warps, num_stages, ...) their values
 
@@ -37,6 +38,10 @@ try:  # Triton >= 3.3 (tested: 3.6, 3.8)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older Triton: always Triton's own path
     _knobs = _driver = TensorDescriptor = None
+try:  # Gluon's host descriptor (kernels/gluon_gemm.py): like Triton's plus its shared-memory layout
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+except ImportError:  # pragma: no cover - a Triton without Gluon
+    GluonTensorDescriptor = None
 
 _INT32 = 2**31
 MAX_SIGNATURES = 4096
@@ -59,6 +64,9 @@ def _arg_signature(a):
         # call), their rank and 16-byte divisibility
         return (a.base.dtype, tuple(a.block_shape), a.base.data_ptr() % 16 == 0, len(a.shape),
                 tuple(st % 16 == 0 for st in a.strides), a.padding, getattr(a, "round_f32_to_tf32", False))
+    if GluonTensorDescriptor is not None and isinstance(a, GluonTensorDescriptor):
+        return (GluonTensorDescriptor, a.base.dtype, tuple(a.block_shape), a.layout, a.base.data_ptr() % 16 == 0,
+                len(a.shape), tuple(st % 16 == 0 for st in a.strides), a.padding)
     if a is None or isinstance(a, (bool, float, str)):
         return type(a), a
     raise TypeError(type(a))  # unknown: Triton decides

@@ -117,3 +117,25 @@ def test_world1_round_gluon_vs_triton(topk, routing, monkeypatch, request):
     (o1, b1, _), (o2, b2, _) = results[None], results[False]
     assert rel_err(o1, o2.float()) < 1e-2 and rel_err(b1[0], b2[0].float()) < 1e-2
     assert torch.equal(b1[1], b2[1])  # grad of the probs: the same fp32 row scalars, only moved
+
+
+def test_gluon_fast_launch_same_results(monkeypatch, request):
+    """kernels/launch.py's cached launch of the Gluon kernel (its descriptors in the signature) gives what
+    Gluon's own launch gives, and is used."""
+    from comet_megatron.kernels import launch
+
+    g = torch.Generator().manual_seed(seed_from(request.node.nodeid))
+    counts = [200, 131, 0, 300]
+    layout, rows = _tiles(counts)
+    a = torch.randn(rows, 256, generator=g).to(torch.bfloat16).cuda()
+    w = (torch.randn(4, 512, 256, generator=g) / 16).to(torch.bfloat16).cuda().transpose(1, 2)  # K-major
+    prob = torch.rand(rows, generator=g).cuda()
+    outs = []
+    for fast in ("0", "1", "1", "1"):
+        monkeypatch.setenv("COMET_FAST_LAUNCH", fast)
+        before = launch.stats["fast"]
+        outs.append(grouped_gemm_rows(a, w, layout, rows, prob=prob, out=torch.full((rows, 512), float("nan"),
+                                      dtype=torch.bfloat16, device="cuda")).clone())
+        fast_used = launch.stats["fast"] - before
+    assert fast_used == 1  # the last call went through the cached launcher
+    assert all(torch.equal(o, outs[0]) for o in outs[1:]) and not torch.isnan(outs[0]).any()
