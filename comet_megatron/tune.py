@@ -16,6 +16,8 @@ Search (coordinate descent, few candidates):
        backward in the GEMM's epilogue and (GPU) as a separate pass, with the best of 2
     4. num_comm_dispatch over the comm grid, with the best of 3
     5. num_comm_combine over the comm grid, with the best of 4
+    6. (world size 1 on Hopper) layer 1 through the Gluon kernel or gemm_combine (`gluon_layer1` True /
+       False), with the best of 5
 Every candidate is timed with `triton.testing.do_bench` (median; CPU interpreter: wall-clock median).
 A candidate that fails (too much shared memory, a compile error, a timed-out wait) is recorded and
 skipped. The search stops at `budget_s` seconds or `max_candidates` timings, keeping the best so far;
@@ -50,13 +52,14 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger("comet_megatron")
 
 CACHE_VERSION = 1
-# KernelConfig fields a cache entry may set (the tuner searches the first twelve: `Candidate`'s fields;
+# KernelConfig fields a cache entry may set (the tuner searches the first thirteen: `Candidate`'s fields;
 # an entry without combine_* / bwd_* fields means those GEMMs on block_n / num_stages).
 TUNED_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "num_comm_dispatch",
                 "num_comm_combine", "combine_block_n", "combine_num_stages", "bwd_block_n", "bwd_num_stages",
-                "fused_act_backward",
+                "fused_act_backward", "gluon_layer1",
                 "group_m", "group_n")
 BOOL_FIELDS = ("fused_act_backward",)
+OPTIONAL_BOOL_FIELDS = ("gluon_layer1",)  # True / False, or None (the kernels' own rule)
 BLOCK_FIELDS = ("block_m", "block_n", "block_k", "combine_block_n", "bwd_block_n")  # powers of two >= 16
 MAX_COMM_PROGRAMS = 64  # the workspaces' `max_comm_programs` (comet_megatron.transport.workspace)
 CPU_GPU_NAME = "cpu-interpreter"
@@ -181,8 +184,8 @@ def _valid_config(cfg: Any) -> dict | None:
         return None
     out = {}
     for name, value in cfg.items():
-        if name in BOOL_FIELDS:
-            if not isinstance(value, bool):
+        if name in BOOL_FIELDS or name in OPTIONAL_BOOL_FIELDS:
+            if not isinstance(value, bool) and not (value is None and name in OPTIONAL_BOOL_FIELDS):
                 return None
         elif name not in TUNED_FIELDS or isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return None
@@ -357,6 +360,7 @@ class Candidate:
     bwd_block_n: int = None  # type: ignore[assignment] # None -> block_n
     bwd_num_stages: int = None  # type: ignore[assignment] # None -> num_stages
     fused_act_backward: bool = False  # layer 0 backward: activation backward in the epilogue (else a pass)
+    gluon_layer1: bool | None = None  # world size 1: the Gluon layer-1 kernel (None: where K <= 4096)
 
     def __post_init__(self) -> None:
         for name, base in (("combine_block_n", self.block_n), ("combine_num_stages", self.num_stages),
@@ -380,7 +384,8 @@ class Candidate:
         return (f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages} "
                 f"combine {self.combine_block_n} s{self.combine_num_stages} "
                 f"bwd {self.bwd_block_n} s{self.bwd_num_stages}{' fused' if self.fused_act_backward else ''} "
-                f"comm {self.num_comm_dispatch}/{self.num_comm_combine}")
+                f"comm {self.num_comm_dispatch}/{self.num_comm_combine}"
+                + ("" if self.gluon_layer1 is None else f" L1 {'gluon' if self.gluon_layer1 else 'triton'}"))
 
 
 @dataclass
@@ -394,6 +399,7 @@ class Grid:
     default_comm_combine: int | None = None  # gemm_combine's comm count in the tile stages (None: default_comm)
     comm_dispatch_extra: Sequence[int] = ()  # more num_comm_dispatch values (world size 1)
     comm_combine_extra: Sequence[int] = ()  # more num_comm_combine values (world size 1)
+    layer1: Sequence[bool] = ()  # gluon_layer1 values tried last (world size 1 on Hopper)
 
     def comm_values(self, name: str) -> list[int]:
         extra = self.comm_dispatch_extra if name == "num_comm_dispatch" else self.comm_combine_extra
@@ -423,9 +429,20 @@ def default_grid(device, world: int = 1) -> Grid:
     if world == 1:
         return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8), combine=GPU_COMBINE, bwd=GPU_BWD,
                     bwd_fused=GPU_BWD_FUSED, default_comm_combine=1, comm_dispatch_extra=(4,),
-                    comm_combine_extra=(1,))
+                    comm_combine_extra=(1,), layer1=(True, False) if gluon_layer1_possible(device) else ())
     return Grid(tiles=GPU_TILES, comm=comm, default_comm=max(1, sms // 8), combine=GPU_COMBINE, bwd=GPU_BWD,
                 bwd_fused=GPU_BWD_FUSED)
+
+
+def gluon_layer1_possible(device) -> bool:
+    """The Gluon layer-1 kernel can run on this device (Hopper, a Triton with Gluon, not the interpreter)."""
+    import torch
+
+    from comet_megatron.kernels.gluon_gemm import HAVE_GLUON
+
+    device = torch.device(device)
+    return (HAVE_GLUON and device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and torch.cuda.get_device_capability(device)[0] == 9)
 
 
 @dataclass
@@ -457,7 +474,8 @@ STAGE_BUDGET_SHARES = {"tiles": TILE_BUDGET_SHARE, "combine tiles": COMBINE_BUDG
 def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, budget_s: float,
                        max_candidates: int, on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
     """Tiles with default comm counts, then gemm_combine's (combine_block_n, combine_num_stages), then
-    layer 0 backward's (bwd_block_n, bwd_num_stages), then num_comm_dispatch, then num_comm_combine.
+    layer 0 backward's (bwd_block_n, bwd_num_stages), then num_comm_dispatch, then num_comm_combine, then
+    (grid.layer1) the Gluon layer 1 on and off.
 
     The tiles stage runs until `TILE_BUDGET_SHARE` of `budget_s` has elapsed, the combine-tiles stage
     until `COMBINE_BUDGET_SHARE`, the bwd-tiles stage until `BWD_BUDGET_SHARE`, so that the comm counts
@@ -517,6 +535,9 @@ def coordinate_descent(measure: Callable[[Candidate], float], grid: Grid, *, bud
             break
         for c in grid.comm_values(name):
             attempt(stage, dataclasses.replace(base, **{name: c}))
+    base = best()
+    for use in (grid.layer1 if base is not None else ()):
+        attempt("layer 1 kernel", dataclasses.replace(base, gluon_layer1=use))
     return trials
 
 
@@ -731,7 +752,7 @@ def print_result(result: TuneResult, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console(width=150)
+    console = console or Console(width=160)
     key = result.key
     if result.from_cache:
         console.print(f"[bold]{key.string()}[/]: cached entry in {result.cache_path} (not re-timed; "
@@ -741,9 +762,10 @@ def print_result(result: TuneResult, console=None) -> None:
     # BM/BN/BK: block_m/n/k; w: warps; st: stages; "comb n", "comb st": gemm_combine's combine_block_n,
     # combine_num_stages; "bwd n", "bwd st", "bwd f": layer 0 backward's bwd_block_n, bwd_num_stages,
     # fused_act_backward; "comm d",
-    # "comm c": communication programs of dispatch_gemm and gemm_combine
+    # "comm c": communication programs of dispatch_gemm and gemm_combine; "L1": gluon_layer1 (auto / gluon /
+    # triton)
     for col in ("#", "stage", "BM", "BN", "BK", "w", "st", "comb n", "comb st",
-                "bwd n", "bwd st", "bwd f", "comm d", "comm c", "ms", "note"):
+                "bwd n", "bwd st", "bwd f", "comm d", "comm c", "L1", "ms", "note"):
         table.add_column(col, justify="left" if col in ("stage", "note") else "right",
                          min_width={"note": 28, "stage": 13}.get(col), no_wrap=col == "stage")
     for i, t in enumerate(result.trials, 1):
@@ -757,6 +779,7 @@ def print_result(result: TuneResult, console=None) -> None:
                       str(c.num_stages), str(c.combine_block_n), str(c.combine_num_stages),
                       str(c.bwd_block_n), str(c.bwd_num_stages), "y" if c.fused_act_backward else "n",
                       str(c.num_comm_dispatch), str(c.num_comm_combine),
+                      {None: "auto", True: "gluon", False: "triton"}[c.gluon_layer1],
                       "-" if t.ms is None else f"{t.ms:.3f}", note)
     console.print(table)
     if result.best is None:
@@ -886,7 +909,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from rich.console import Console
 
-    console = Console(width=150)
+    console = Console(width=160)
     console.print(f"comet-megatron tune: {shape.name} (hidden {shape.hidden}, ffn {shape.ffn}, "
                   f"{shape.experts} experts, top-{shape.topk}, {'gated' if shape.gated else 'plain'}), "
                   f"world {args.world}, {dtype}, tokens {tokens_list}, on {gpu_name(device)}")

@@ -85,8 +85,8 @@ def test_tune_end_to_end_then_cached(tmp_path):
                             "triton": tune.triton_version()}
     assert name == tune.TuneKey(**entry["key"]).string()
     assert entry["trials"] == 3 and entry["ms"] > 0
-    assert entry["config"]["block_m"] in (16, 32) and set(entry["config"]) == set(tune.TUNED_FIELDS[:12])
-    assert set(tune.TUNED_FIELDS[:12]) == {f.name for f in tune.dataclasses.fields(tune.Candidate)}
+    assert entry["config"]["block_m"] in (16, 32) and set(entry["config"]) == set(tune.TUNED_FIELDS[:13])
+    assert set(tune.TUNED_FIELDS[:13]) == {f.name for f in tune.dataclasses.fields(tune.Candidate)}
     assert entry["config"]["combine_block_n"] in (16, 32) and entry["config"]["combine_num_stages"] == 1
     assert entry["config"]["bwd_block_n"] in (16, 32) and entry["config"]["bwd_num_stages"] == 1
     before = cache.read_bytes()
@@ -484,3 +484,31 @@ def test_world_1_grid_tries_few_communication_programs(monkeypatch):
     assert all(t.candidate.num_comm_combine == 1 for t in trials if t.stage == "tiles")
     assert {t.candidate.num_comm_combine for t in trials if t.stage == "comm combine"} >= {8, 16}  # 1: the base
     assert 4 in {t.candidate.num_comm_dispatch for t in trials if t.stage == "comm dispatch"}
+
+
+def test_layer1_kernel_stage_and_cache_field(monkeypatch, tmp_path):
+    """World size 1 on Hopper: the last stage times the Gluon layer 1 on and off on the best config; the choice
+    is cached (True / False / None valid, anything else rejects the entry) and reaches KernelConfig."""
+    monkeypatch.setattr(tune, "sm_count", lambda device: 132)
+    monkeypatch.setattr(tune, "gluon_layer1_possible", lambda device: True)
+    grid = tune.default_grid("cuda", world=1)
+    assert tuple(grid.layer1) == (True, False)
+    assert tune.default_grid("cuda", world=2).layer1 == ()
+    monkeypatch.setattr(tune, "gluon_layer1_possible", lambda device: False)
+    assert tune.default_grid("cuda", world=1).layer1 == ()
+
+    def measure(c):  # the Gluon layer 1 is fastest; otherwise prefer 128-row tiles
+        return 1.0 - 0.5 * (c.gluon_layer1 is True) + 0.1 * (c.block_m == 64)
+
+    trials = tune.coordinate_descent(measure, grid, budget_s=1e9, max_candidates=10**6)
+    assert [t.stage for t in trials][-2:] == ["layer 1 kernel"] * 2
+    assert all(t.candidate.gluon_layer1 is None for t in trials if t.stage != "layer 1 kernel")
+    best = min((t for t in trials if t.ms is not None), key=lambda t: t.ms).candidate
+    assert best.gluon_layer1 is True and best.block_m == 128 and "L1 gluon" in best.label()
+    assert tune.Candidate.from_config(best.config()) == best
+    old = {k: v for k, v in best.config().items() if k != "gluon_layer1"}  # an entry from before the field
+    assert tune.Candidate.from_config(old).gluon_layer1 is None
+    for value, ok in ((True, True), (False, True), (None, True), ("yes", False), (1, False)):
+        assert (tune._valid_config({"block_m": 128, "gluon_layer1": value}) is not None) == ok, value
+    from comet_megatron.kernels import KernelConfig
+    assert KernelConfig(**best.config()).gluon_layer1 is True
