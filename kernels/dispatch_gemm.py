@@ -624,8 +624,8 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
 
 # --- world size 1: layer 0's backward through the Gluon kernel ------------------------------------------------
 
-GLUON_BWD_BLOCK_N = 128  # two 64-column accumulators: the activation backward runs half by half (no spill)
-GLUON_BWD_STAGES = 4  # + the tile's pre-activation (64 KB): 196 KB of shared memory
+GLUON_BWD_BLOCK_N = 64  # 128-wide tiles spill the whole-tile activation backward (255 registers + stack)
+GLUON_BWD_STAGES = 6
 
 
 def local_layer0_backward(view, cfg: KernelConfig, grad_out: torch.Tensor, w2: torch.Tensor) -> bool:

@@ -168,53 +168,6 @@ if HAVE_GLUON:
         return acc, producer, consumer, r0, r1, e, n0
 
     @gluon.jit
-    def _mma2(consumer, acc0, acc1, use_acc, bars, a_bufs, w_bufs, NB: gl.constexpr, BN: gl.constexpr,
-              BK: gl.constexpr, W_K_MAJOR: gl.constexpr, LAG: gl.constexpr):
-        """One K step into two accumulators, the column halves of the weight block (each epilogue half then
-        holds half the registers)."""
-        s = consumer % NB
-        mbarrier.wait(bars.index(s), (consumer // NB) & 1)
-        acc0, acc1 = warpgroup_mma_wait(2 * LAG, (acc0, acc1))
-        HALF: gl.constexpr = BN // 2
-        if W_K_MAJOR:
-            b = w_bufs.index(s).reshape([BN, BK])
-            b0 = b.slice(0, HALF, dim=0).permute((1, 0))
-            b1 = b.slice(HALF, HALF, dim=0).permute((1, 0))
-        else:
-            b = w_bufs.index(s).reshape([BK, BN])
-            b0 = b.slice(0, HALF, dim=1)
-            b1 = b.slice(HALF, HALF, dim=1)
-        acc0 = warpgroup_mma(a_bufs.index(s), b0, acc0, is_async=True, use_acc=use_acc)
-        acc1 = warpgroup_mma(a_bufs.index(s), b1, acc1, is_async=True, use_acc=use_acc)
-        return consumer + 1, acc0, acc1
-
-    @gluon.jit
-    def _tile_mainloop2(i, mine, pid, nprog, total, num_tiles, r0, e, n0, producer, consumer, acc0, acc1, a_desc,
-                        w_desc, bars, a_bufs, w_bufs, tile_expert_ptr, tile_start_ptr, tile_end_ptr,
-                        K_DIM: gl.constexpr, N_DIM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
-                        NB: gl.constexpr, LAG: gl.constexpr, GROUP_N: gl.constexpr, EL: gl.constexpr,
-                        W_REV: gl.constexpr, W_K_MAJOR: gl.constexpr):
-        """`_tile_mainloop` with the block's columns in two accumulators."""
-        AHEAD: gl.constexpr = NB - 1 - LAG
-        consumer, acc0, acc1 = _mma2(consumer, acc0, acc1, False, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
-        for k in range(BK * AHEAD, K_DIM, BK):
-            producer = _load(producer, a_desc, w_desc, r0, e, n0, k, bars, a_bufs, w_bufs, NB, W_K_MAJOR, True)
-            consumer, acc0, acc1 = _mma2(consumer, acc0, acc1, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR,
-                                         LAG)
-        more = i + 1 < mine
-        r0, r1, e, n0 = _tile(pid + (i + 1) * nprog, total, num_tiles, tile_expert_ptr, tile_start_ptr,
-                              tile_end_ptr, N_DIM, BN, GROUP_N, EL, W_REV)
-        for ki in gl.static_range(AHEAD - 1):
-            producer = _load(producer, a_desc, w_desc, r0, e, n0, ki * BK, bars, a_bufs, w_bufs, NB, W_K_MAJOR,
-                             more)
-            consumer, acc0, acc1 = _mma2(consumer, acc0, acc1, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR,
-                                         LAG)
-        producer = _load(producer, a_desc, w_desc, r0, e, n0, (AHEAD - 1) * BK, bars, a_bufs, w_bufs, NB,
-                         W_K_MAJOR, more)
-        acc0, acc1 = warpgroup_mma_wait(0, (acc0, acc1))
-        return acc0, acc1, producer, consumer, r0, r1, e, n0
-
-    @gluon.jit
     def _grouped_rows_kernel(a_desc, w_desc, c_desc, out_ptr, prob_ptr, tile_expert_ptr, tile_start_ptr,
                              tile_end_ptr, num_tiles_ptr, K_DIM: gl.constexpr, N_DIM: gl.constexpr,
                              GROUP_N: gl.constexpr, NB: gl.constexpr, SCALE: gl.constexpr, EL: gl.constexpr,
@@ -303,31 +256,12 @@ if HAVE_GLUON:
         return d
 
     @gluon.jit
-    def _act_backward_half(acc, p, gate, up, cols, rows64, rmask, out_ptr, hp_ptr, FFN: gl.constexpr,
-                           F1: gl.constexpr, ACT: gl.constexpr, GATED: gl.constexpr, dtype: gl.constexpr):
-        """Activation backward of one column half: stores d_pre (both gated halves) and h * p, returns the rows'
-        partial sums of dhp * h."""
-        g32 = gate.to(gl.float32)
-        dh = acc * p[:, None]
-        if GATED:
-            u32 = up.to(gl.float32)
-            act_gate = _act(g32, ACT)
-            h = act_gate * u32
-            gl.store(out_ptr + rows64 * F1 + FFN + cols[None, :], (dh * act_gate).to(dtype), mask=rmask)
-            d_gate = dh * u32 * _act_grad(g32, ACT)
-        else:
-            h = _act(g32, ACT)
-            d_gate = dh * _act_grad(g32, ACT)
-        gl.store(out_ptr + rows64 * F1 + cols[None, :], d_gate.to(dtype), mask=rmask)
-        gl.store(hp_ptr + rows64 * FFN + cols[None, :], (h * p[:, None]).to(dtype), mask=rmask)
-        return gl.sum(acc * h, axis=1)
-
-    @gluon.jit
-    def _act_backward_rows_kernel(a_desc, w_desc, pre_desc, prob_ptr, out_ptr, hp_ptr, gp_ptr, tile_expert_ptr,
+    def _act_backward_rows_kernel(a_desc, w_desc, pre_ptr, prob_ptr, out_ptr, hp_ptr, gp_ptr, tile_expert_ptr,
                                   tile_start_ptr, tile_end_ptr, num_tiles_ptr, K_DIM: gl.constexpr,
                                   FFN: gl.constexpr, BN: gl.constexpr, GROUP_N: gl.constexpr, NB: gl.constexpr,
                                   ACT: gl.constexpr, GATED: gl.constexpr, EL: gl.constexpr, W_REV: gl.constexpr,
-                                  W_K_MAJOR: gl.constexpr, LAG: gl.constexpr, num_warps: gl.constexpr):
+                                  W_K_MAJOR: gl.constexpr, LAG: gl.constexpr, PREFETCH: gl.constexpr,
+                                  num_warps: gl.constexpr):
         """Layer 0's backward at world size 1: dhp = g[r] @ W2[e]^T on columns [n0, n0 + BN) of F, then the
         activation backward in the epilogue: d_pre (both gated halves), h * p and the rows' partial sums of
         dhp * h (grad_prob), as dispatch_gemm's fused epilogue. The tile's pre-activation and probs are
@@ -342,8 +276,7 @@ if HAVE_GLUON:
         gl.static_assert(AHEAD >= 1)
         gl.static_assert(K_DIM // BK >= AHEAD)
         gl.static_assert(FFN % BN == 0)
-        HALF: gl.constexpr = BN // 2
-        layout: gl.constexpr = _acc_layout(BM, HALF, num_warps)
+        layout: gl.constexpr = _acc_layout(BM, BN, num_warps)
         row_l: gl.constexpr = gl.SliceLayout(1, layout)
         col_l: gl.constexpr = gl.SliceLayout(0, layout)
         a_bufs = gl.allocate_shared_memory(dtype, [NB] + a_desc.block_type.shape, a_desc.layout)
@@ -351,10 +284,6 @@ if HAVE_GLUON:
         bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NB):
             mbarrier.init(bars.index(i), count=1)
-        N_PRE: gl.constexpr = 4 if GATED else 2  # [BM, HALF] pieces of the tile's pre-activation (gate, up)
-        pre_smem = gl.allocate_shared_memory(dtype, [N_PRE] + pre_desc.block_type.shape, pre_desc.layout)
-        pre_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(pre_bar, count=1)
 
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
@@ -363,8 +292,7 @@ if HAVE_GLUON:
         mine = gl.cdiv(gl.maximum(total - pid, 0), nprog)
         producer = 0
         consumer = 0
-        acc0 = gl.zeros((BM, HALF), dtype=gl.float32, layout=layout)
-        acc1 = gl.zeros((BM, HALF), dtype=gl.float32, layout=layout)
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
         r0, r1, e, n0 = _tile(pid, total, num_tiles, tile_expert_ptr, tile_start_ptr, tile_end_ptr, FFN, BN,
                               GROUP_N, EL, W_REV)
         for ki in gl.static_range(AHEAD):
@@ -372,37 +300,40 @@ if HAVE_GLUON:
                              mine > 0)
         for i in range(mine):
             rows = r0 + gl.arange(0, BM, layout=row_l)
+            cols = n0 + gl.arange(0, BN, layout=col_l)
             rmask = (rows < r1)[:, None]
             rows64 = rows.to(gl.int64)[:, None]
             chunk = n0 // BN
-            c0 = n0 + gl.arange(0, HALF, layout=col_l)
-            c1 = c0 + HALF
-            # the epilogue's operands, requested now (TMA into shared memory): they arrive while the K loop runs
-            gl.thread_barrier()  # every warp has read the previous tile's pre-activation out of pre_smem
-            mbarrier.expect(pre_bar, N_PRE * pre_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(pre_desc, [r0, n0], pre_bar, pre_smem.index(0))
-            tma.async_copy_global_to_shared(pre_desc, [r0, n0 + HALF], pre_bar, pre_smem.index(1))
-            if GATED:
-                tma.async_copy_global_to_shared(pre_desc, [r0, FFN + n0], pre_bar, pre_smem.index(2))
-                tma.async_copy_global_to_shared(pre_desc, [r0, FFN + n0 + HALF], pre_bar, pre_smem.index(3))
+            # the epilogue's operands, requested now: they arrive while the K loop runs
             p = gl.load(prob_ptr + rows, mask=rows < r1, other=0.0)
-            acc0, acc1, producer, consumer, r0, r1, e, n0 = _tile_mainloop2(
-                i, mine, pid, nprog, total, num_tiles, r0, e, n0, producer, consumer, acc0, acc1, a_desc, w_desc,
-                bars, a_bufs, w_bufs, tile_expert_ptr, tile_start_ptr, tile_end_ptr, K_DIM, FFN, BN, BK, NB, LAG,
+            if PREFETCH >= 1:
+                gate = gl.load(pre_ptr + rows64 * F1 + cols[None, :], mask=rmask, other=0.0)
+            if GATED and PREFETCH >= 2:
+                up = gl.load(pre_ptr + rows64 * F1 + FFN + cols[None, :], mask=rmask, other=0.0)
+            acc, producer, consumer, r0, r1, e, n0 = _tile_mainloop(
+                i, mine, pid, nprog, total, num_tiles, r0, e, n0, producer, consumer, acc, a_desc, w_desc, bars,
+                a_bufs, w_bufs, tile_expert_ptr, tile_start_ptr, tile_end_ptr, K_DIM, FFN, BN, BK, NB, LAG,
                 GROUP_N, EL, W_REV, W_K_MAJOR)
-            mbarrier.wait(pre_bar, i & 1)
-            gate0 = pre_smem.index(0).load(layout)
-            up0 = pre_smem.index(2).load(layout) if GATED else gate0
-            gp = _act_backward_half(acc0, p, gate0, up0, c0, rows64, rmask, out_ptr, hp_ptr, FFN, F1, ACT, GATED,
-                                    dtype)
-            gate1 = pre_smem.index(1).load(layout)
-            up1 = pre_smem.index(3).load(layout) if GATED else gate1
-            gp += _act_backward_half(acc1, p, gate1, up1, c1, rows64, rmask, out_ptr, hp_ptr, FFN, F1, ACT, GATED,
-                                     dtype)
-            gl.store(gp_ptr + rows.to(gl.int64) * N_BLOCKS + chunk, gp, mask=rows < r1)
+            if PREFETCH == 0:
+                gate = gl.load(pre_ptr + rows64 * F1 + cols[None, :], mask=rmask, other=0.0)
+            if GATED and PREFETCH < 2:
+                up = gl.load(pre_ptr + rows64 * F1 + FFN + cols[None, :], mask=rmask, other=0.0)
+            g32 = gate.to(gl.float32)
+            dh = acc * p[:, None]
+            if GATED:
+                u32 = up.to(gl.float32)
+                act_gate = _act(g32, ACT)
+                h = act_gate * u32
+                gl.store(out_ptr + rows64 * F1 + FFN + cols[None, :], (dh * act_gate).to(dtype), mask=rmask)
+                d_gate = dh * u32 * _act_grad(g32, ACT)
+            else:
+                h = _act(g32, ACT)
+                d_gate = dh * _act_grad(g32, ACT)
+            gl.store(out_ptr + rows64 * F1 + cols[None, :], d_gate.to(dtype), mask=rmask)
+            gl.store(hp_ptr + rows64 * FFN + cols[None, :], (h * p[:, None]).to(dtype), mask=rmask)
+            gl.store(gp_ptr + rows.to(gl.int64) * N_BLOCKS + chunk, gl.sum(acc * h, axis=1), mask=rows < r1)
         for i in gl.static_range(NB):
             mbarrier.invalidate(bars.index(i))
-        mbarrier.invalidate(pre_bar)
 
 
 def _gl_dtype(dtype: torch.dtype):
@@ -462,8 +393,8 @@ ACTIVATION_IDS = {"silu": 0, "gelu": 1, "relu": 2}  # dispatch_gemm.ACTIVATIONS
 
 def act_backward_rows(g_rows: torch.Tensor, w: torch.Tensor, layout, num_rows: int, pre: torch.Tensor,
                       prob: torch.Tensor, *, activation: str, gated: bool, block_n: int = 128, group_n: int = 8,
-                      num_stages: int = 4, reversed_experts: bool = False, mma_lag: int = 0
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      num_stages: int = 4, reversed_experts: bool = False, mma_lag: int = 0,
+                      prefetch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Layer 0's backward GEMM with its activation backward (world size 1, Hopper): for the receive rows of
     each tile of `layout`, dhp = g_rows[r] @ w[e] (w: [El, H, F], K or N contiguous; `reversed_experts` as in
     `grouped_gemm_rows`) and, from the forward's pre-activation pre [R, F1] and the rows' probs, returns
@@ -483,11 +414,10 @@ def act_backward_rows(g_rows: torch.Tensor, w: torch.Tensor, layout, num_rows: i
     gp = torch.empty(alloc, n_blocks, dtype=torch.float32, device=dev)
     if num_rows == 0:
         return d_pre[:0], hp[:0], gp[:0].sum(1)
-    if block_n not in (64, 128, 256) or ffn % block_n:
-        raise ValueError(f"block_n={block_n}: 64, 128 or 256 dividing F={ffn}")
+    if block_n not in (64, 128) or ffn % block_n:
+        raise ValueError(f"block_n={block_n}: 64 or 128 dividing F={ffn}")
     stage_bytes = (BLOCK_M + block_n) * BLOCK_K * g_rows.element_size()
-    pre_bytes = (2 if gated else 1) * BLOCK_M * block_n * g_rows.element_size()  # the tile's pre-activation
-    nb = min(num_stages, (SMEM_BYTES - pre_bytes) // stage_bytes, k_dim // BLOCK_K + 1 + mma_lag)
+    nb = min(num_stages, SMEM_BYTES // stage_bytes, k_dim // BLOCK_K + 1 + mma_lag)
     if nb < 2 + mma_lag:
         raise ValueError(f"num_stages={num_stages}: the Gluon layer-0 backward needs >= {2 + mma_lag}")
     gdt = _gl_dtype(dtype)
@@ -497,14 +427,12 @@ def act_backward_rows(g_rows: torch.Tensor, w: torch.Tensor, layout, num_rows: i
     mem, block = (w.transpose(1, 2), [1, block_n, BLOCK_K]) if k_major else (w, [1, BLOCK_K, block_n])
     w_desc = GluonDescriptor(mem, list(mem.shape), list(mem.stride()), block,
                              gl.NVMMASharedLayout.get_default_for(block, gdt))
-    half = block_n // 2
-    pre_desc = GluonDescriptor.from_tensor(pre, [BLOCK_M, half],
-                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, half], gdt))
     items = layout.max_tiles * n_blocks
     grid = (max(1, min(torch.cuda.get_device_properties(dev).multi_processor_count, items)),)
     launch(_act_backward_rows_kernel, grid,
-        a_desc, w_desc, pre_desc, prob, d_pre, hp, gp, layout.tile_expert, layout.tile_row_start, layout.tile_row_end,
+        a_desc, w_desc, pre, prob, d_pre, hp, gp, layout.tile_expert, layout.tile_row_start, layout.tile_row_end,
         layout.num_tiles,
         K_DIM=k_dim, FFN=ffn, BN=block_n, GROUP_N=group_n, NB=nb, ACT=ACTIVATION_IDS[activation], GATED=gated,
-        EL=el, W_REV=bool(reversed_experts), W_K_MAJOR=k_major, LAG=mma_lag, num_warps=NUM_WARPS)
+        EL=el, W_REV=bool(reversed_experts), W_K_MAJOR=k_major, LAG=mma_lag, PREFETCH=prefetch,
+        num_warps=NUM_WARPS)
     return d_pre[:num_rows], hp[:num_rows], gp[:num_rows].sum(1)
