@@ -207,7 +207,6 @@ class KernelBench:
         from comet_megatron.kernels import (combine_reduce, dispatch_gemm, dispatch_gemm_backward,
                                             check_errors, gemm_combine, grouped_wgrad, publish,
                                             receive_layout)
-        from comet_megatron.kernels.dispatch_gemm import local_dispatch_gemm_backward, local_layer0_backward
         from comet_megatron.kernels.gemm_combine import local_gemm_combine, local_layer1
 
         view, views, T, W = self.view, self.views, self.tokens, self.world
@@ -263,12 +262,7 @@ class KernelBench:
             publish(view, self.grad, epoch)
             if stop_after == "L0":
                 rec(0)
-            st["gluon0"] = local_layer0_backward(view, cfg, self.grad, w2)
-            if st["gluon0"]:  # world size 1 on Hopper: what moe_backward runs
-                b = local_dispatch_gemm_backward(layout, d, self.grad, w2, self.shape.topk,
-                                                 activation=cfg.activation, gated=cfg.gated)
-            else:
-                b = dispatch_gemm_backward(view, layout, d, w2, epoch, **l0b)
+            b = dispatch_gemm_backward(view, layout, d, w2, epoch, **l0b)
             if stop_after == "L0":
                 rec(1)
                 return
@@ -308,8 +302,7 @@ class KernelBench:
         gluon = st.get("gluon", False)  # the Gluon layer 1 uses every SM, no communication program
         out["_programs"] = {"comm_dispatch": nc_d, "comm_combine": 0 if gluon else nc_c, "compute": np_,
                             "compute_combine": self.sms if gluon and self.sms else np_c,
-                            "layer1": "gluon" if gluon else "triton",
-                            "layer0_bwd": "gluon" if st.get("gluon0") else "triton"}
+                            "layer1": "gluon" if gluon else "triton"}
         check_errors(view, "bench kernels")  # a timed-out wait would make the timings meaningless
         self.check(cfg)
         return out

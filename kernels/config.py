@@ -47,9 +47,6 @@ class KernelConfig:
     # kernel (gluon_gemm.py) + one per-token sum instead of gemm_combine + combine_reduce. None: where supported
     # and K <= gluon_gemm.AUTO_MAX_K (faster there on an H100; slower on long-K experts).
     gluon_layer1: bool | None = None
-    # World size 1 on Hopper: layer 0's backward (GEMM + activation backward) through the Gluon kernel. None: where
-    # supported.
-    gluon_layer0_bwd: bool | None = None
 
 
     def dispatch_kwargs(self, backward: bool = False) -> dict:

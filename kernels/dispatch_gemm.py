@@ -32,8 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .config import KernelConfig, dispatch_programs, dot_precision, epilogue_split, rows_16b_aligned
-from .gluon_gemm import act_backward_rows, gluon_supported
+from .config import dispatch_programs, dot_precision, epilogue_split, rows_16b_aligned
 from .launch import launch
 from .operands import column_halves, load_rows_block, load_weight_block, weight_descriptor
 from .routing import ReceiveLayout
@@ -620,39 +619,3 @@ def dispatch_gemm_backward(view, layout: ReceiveLayout, forward: DispatchResult,
                    num_warps=num_warps, num_stages=num_stages, group_m=group_m, use_tma=use_tma,
                    in_place_local=in_place_local, fused_act_backward=fused_act_backward, epilogue_n=epilogue_n,
                    reversed_experts=reversed_experts)
-
-
-# --- world size 1: layer 0's backward through the Gluon kernel ------------------------------------------------
-
-GLUON_BWD_BLOCK_N = 64  # 128-wide tiles spill the whole-tile activation backward (255 registers + stack)
-GLUON_BWD_STAGES = 6
-
-
-def local_layer0_backward(view, cfg: KernelConfig, grad_out: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether layer 0's backward of this round runs as `local_dispatch_gemm_backward`: world size 1, the Gluon
-    kernel applies (w2 [El, F, H]) and `cfg.gluon_layer0_bwd` is not False (True where it cannot run raises
-    ValueError with the reason)."""
-    if view.world_size != 1 or cfg.gluon_layer0_bwd is False:
-        return False
-    why = gluon_supported(grad_out, w2.transpose(1, 2), 128, GLUON_BWD_BLOCK_N, trace=cfg.trace)
-    if why is not None and cfg.gluon_layer0_bwd:
-        raise ValueError(f"gluon_layer0_bwd=True but the Gluon layer-0 backward cannot run here: {why}")
-    return why is None
-
-
-def local_dispatch_gemm_backward(layout: ReceiveLayout, forward: DispatchResult, grad_out: torch.Tensor,
-                                 w2: torch.Tensor, topk: int, *, activation: str = "silu", gated: bool = True,
-                                 reversed_experts: bool = False) -> DispatchResult:
-    """`dispatch_gemm_backward` at world size 1 (check `local_layer0_backward`): the grad_out rows gathered once
-    into receive order (they are dW2's operand anyway), then the Gluon GEMM with the activation backward in its
-    epilogue (`gluon_gemm.act_backward_rows`). Same result fields."""
-    if forward.pre is None:
-        raise ValueError("backward needs the pre-activation: run the forward dispatch_gemm with store_pre=True")
-    n = forward.recv_pair.shape[0]
-    recv = grad_out.index_select(0, (forward.recv_pair // topk).long())
-    d_pre, hp, grad_prob = act_backward_rows(recv, w2.transpose(1, 2), layout, n, forward.pre, forward.recv_prob,
-                                             activation=activation, gated=gated, block_n=GLUON_BWD_BLOCK_N,
-                                             num_stages=GLUON_BWD_STAGES, reversed_experts=reversed_experts)
-    return DispatchResult(recv=recv, recv_pair=forward.recv_pair, recv_src=forward.recv_src,
-                          recv_prob=forward.recv_prob, out=d_pre, pre=forward.pre, grad_prob=grad_prob, trace=None,
-                          hp=hp)

@@ -142,32 +142,6 @@ if HAVE_GLUON:
         return consumer + 1, acc
 
     @gluon.jit
-    def _tile_mainloop(i, mine, pid, nprog, total, num_tiles, r0, e, n0, producer, consumer, acc, a_desc, w_desc,
-                       bars, a_bufs, w_bufs, tile_expert_ptr, tile_start_ptr, tile_end_ptr, K_DIM: gl.constexpr,
-                       N_DIM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, NB: gl.constexpr,
-                       LAG: gl.constexpr, GROUP_N: gl.constexpr, EL: gl.constexpr, W_REV: gl.constexpr,
-                       W_K_MAJOR: gl.constexpr):
-        """The K loop of a program's i-th tile (its first AHEAD loads already issued), then the next tile's
-        first AHEAD loads, issued before this tile's last wgmmas complete and before its epilogue. Returns
-        (acc, producer, consumer, next tile's first row, end row, weight index, first column)."""
-        AHEAD: gl.constexpr = NB - 1 - LAG
-        consumer, acc = _mma(consumer, acc, False, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
-        for k in range(BK * AHEAD, K_DIM, BK):
-            producer = _load(producer, a_desc, w_desc, r0, e, n0, k, bars, a_bufs, w_bufs, NB, W_K_MAJOR, True)
-            consumer, acc = _mma(consumer, acc, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
-        more = i + 1 < mine
-        r0, r1, e, n0 = _tile(pid + (i + 1) * nprog, total, num_tiles, tile_expert_ptr, tile_start_ptr,
-                              tile_end_ptr, N_DIM, BN, GROUP_N, EL, W_REV)
-        for ki in gl.static_range(AHEAD - 1):
-            producer = _load(producer, a_desc, w_desc, r0, e, n0, ki * BK, bars, a_bufs, w_bufs, NB, W_K_MAJOR,
-                             more)
-            consumer, acc = _mma(consumer, acc, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
-        producer = _load(producer, a_desc, w_desc, r0, e, n0, (AHEAD - 1) * BK, bars, a_bufs, w_bufs, NB,
-                         W_K_MAJOR, more)
-        acc = warpgroup_mma_wait(0, (acc,))
-        return acc, producer, consumer, r0, r1, e, n0
-
-    @gluon.jit
     def _grouped_rows_kernel(a_desc, w_desc, c_desc, out_ptr, prob_ptr, tile_expert_ptr, tile_start_ptr,
                              tile_end_ptr, num_tiles_ptr, K_DIM: gl.constexpr, N_DIM: gl.constexpr,
                              GROUP_N: gl.constexpr, NB: gl.constexpr, SCALE: gl.constexpr, EL: gl.constexpr,
@@ -207,15 +181,26 @@ if HAVE_GLUON:
                              mine > 0)
         for i in range(mine):
             rows = r0 + gl.arange(0, BM, layout=row_l)
+            if SCALE:  # read now, used after the K loop: its latency hides behind the loop
+                prob = gl.load(prob_ptr + rows, mask=rows < r1, other=0.0)
+            consumer, acc = _mma(consumer, acc, False, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
+            for k in range(BK * AHEAD, K_DIM, BK):
+                producer = _load(producer, a_desc, w_desc, r0, e, n0, k, bars, a_bufs, w_bufs, NB, W_K_MAJOR, True)
+                consumer, acc = _mma(consumer, acc, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
             t_r0 = r0
             t_r1 = r1
             t_n0 = n0
-            if SCALE:  # read now, used after the K loop: its latency hides behind the loop
-                prob = gl.load(prob_ptr + rows, mask=rows < t_r1, other=0.0)
-            acc, producer, consumer, r0, r1, e, n0 = _tile_mainloop(
-                i, mine, pid, nprog, total, num_tiles, r0, e, n0, producer, consumer, acc, a_desc, w_desc, bars,
-                a_bufs, w_bufs, tile_expert_ptr, tile_start_ptr, tile_end_ptr, K_DIM, N_DIM, BN, BK, NB, LAG,
-                GROUP_N, EL, W_REV, W_K_MAJOR)
+            more = i + 1 < mine
+            # The next tile's first loads go out before this tile's last wgmmas and its epilogue.
+            r0, r1, e, n0 = _tile(pid + (i + 1) * nprog, total, num_tiles, tile_expert_ptr, tile_start_ptr,
+                                  tile_end_ptr, N_DIM, BN, GROUP_N, EL, W_REV)
+            for ki in gl.static_range(AHEAD - 1):
+                producer = _load(producer, a_desc, w_desc, r0, e, n0, ki * BK, bars, a_bufs, w_bufs, NB, W_K_MAJOR,
+                                 more)
+                consumer, acc = _mma(consumer, acc, True, bars, a_bufs, w_bufs, NB, BN, BK, W_K_MAJOR, LAG)
+            producer = _load(producer, a_desc, w_desc, r0, e, n0, (AHEAD - 1) * BK, bars, a_bufs, w_bufs, NB,
+                             W_K_MAJOR, more)
+            acc = warpgroup_mma_wait(0, (acc,))
             if SCALE:
                 y = (acc * prob[:, None]).to(dtype)
             else:
@@ -230,108 +215,6 @@ if HAVE_GLUON:
                 gl.store(out_ptr + rows.to(gl.int64)[:, None] * N_DIM + cols[None, :], y,
                          mask=(rows < t_r1)[:, None])
         tma.store_wait(pendings=0)
-        for i in gl.static_range(NB):
-            mbarrier.invalidate(bars.index(i))
-
-    @gluon.jit
-    def _act(x, ACT: gl.constexpr):
-        """dispatch_gemm's activations (0 silu, 1 exact gelu, 2 relu), fp32."""
-        if ACT == 0:
-            y = x / (1.0 + gl.exp(-x))
-        elif ACT == 1:
-            y = 0.5 * x * (1.0 + gl.erf(x * 0.7071067811865476))
-        else:
-            y = gl.maximum(x, 0.0)
-        return y
-
-    @gluon.jit
-    def _act_grad(x, ACT: gl.constexpr):
-        if ACT == 0:
-            s = 1.0 / (1.0 + gl.exp(-x))
-            d = s * (1.0 + x * (1.0 - s))
-        elif ACT == 1:
-            d = 0.5 * (1.0 + gl.erf(x * 0.7071067811865476)) + x * gl.exp(-0.5 * x * x) * 0.3989422804014327
-        else:
-            d = (x > 0.0).to(gl.float32)
-        return d
-
-    @gluon.jit
-    def _act_backward_rows_kernel(a_desc, w_desc, pre_ptr, prob_ptr, out_ptr, hp_ptr, gp_ptr, tile_expert_ptr,
-                                  tile_start_ptr, tile_end_ptr, num_tiles_ptr, K_DIM: gl.constexpr,
-                                  FFN: gl.constexpr, BN: gl.constexpr, GROUP_N: gl.constexpr, NB: gl.constexpr,
-                                  ACT: gl.constexpr, GATED: gl.constexpr, EL: gl.constexpr, W_REV: gl.constexpr,
-                                  W_K_MAJOR: gl.constexpr, LAG: gl.constexpr, PREFETCH: gl.constexpr,
-                                  num_warps: gl.constexpr):
-        """Layer 0's backward at world size 1: dhp = g[r] @ W2[e]^T on columns [n0, n0 + BN) of F, then the
-        activation backward in the epilogue: d_pre (both gated halves), h * p and the rows' partial sums of
-        dhp * h (grad_prob), as dispatch_gemm's fused epilogue. The tile's pre-activation and probs are
-        loaded into registers when its K loop starts: they arrive while the tensor cores run."""
-        BM: gl.constexpr = a_desc.block_type.shape[0]
-        BK: gl.constexpr = a_desc.block_type.shape[1]
-        dtype: gl.constexpr = a_desc.dtype
-        F1: gl.constexpr = 2 * FFN if GATED else FFN
-        N_BLOCKS: gl.constexpr = FFN // BN
-        AHEAD: gl.constexpr = NB - 1 - LAG
-        gl.static_assert(K_DIM % BK == 0)
-        gl.static_assert(AHEAD >= 1)
-        gl.static_assert(K_DIM // BK >= AHEAD)
-        gl.static_assert(FFN % BN == 0)
-        layout: gl.constexpr = _acc_layout(BM, BN, num_warps)
-        row_l: gl.constexpr = gl.SliceLayout(1, layout)
-        col_l: gl.constexpr = gl.SliceLayout(0, layout)
-        a_bufs = gl.allocate_shared_memory(dtype, [NB] + a_desc.block_type.shape, a_desc.layout)
-        w_bufs = gl.allocate_shared_memory(dtype, [NB] + w_desc.block_type.shape, w_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NB):
-            mbarrier.init(bars.index(i), count=1)
-
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
-        num_tiles = gl.load(num_tiles_ptr)
-        total = num_tiles * N_BLOCKS
-        mine = gl.cdiv(gl.maximum(total - pid, 0), nprog)
-        producer = 0
-        consumer = 0
-        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
-        r0, r1, e, n0 = _tile(pid, total, num_tiles, tile_expert_ptr, tile_start_ptr, tile_end_ptr, FFN, BN,
-                              GROUP_N, EL, W_REV)
-        for ki in gl.static_range(AHEAD):
-            producer = _load(producer, a_desc, w_desc, r0, e, n0, ki * BK, bars, a_bufs, w_bufs, NB, W_K_MAJOR,
-                             mine > 0)
-        for i in range(mine):
-            rows = r0 + gl.arange(0, BM, layout=row_l)
-            cols = n0 + gl.arange(0, BN, layout=col_l)
-            rmask = (rows < r1)[:, None]
-            rows64 = rows.to(gl.int64)[:, None]
-            chunk = n0 // BN
-            # the epilogue's operands, requested now: they arrive while the K loop runs
-            p = gl.load(prob_ptr + rows, mask=rows < r1, other=0.0)
-            if PREFETCH >= 1:
-                gate = gl.load(pre_ptr + rows64 * F1 + cols[None, :], mask=rmask, other=0.0)
-            if GATED and PREFETCH >= 2:
-                up = gl.load(pre_ptr + rows64 * F1 + FFN + cols[None, :], mask=rmask, other=0.0)
-            acc, producer, consumer, r0, r1, e, n0 = _tile_mainloop(
-                i, mine, pid, nprog, total, num_tiles, r0, e, n0, producer, consumer, acc, a_desc, w_desc, bars,
-                a_bufs, w_bufs, tile_expert_ptr, tile_start_ptr, tile_end_ptr, K_DIM, FFN, BN, BK, NB, LAG,
-                GROUP_N, EL, W_REV, W_K_MAJOR)
-            if PREFETCH == 0:
-                gate = gl.load(pre_ptr + rows64 * F1 + cols[None, :], mask=rmask, other=0.0)
-            if GATED and PREFETCH < 2:
-                up = gl.load(pre_ptr + rows64 * F1 + FFN + cols[None, :], mask=rmask, other=0.0)
-            g32 = gate.to(gl.float32)
-            dh = acc * p[:, None]
-            if GATED:
-                u32 = up.to(gl.float32)
-                act_gate = _act(g32, ACT)
-                h = act_gate * u32
-                gl.store(out_ptr + rows64 * F1 + FFN + cols[None, :], (dh * act_gate).to(dtype), mask=rmask)
-                d_gate = dh * u32 * _act_grad(g32, ACT)
-            else:
-                h = _act(g32, ACT)
-                d_gate = dh * _act_grad(g32, ACT)
-            gl.store(out_ptr + rows64 * F1 + cols[None, :], d_gate.to(dtype), mask=rmask)
-            gl.store(hp_ptr + rows64 * FFN + cols[None, :], (h * p[:, None]).to(dtype), mask=rmask)
-            gl.store(gp_ptr + rows.to(gl.int64) * N_BLOCKS + chunk, gl.sum(acc * h, axis=1), mask=rows < r1)
         for i in gl.static_range(NB):
             mbarrier.invalidate(bars.index(i))
 
@@ -386,53 +269,3 @@ def grouped_gemm_rows(a: torch.Tensor, w: torch.Tensor, layout, num_rows: int, *
         K_DIM=k_dim, N_DIM=n_dim, GROUP_N=group_n, NB=nb, SCALE=prob is not None, EL=el,
         W_REV=bool(reversed_experts), W_K_MAJOR=k_major, LAG=mma_lag, num_warps=NUM_WARPS)
     return stage[:num_rows]
-
-
-ACTIVATION_IDS = {"silu": 0, "gelu": 1, "relu": 2}  # dispatch_gemm.ACTIVATIONS
-
-
-def act_backward_rows(g_rows: torch.Tensor, w: torch.Tensor, layout, num_rows: int, pre: torch.Tensor,
-                      prob: torch.Tensor, *, activation: str, gated: bool, block_n: int = 128, group_n: int = 8,
-                      num_stages: int = 4, reversed_experts: bool = False, mma_lag: int = 0,
-                      prefetch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Layer 0's backward GEMM with its activation backward (world size 1, Hopper): for the receive rows of
-    each tile of `layout`, dhp = g_rows[r] @ w[e] (w: [El, H, F], K or N contiguous; `reversed_experts` as in
-    `grouped_gemm_rows`) and, from the forward's pre-activation pre [R, F1] and the rows' probs, returns
-    (d_pre [num_rows, F1], h * p [num_rows, F], grad_prob [num_rows] fp32 = rowsum(dhp * h)), as
-    `dispatch_gemm_backward` with `fused_act_backward`. Check `gluon_supported(g_rows, w, 128, block_n)`."""
-    if activation not in ACTIVATION_IDS:
-        raise ValueError(f"activation {activation!r} not in {sorted(ACTIVATION_IDS)}")
-    el, k_dim, ffn = w.shape
-    f1 = 2 * ffn if gated else ffn
-    if pre.shape[1] != f1 or pre.stride(1) != 1 or pre.stride(0) != f1 or pre.shape[0] < num_rows:
-        raise ValueError(f"pre must be a contiguous [>= {num_rows}, {f1}] tensor, got {tuple(pre.shape)}")
-    dev, dtype = g_rows.device, g_rows.dtype
-    alloc = max(num_rows, 1)
-    d_pre = torch.empty(alloc, f1, dtype=dtype, device=dev)
-    hp = torch.empty(alloc, ffn, dtype=dtype, device=dev)
-    n_blocks = ffn // block_n
-    gp = torch.empty(alloc, n_blocks, dtype=torch.float32, device=dev)
-    if num_rows == 0:
-        return d_pre[:0], hp[:0], gp[:0].sum(1)
-    if block_n not in (64, 128) or ffn % block_n:
-        raise ValueError(f"block_n={block_n}: 64 or 128 dividing F={ffn}")
-    stage_bytes = (BLOCK_M + block_n) * BLOCK_K * g_rows.element_size()
-    nb = min(num_stages, SMEM_BYTES // stage_bytes, k_dim // BLOCK_K + 1 + mma_lag)
-    if nb < 2 + mma_lag:
-        raise ValueError(f"num_stages={num_stages}: the Gluon layer-0 backward needs >= {2 + mma_lag}")
-    gdt = _gl_dtype(dtype)
-    a_desc = GluonDescriptor.from_tensor(g_rows, [BLOCK_M, BLOCK_K],
-                                         gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gdt))
-    k_major = w.stride(1) == 1
-    mem, block = (w.transpose(1, 2), [1, block_n, BLOCK_K]) if k_major else (w, [1, BLOCK_K, block_n])
-    w_desc = GluonDescriptor(mem, list(mem.shape), list(mem.stride()), block,
-                             gl.NVMMASharedLayout.get_default_for(block, gdt))
-    items = layout.max_tiles * n_blocks
-    grid = (max(1, min(torch.cuda.get_device_properties(dev).multi_processor_count, items)),)
-    launch(_act_backward_rows_kernel, grid,
-        a_desc, w_desc, pre, prob, d_pre, hp, gp, layout.tile_expert, layout.tile_row_start, layout.tile_row_end,
-        layout.num_tiles,
-        K_DIM=k_dim, FFN=ffn, BN=block_n, GROUP_N=group_n, NB=nb, ACT=ACTIVATION_IDS[activation], GATED=gated,
-        EL=el, W_REV=bool(reversed_experts), W_K_MAJOR=k_major, LAG=mma_lag, PREFETCH=prefetch,
-        num_warps=NUM_WARPS)
-    return d_pre[:num_rows], hp[:num_rows], gp[:num_rows].sum(1)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import KernelConfig
-from .dispatch_gemm import (DispatchResult, dispatch_gemm, dispatch_gemm_backward, local_dispatch_gemm_backward,
-                            local_layer0_backward)
+from .dispatch_gemm import DispatchResult, dispatch_gemm, dispatch_gemm_backward
 from .gemm_combine import combine_reduce, gemm_combine, local_gemm_combine, local_layer1
 from .routing import ReceiveLayout, publish, receive_layout
 from .signals import check_errors
@@ -90,12 +89,8 @@ def moe_backward(view, state: ForwardState, grad_out: torch.Tensor, w1: torch.Te
     publish(view, grad_out, epoch)
     yield "publish(grad_out)"
     rev1, rev2 = reversed_experts
-    if local_layer0_backward(view, cfg, grad_out, w2):  # world size 1: no pull, the Gluon kernel
-        b = local_dispatch_gemm_backward(state.layout, state.dispatch, grad_out, w2, view.layout.topk,
-                                         activation=cfg.activation, gated=cfg.gated, reversed_experts=rev2)
-    else:
-        b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, reversed_experts=rev2,
-                                   **cfg.dispatch_kwargs(backward=True))
+    b = dispatch_gemm_backward(view, state.layout, state.dispatch, w2, epoch, reversed_experts=rev2,
+                               **cfg.dispatch_kwargs(backward=True))
     if local_layer1(view, cfg, b.out, w1.transpose(1, 2)):
         grad_x, grad_probs = local_gemm_combine(state.layout, b.out, w1.transpose(1, 2), state.num_tokens,
                                                 view.layout.topk, recv_pair=b.recv_pair, row_scalars=b.grad_prob,
