@@ -804,7 +804,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cache file (default: the YAML's comet.tune_cache, else ~/.cache/comet-megatron/tune.json)")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="seconds of search in all (split over the token counts); the best so far is kept")
-    p.add_argument("--max-candidates", type=int, default=26, help="most timings per token count")
+    p.add_argument("--max-candidates", type=int, default=32, help="most timings per token count")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: the YAML's; fp32 on the CPU)")
     p.add_argument("--tiles", default=None,
                    help="tile candidates, comma-separated BMxBNxBKxWARPSxSTAGES (first = baseline)")
