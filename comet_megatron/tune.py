@@ -435,14 +435,11 @@ def default_grid(device, world: int = 1) -> Grid:
 
 
 def gluon_layer1_possible(device) -> bool:
-    """The Gluon layer-1 kernel can run on this device (Hopper, a Triton with Gluon, not the interpreter)."""
-    import torch
+    """The Gluon layer-1 kernel can run on this device (Hopper, a Triton with Gluon, not the interpreter, not
+    turned off)."""
+    from comet_megatron.kernels.gluon_gemm import gluon_unavailable
 
-    from comet_megatron.kernels.gluon_gemm import HAVE_GLUON
-
-    device = torch.device(device)
-    return (HAVE_GLUON and device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1"
-            and torch.cuda.get_device_capability(device)[0] == 9)
+    return gluon_unavailable(device) is None
 
 
 @dataclass

@@ -50,10 +50,6 @@ SMEM_BYTES = 232448 - 1024  # an H100 block's shared memory, less the barriers' 
 def gluon_supported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int, *, trace: bool = False) -> str | None:
     """None when `grouped_gemm_rows` can run a @ w (a: [R, K] rows, w: [El, K, N]), else why not (kept for the
     caller's choice and the tests). Off with COMET_KERNELS_GLUON=0."""
-    if os.environ.get("COMET_KERNELS_GLUON", "auto") == "0":
-        return "COMET_KERNELS_GLUON=0"
-    if not HAVE_GLUON:
-        return "this Triton has no Gluon"
     if trace:
         return "trace mode times the Triton kernel's items"
     if a.dtype not in (torch.bfloat16, torch.float16) or w.dtype != a.dtype:
@@ -70,9 +66,20 @@ def gluon_supported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int
     if not (w.stride(1) == 1 or w.stride(2) == 1) or w.data_ptr() % 16 or any(
             st != 1 and st * w.element_size() % 16 for st in w.stride()):
         return "weights must have K or N contiguous and 16-byte aligned strides (TMA)"
-    if not a.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    return gluon_unavailable(a.device)
+
+
+def gluon_unavailable(device) -> str | None:
+    """None when the Gluon kernels can run on `device` at all, else why not: COMET_KERNELS_GLUON=0, a Triton
+    without Gluon, no CUDA device, the interpreter, not Hopper."""
+    if os.environ.get("COMET_KERNELS_GLUON", "auto") == "0":
+        return "COMET_KERNELS_GLUON=0"
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon"
+    device = torch.device(device)
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "Gluon needs a compiled CUDA kernel (no interpreter)"
-    if torch.cuda.get_device_capability(a.device)[0] != 9:
+    if torch.cuda.get_device_capability(device)[0] != 9:
         return "the Gluon kernel uses Hopper's wgmma (compute capability 9.x)"
     return None
 
