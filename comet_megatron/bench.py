@@ -128,7 +128,6 @@ def build_variant_layers(shape: Shape, variants, make_config, comet_config, move
     from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 
     import comet_megatron
-    from comet_megatron.config import CometConfig
     from comet_megatron.experts import CometGroupedMLP
 
     spec = get_gpt_layer_local_spec(num_experts=shape.experts, moe_grouped_gemm=False)
@@ -138,10 +137,8 @@ def build_variant_layers(shape: Shape, variants, make_config, comet_config, move
         if v == "megatron":
             layer = spec.submodules.mlp(config=make_config("alltoall"))
         elif v == "megatron+grouped":
-            cfg = make_config("alltoall")
-            cfg.comet = CometConfig(grouped_gemm="cublas")  # the baseline is cuBLAS's grouped GEMM by definition
             layer = MoELayer(
-                config=cfg,
+                config=make_config("alltoall"),
                 submodules=MoESubmodules(experts=functools.partial(CometGroupedMLP, submodules=linears)),
             )
         elif v in ("comet-reference", "comet-fused"):
@@ -160,8 +157,7 @@ def build_variant_layers(shape: Shape, variants, make_config, comet_config, move
     return layers
 
 
-def build_layers(shape: Shape, variants, ddp: bool = False, distributed_optimizer: bool = False,
-                 grouped_gemm: str = "auto"):
+def build_layers(shape: Shape, variants, ddp: bool = False, distributed_optimizer: bool = False):
     """The single-GPU benchmark's layers. comet-fused runs over a one-rank ("emulated") workspace:
     at EP=1 `auto` would pick the reference path, there being nothing to overlap.
 
@@ -169,13 +165,12 @@ def build_layers(shape: Shape, variants, ddp: bool = False, distributed_optimize
     (fp32 `main_grad` buffers, gradients reduced in fp32, one grad-ready hook per parameter), so a
     backward pays what it pays in training: the gradient hand-off into `main_grad`. With
     `distributed_optimizer` (implies `ddp`), DDP lays the parameters out for Megatron's distributed optimizer
-    (experts re-homed in descending order, fc1 and fc2 interleaved), as `--use-distributed-optimizer` does.
-    `grouped_gemm`: the comet variants' `--comet-grouped-gemm` (megatron+grouped is cuBLAS's by definition)."""
+    (experts re-homed in descending order, fc1 and fc2 interleaved), as `--use-distributed-optimizer` does."""
     from comet_megatron.config import CometConfig
 
     layers = build_variant_layers(
         shape, variants, lambda dispatcher: _transformer_config(shape, dispatcher),
-        lambda v: CometConfig(transport="nccl" if v == "comet-reference" else "emulated", grouped_gemm=grouped_gemm),
+        lambda v: CometConfig(transport="nccl" if v == "comet-reference" else "emulated"),
         lambda layer: layer.cuda(),
     )
     if ddp or distributed_optimizer:
@@ -219,11 +214,10 @@ def copy_bandwidth_gbs() -> float:
 
 
 def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=None, ddp=False,
-                distributed_optimizer=False, grouped_gemm="auto"):
+                distributed_optimizer=False):
     import torch
 
-    layers = build_layers(shape, variants, ddp=ddp, distributed_optimizer=distributed_optimizer,
-                          grouped_gemm=grouped_gemm)
+    layers = build_layers(shape, variants, ddp=ddp, distributed_optimizer=distributed_optimizer)
     records = []
     for tokens in tokens_list:
         x = torch.randn(tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
@@ -282,12 +276,10 @@ def experts_step(experts, counts, hidden: int, device, dtype, mode: str):
 
 
 def _time_experts(layers, x, dy, mode) -> float:
-    """The grouped expert GEMMs alone on this batch's routing (T_compute): the comet reference layer's experts
-    (its `--comet-grouped-gemm`) when that variant runs, else the first layer with comet's experts."""
+    """The grouped expert GEMMs alone on this batch's routing (T_compute)."""
     import torch
 
-    key = "comet-reference" if "comet-reference" in layers else next(k for k in layers if k != "megatron")
-    layer = unwrap(layers[key])
+    layer = unwrap(next(l for k, l in layers.items() if k != "megatron"))
     with torch.no_grad():
         probs, routing_map = layer.router(x)
     counts = routing_map.sum(0).tolist()
@@ -439,9 +431,6 @@ def main(argv=None) -> int:
     parser.add_argument("--distributed-optimizer", action="store_true",
                         help="with --ddp: lay the parameters out as Megatron's distributed optimizer does "
                              "(--use-distributed-optimizer: expert weights re-homed in descending order)")
-    parser.add_argument("--grouped-gemm", default="auto", choices=["auto", "cublas", "gluon"],
-                        help="the comet variants' --comet-grouped-gemm (expert GEMMs of the reference path; "
-                             "megatron+grouped is always cuBLAS)")
     args = parser.parse_args(argv)
     if args.distributed_optimizer and not args.ddp:
         parser.error("--distributed-optimizer needs --ddp (the layout is DDP's parameter buffer)")
@@ -463,7 +452,6 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
         "command": "comet-megatron bench layer " + " ".join(argv if argv is not None else sys.argv[1:]),
         "ddp": bool(args.ddp), "distributed_optimizer": bool(args.distributed_optimizer),
-        "grouped_gemm": args.grouped_gemm,
     }
     meta["dense_bf16_tflops"] = dense_gemm_tflops()
     meta["copy_gbs"] = copy_bandwidth_gbs() if args.ddp else None
@@ -475,7 +463,7 @@ def main(argv=None) -> int:
         task = progress.add_task("timing", total=total)
         for shape in shapes:
             records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task, ddp=args.ddp,
-                                   distributed_optimizer=args.distributed_optimizer, grouped_gemm=args.grouped_gemm)
+                                   distributed_optimizer=args.distributed_optimizer)
     add_auto(records)
     add_ratios(records, meta["dense_bf16_tflops"], shapes, meta["copy_gbs"])
     if args.timeline:

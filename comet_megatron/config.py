@@ -16,8 +16,6 @@ from typing import Any, Literal, Mapping, Union, get_args
 TRANSPORTS = ("auto", "nccl", "symm_mem", "cuda_ipc", "emulated")
 Transport = Literal["auto", "nccl", "symm_mem", "cuda_ipc", "emulated"]
 AutoInt = Union[int, Literal["auto"]]
-GROUPED_GEMMS = ("auto", "cublas", "gluon")
-GroupedGemm = Literal["auto", "cublas", "gluon"]
 
 DEFAULT_TUNE_CACHE = os.path.join(
     os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "comet-megatron", "tune.json"
@@ -90,14 +88,6 @@ class CometConfig:
         "both paths already sum in a fixed order (the reference path's Triton per-token sum, the "
         "fused combine); this also fixes it where the reference path would use index_add.",
     )
-    grouped_gemm: GroupedGemm = _knob(
-        "auto",
-        "The expert layer's grouped GEMMs on the reference path (forward and input gradients; weight "
-        "gradients stay cuBLAS). auto: the Gluon grouped GEMM (Hopper, 16-bit) where measured faster than "
-        "cuBLAS (GEMMs up to ~1 TFLOP with output widths divisible by 256), cuBLAS's torch._grouped_mm "
-        "elsewhere. cublas: always cuBLAS. gluon: the Gluon kernel wherever it can run (logged where not).",
-        choices=GROUPED_GEMMS,
-    )
     pre_reduce: bool = _knob(
         False,
         "Fused path: rows of one token whose top-k experts share a rank are summed there and sent "
@@ -116,10 +106,6 @@ class CometConfig:
         if self.transport not in TRANSPORTS:
             raise CometConfigError(
                 f"--comet-transport={self.transport!r} is not one of {', '.join(TRANSPORTS)}."
-            )
-        if self.grouped_gemm not in GROUPED_GEMMS:
-            raise CometConfigError(
-                f"--comet-grouped-gemm={self.grouped_gemm!r} is not one of {', '.join(GROUPED_GEMMS)}."
             )
         if not isinstance(self.overlap, bool):
             raise CometConfigError(f"--comet-overlap must be true or false, got {self.overlap!r}.")

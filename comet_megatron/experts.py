@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.experts import SequentialMLP
 
-from comet_megatron.config import GROUPED_GEMMS, CometConfigError
+from comet_megatron.config import CometConfigError
 
 log = logging.getLogger("comet_megatron")
 
@@ -64,15 +64,10 @@ class ExpertRows:
     which then needs no host sync): the host list is read from the GPU only when asked (`host()`: the torch
     fallback, per-expert GEMMs, biases). The device offsets are made once and reused by every GEMM."""
 
-    __slots__ = ("_host", "_dev", "_offs", "_copy", "_rows", "_mirror", "gemm", "_tiles")
+    __slots__ = ("_host", "_dev", "_offs", "_copy", "_rows", "_mirror")
 
-    def __init__(self, counts, rows: int | None = None, gemm: str = "cublas"):
+    def __init__(self, counts, rows: int | None = None):
         from comet_megatron.kernels.host_copy import AsyncHostCopy
-
-        if gemm not in GROUPED_GEMMS:
-            raise ValueError(f"grouped GEMM backend {gemm!r}: one of {', '.join(GROUPED_GEMMS)}")
-        self.gemm = gemm  # which grouped GEMM the call's expert GEMMs use (`grouped_linear`)
-        self._tiles = None  # the Gluon kernel's tile tables of these rows (made once, shared by every GEMM)
 
         self._dev = counts if torch.is_tensor(counts) and counts.device.type != "cpu" else None
         self._host = None if self._dev is not None else [int(c) for c in counts]
@@ -96,17 +91,7 @@ class ExpertRows:
         out._dev = self._dev.flip(0) if self._dev is not None else None
         out._host = self._host[::-1] if self._host is not None else None
         out._offs, out._copy, out._rows, out._mirror = {}, None, self._rows, self
-        out.gemm, out._tiles = self.gemm, None
         return out
-
-    def expert_tiles(self, device, rows: int):
-        """The Gluon grouped GEMM's 128-row tile tables of these rows on `device` (device ops, no host sync)."""
-        if self._tiles is None:
-            from comet_megatron.kernels.gluon_gemm import expert_tiles
-
-            counts = self._dev if self._dev is not None else self.device_offsets(device).diff()
-            self._tiles = expert_tiles(counts, rows)
-        return self._tiles
 
     def host(self) -> List[int]:
         """Rows per expert on the host (from the GPU the first time: waits for the copy queued at creation)."""
@@ -151,50 +136,15 @@ class ExpertRows:
         return ends
 
 
-_gluon_fallbacks_logged: set = set()
-
-
-def gluon_gemm_reason(x: torch.Tensor, weight: torch.Tensor, backend: str) -> str | None:
-    """None when `grouped_linear` runs x @ weight[e]^T through the Gluon grouped GEMM under `backend`, else why
-    not. auto: on Hopper where measured faster than cuBLAS (`gluon_gemm.auto_gemm_ok`); gluon: wherever the
-    kernel runs; cublas: never."""
-    if backend == "cublas":
-        return "backend cublas"
-    from comet_megatron.kernels import gluon_gemm
-
-    w = weight.transpose(-2, -1)  # [G, K, N]
-    why = gluon_gemm.gluon_supported(x, w, gluon_gemm.BLOCK_M, 256)
-    if why is None and backend == "auto":
-        why = gluon_gemm.auto_gemm_why_not(x.shape[0], w.shape[1], w.shape[2])
-    return why
-
-
-def _gluon_linear(x: torch.Tensor, weight: torch.Tensor, rows: "ExpertRows", reversed_experts: bool) -> torch.Tensor:
-    from comet_megatron.kernels.gluon_gemm import grouped_gemm_rows
-
-    tiles = rows.expert_tiles(x.device, x.shape[0])
-    return grouped_gemm_rows(x, weight.transpose(-2, -1), tiles, x.shape[0], reversed_experts=reversed_experts)
-
-
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts, reversed_experts: bool = False) -> torch.Tensor:
     """rows of `x` [M, K] in expert segments of `counts` (a sequence, or `ExpertRows`) times `weight[e]`^T
     ([G, N, K]) -> [M, N].
 
     Megatron stores linear weights as [out, in]; the grouped GEMM reads them transposed in place.
     `reversed_experts`: `weight[j]` is expert G-1-j's (a view over weights laid out in descending order,
-    `expert_weights`): cuBLAS gets the rows flipped upside down, so their segments come in that order, and
-    back; the Gluon kernel reads the weights in reversed order itself.
-    Backend (`counts.gemm`, `--comet-grouped-gemm`): cuBLAS (`torch._grouped_mm`), or the Gluon grouped GEMM
-    (`kernels/gluon_gemm.py`, Hopper) where `gluon_gemm_reason` allows; a per-expert matmul elsewhere.
+    `expert_weights`): the rows are flipped upside down, so their segments come in that order, and back.
     """
     rows = ExpertRows.of(counts)
-    if rows.gemm != "cublas":
-        why = gluon_gemm_reason(x, weight, rows.gemm)
-        if why is None:
-            return _gluon_linear(x, weight, rows, reversed_experts)
-        if rows.gemm == "gluon" and why not in _gluon_fallbacks_logged:
-            _gluon_fallbacks_logged.add(why)
-            log.warning("--comet-grouped-gemm gluon: cuBLAS runs this expert GEMM instead (%s)", why)
     if reversed_experts:
         if _grouped_mm_ok(x, weight):
             y = torch._grouped_mm(x.flip(0), weight.transpose(-2, -1), offs=rows.device_offsets_reversed(x.device))
@@ -788,16 +738,6 @@ class CometGroupedMLP(SequentialMLP):
             for param in self._expert_weights():
                 param.skip_backward_post_hook = True
 
-    def _grouped_gemm_backend(self) -> str:
-        """`--comet-grouped-gemm` of this layer's config (Megatron's own dispatchers with these experts too), read
-        at the first call."""
-        backend = getattr(self, "_gemm_backend", None)
-        if backend is None:
-            from comet_megatron.layer import comet_config_of
-
-            backend = self._gemm_backend = comet_config_of(self.config).grouped_gemm
-        return backend
-
     # ------------------------------------------------------------------ delayed weight gradients
     def _expert_weights(self) -> list[torch.nn.Parameter]:
         return [getattr(e, linear).weight
@@ -925,7 +865,7 @@ class CometGroupedMLP(SequentialMLP):
         self.wait_for_weights()
         x = permuted_local_hidden_states
         # host counts, or device counts (comet's dispatcher at EP size 1: no host sync unless a fallback asks)
-        counts = ExpertRows(tokens_per_expert, rows=x.shape[0], gemm=self._grouped_gemm_backend())
+        counts = ExpertRows(tokens_per_expert, rows=x.shape[0])
         probs = permuted_probs.unsqueeze(-1)
         if self.config.moe_apply_probs_on_input:
             if self.config.moe_router_topk != 1:

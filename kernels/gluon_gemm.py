@@ -21,7 +21,6 @@ every other case keeps the Triton kernel.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,12 +44,6 @@ NUM_WARPS = 8
 # session): Qwen2-MoE (K 1408 forward / 2816 backward) at 8192 tokens 1.08x / 1.04x faster than gemm_combine +
 # combine_reduce (2048: 0.98x / 0.98x); Phi-3.5-MoE (6400 / 12800) 0.97-0.99x; Mixtral (14336 / 28672) 0.93-0.99x.
 AUTO_MAX_K = 4096
-# The expert layer's grouped GEMMs (`comet_megatron.experts.grouped_linear`, `--comet-grouped-gemm auto`) take the
-# Gluon kernel on Hopper up to this many FLOPs per GEMM (2 x rows x K x N), with 256-wide column blocks. H100,
-# the four row x weight GEMMs of Qwen2-MoE / Mixtral / Phi-3.5-MoE at 2048-16384 tokens against
-# torch._grouped_mm (docs/BENCHMARKS.md, tenth session): 0.96-1.16x as fast up to ~1 TFLOP (one cell below:
-# Qwen2-MoE's fc1 at 2048 tokens, 0.93x), 0.91-1.05x above (cuBLAS ahead on Mixtral from 8192 tokens).
-AUTO_MAX_GEMM_FLOPS = 1.0e12
 SMEM_BYTES = 232448 - 1024  # an H100 block's shared memory, less the barriers' and the compiler's share
 
 
@@ -74,16 +67,6 @@ def gluon_supported(a: torch.Tensor, w: torch.Tensor, block_m: int, block_n: int
             st != 1 and st * w.element_size() % 16 for st in w.stride()):
         return "weights must have K or N contiguous and 16-byte aligned strides (TMA)"
     return gluon_unavailable(a.device)
-
-
-def auto_gemm_why_not(rows: int, k_dim: int, n_dim: int) -> str | None:
-    """None when `--comet-grouped-gemm auto` takes the Gluon kernel for a [rows, K] x [K, N] grouped GEMM that
-    it can run (`gluon_supported` with 256-wide blocks), else why not (measured rule, AUTO_MAX_GEMM_FLOPS)."""
-    flops = 2.0 * rows * k_dim * n_dim
-    if flops > AUTO_MAX_GEMM_FLOPS:
-        return f"{flops / 1e12:.2f} TFLOP per GEMM: cuBLAS is measured as fast or faster above " \
-               f"{AUTO_MAX_GEMM_FLOPS / 1e12:.1f}"
-    return None
 
 
 def gluon_unavailable(device) -> str | None:
@@ -241,34 +224,6 @@ if HAVE_GLUON:
         tma.store_wait(pendings=0)
         for i in gl.static_range(NB):
             mbarrier.invalidate(bars.index(i))
-
-
-@dataclass
-class ExpertTiles:
-    """Tile tables of rows grouped by expert (what `grouped_gemm_rows` reads from a ReceiveLayout): tile i covers
-    rows [tile_row_start[i], tile_row_end[i]) of expert tile_expert[i]; entries past num_tiles[0] are padding."""
-
-    tile_expert: torch.Tensor
-    tile_row_start: torch.Tensor
-    tile_row_end: torch.Tensor
-    num_tiles: torch.Tensor
-    max_tiles: int
-
-
-def expert_tiles(counts: torch.Tensor, rows: int, block_m: int = BLOCK_M) -> ExpertTiles:
-    """`block_m`-row tiles of `rows` rows in expert segments of `counts` ([E] rows per expert, in order, on the
-    device): device ops only (no host sync); `max_tiles` = cdiv(rows, block_m) + E bounds the live count."""
-    num = counts.numel()
-    c = counts.to(torch.int32)
-    tiles = (c + (block_m - 1)) // block_m
-    tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)  # inclusive: tiles of experts [0, e]
-    row_end = torch.cumsum(c, 0, dtype=torch.int32)
-    max_tiles = triton.cdiv(rows, block_m) + num
-    t = torch.arange(max_tiles, dtype=torch.int32, device=counts.device)
-    e = torch.searchsorted(tile_end, t, right=True, out_int32=True).clamp_(max=max(num - 1, 0))
-    start = row_end[e] - c[e] + (t - (tile_end[e] - tiles[e])) * block_m
-    end = torch.minimum(start + block_m, row_end[e])
-    return ExpertTiles(e, start, end, tile_end[-1:], max_tiles)
 
 
 def _gl_dtype(dtype: torch.dtype):

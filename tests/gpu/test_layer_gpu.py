@@ -18,7 +18,7 @@ from mp import run_distributed  # noqa: E402
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def _layers(rank, transport, shape, dtype, seed, grouped_gemm="auto"):
+def _layers(rank, transport, shape, dtype, seed):
     """(megatron alltoall+SequentialMLP, comet) layers on the GPU with identical weights."""
     import comet_megatron
     from comet_megatron import CometConfig
@@ -27,7 +27,7 @@ def _layers(rank, transport, shape, dtype, seed, grouped_gemm="auto"):
 
     from moe_cases import make_config, shape_router
 
-    comet_megatron.enable(CometConfig(transport=transport, grouped_gemm=grouped_gemm))
+    comet_megatron.enable(CometConfig(transport=transport))
     model_parallel_cuda_manual_seed(seed)
     hidden, ffn, experts, topk = shape
     over = dict(hidden_size=hidden, ffn_hidden_size=ffn, moe_ffn_hidden_size=ffn, num_moe_experts=experts,
@@ -53,22 +53,18 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _parity_body(rank, transport, shape, tokens, grouped_gemm="auto"):
-    from comet_megatron import experts
+def _parity_body(rank, transport, shape, tokens):
     from moe_cases import make_input
 
-    gluon_calls = []
-    gluon_linear = experts._gluon_linear
-    experts._gluon_linear = lambda *a: gluon_calls.append(1) or gluon_linear(*a)  # count the Gluon GEMMs
     dtype = torch.bfloat16
-    ref, com = _layers(rank, transport, shape, dtype, seed=7, grouped_gemm=grouped_gemm)
+    ref, com = _layers(rank, transport, shape, dtype, seed=7)
     x = make_input(tokens, 1, shape[0], seed=rank).cuda().to(dtype)
     dy = torch.randn_like(x)
     y0, gx0, gp0 = _fwd_bwd(ref, x, dy)
     y1, gx1, gp1 = _fwd_bwd(com, x, dy)
     errs = {"out": _rel(y1, y0), "grad_x": _rel(gx1, gx0)}
     errs.update({n: _rel(gp1[n], g) for n, g in gp0.items() if g is not None})
-    return {"transport": com.transport, "errs": errs, "gluon_gemms": len(gluon_calls)}
+    return {"transport": com.transport, "errs": errs}
 
 
 def _check(results, transport, tol=3e-2):
@@ -89,16 +85,6 @@ def test_auto_at_ep_size_1_runs_the_reference_path_and_matches_megatron(tokens):
     # auto at EP size 1: the reference path at every size (with its Triton activation and per-token sums)
     results = run_distributed(_parity_body, 1, ep=1, transport="auto", shape=(512, 704, 8, 2), tokens=tokens)
     _check(results, "nccl")
-
-
-@pytest.mark.parametrize("grouped_gemm,gluon_gemms", [("gluon", 4), ("cublas", 0)])
-def test_reference_path_expert_gemms_gluon_or_cublas_match_megatron(grouped_gemm, gluon_gemms):
-    # --comet-grouped-gemm: the four row x weight GEMMs (fc1, fc2, both input gradients) through the Gluon
-    # kernel, or none of them; widths divisible by 256 so that every one can run it
-    (res,) = run_distributed(_parity_body, 1, ep=1, transport="auto", shape=(1024, 1536, 8, 2), tokens=3000,
-                             grouped_gemm=grouped_gemm)
-    _check([res], "nccl")
-    assert res["gluon_gemms"] == (gluon_gemms if torch.cuda.get_device_capability()[0] == 9 else 0), res
 
 
 @pytest.mark.parametrize("transport,world", [("cuda_ipc", 2), ("cuda_ipc", 4), ("symm_mem", 1)])
