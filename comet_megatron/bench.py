@@ -14,8 +14,11 @@ bf16 GEMM rate measured in the same run, and with --ddp for forward+backward the
 `main_grad` read + write of every expert weight at the copy bandwidth measured in the same run (traffic no
 implementation avoids under Megatron's DDP; it could overlap the GEMMs, hence the max).
 
-Timings: median of CUDA-event timed repetitions after warm-up (`triton.testing.do_bench`), forward
-and forward+backward. Output: a table on stdout, JSON and a PNG plot in --out.
+Timings: forward and forward+backward, median of CUDA-event timed repetitions after warm-up
+(`triton.testing.do_bench`), in `--rounds` interleaved rounds: each round times every (variant, mode) of a
+token count once, so that a drift of the machine (clocks, power, a host slowed by other work) reaches every
+variant alike; the figure is the median over the rounds, `spread` their (max - min) / median. Output: a
+table on stdout, JSON and a PNG plot in --out.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class Record:
     vs_grouped: float | None = None  # time of megatron+grouped / this time (>1: faster)
     vs_floor: float | None = None  # floor / this time (1.0 is the floor; see the module docstring)
     picks: str | None = None  # "comet (auto)" rows: the measured variant `--comet-transport auto` runs here
+    rounds_ms: list[float] | None = None  # one figure per interleaved round (`ms` is their median)
+    spread: float | None = None  # (max - min) / median of rounds_ms
 
 
 def _init_distributed():
@@ -213,8 +218,32 @@ def copy_bandwidth_gbs() -> float:
     return 2 * 4 * n / (ms * 1e-3) / 1e9
 
 
+REP_MS = 400  # timed repetitions per figure, split over the rounds
+
+
+def time_interleaved(runs: dict, rounds: int, timer=None, advance=None) -> dict:
+    """{key: [ms per round]}: `rounds` rounds, each timing every closure of `runs` once, in order (the first
+    round with the full warm-up, later ones with a short one: the closures are warm by then)."""
+    timer = timer or _time
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: at least one round")
+    out: dict = {key: [] for key in runs}
+    rep = max(REP_MS // rounds, 50)
+    for r in range(rounds):
+        for key, run in runs.items():
+            out[key].append(timer(run, warmup_ms=100 if r == 0 else 25, rep_ms=rep))
+            if advance is not None:
+                advance()
+    return out
+
+
+def median(values) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
 def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=None, ddp=False,
-                distributed_optimizer=False):
+                distributed_optimizer=False, rounds: int = 3):
     import torch
 
     layers = build_layers(shape, variants, ddp=ddp, distributed_optimizer=distributed_optimizer)
@@ -222,24 +251,26 @@ def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=
     for tokens in tokens_list:
         x = torch.randn(tokens, 1, shape.hidden, device="cuda", dtype=torch.bfloat16)
         dy = torch.randn_like(x)
-        for v in variants:
-            for mode in modes:
-                ms = _time_variant(v, layers, x, dy, mode)
-                tf = shape.flops(tokens, mode == "fwd+bwd") / (ms * 1e-3) / 1e12
-                records.append(Record(shape.name, tokens, v, mode, ms, tf))
-                if progress is not None:
-                    progress.advance(task)
+        runs = {(v, mode): _variant_run(v, layers, x, dy, mode) for v in variants for mode in modes}
+        advance = (lambda: progress.advance(task)) if progress is not None else None
+        for (v, mode), times in time_interleaved(runs, rounds, advance=advance).items():
+            ms = median(times)
+            tf = shape.flops(tokens, mode == "fwd+bwd") / (ms * 1e-3) / 1e12
+            records.append(Record(shape.name, tokens, v, mode, ms, tf, rounds_ms=times,
+                                  spread=(max(times) - min(times)) / ms))
+        del runs
         torch.cuda.empty_cache()
     del layers
     torch.cuda.empty_cache()
     return records
 
 
-def _time_variant(v, layers, x, dy, mode) -> float:
+def _variant_run(v, layers, x, dy, mode):
+    """The closure one figure times: the layer's forward (no grad), or forward + backward."""
     import torch
 
     if v == "experts-only":
-        return _time_experts(layers, x, dy, mode)
+        return _experts_run(layers, x, dy, mode)
     layer = layers[v]
     if mode == "fwd":
         def run():
@@ -251,7 +282,7 @@ def _time_variant(v, layers, x, dy, mode) -> float:
         def run():
             y, _ = layer(xg)
             y.backward(dy)
-    return _time(run)
+    return run
 
 
 def experts_step(experts, counts, hidden: int, device, dtype, mode: str):
@@ -275,7 +306,7 @@ def experts_step(experts, counts, hidden: int, device, dtype, mode: str):
     return run
 
 
-def _time_experts(layers, x, dy, mode) -> float:
+def _experts_run(layers, x, dy, mode):
     """The grouped expert GEMMs alone on this batch's routing (T_compute)."""
     import torch
 
@@ -283,7 +314,7 @@ def _time_experts(layers, x, dy, mode) -> float:
     with torch.no_grad():
         probs, routing_map = layer.router(x)
     counts = routing_map.sum(0).tolist()
-    return _time(experts_step(layer.experts, counts, x.shape[-1], x.device, x.dtype, mode))
+    return experts_step(layer.experts, counts, x.shape[-1], x.device, x.dtype, mode)
 
 
 AUTO = "comet (auto)"
@@ -298,7 +329,8 @@ def add_auto(records):
     for (shape, tokens, mode, variant), r in list(by_key.items()):
         if variant != "comet-reference" or (shape, tokens, mode, "comet-fused") not in by_key:
             continue
-        records.append(Record(shape, tokens, AUTO, mode, r.ms, r.tflops, picks=r.variant))
+        records.append(Record(shape, tokens, AUTO, mode, r.ms, r.tflops, picks=r.variant, rounds_ms=r.rounds_ms,
+                              spread=r.spread))
     # each auto row right after its shape / tokens / mode group
     first = {}
     for i, r in enumerate(records):
@@ -337,13 +369,16 @@ def print_table(records, meta):
     ddp = ", under Megatron DDP" if meta.get("ddp") else ""
     if meta.get("distributed_optimizer"):
         ddp += " (distributed-optimizer layout)"
-    table = Table(title=f"MoE layer, {meta['gpu']}, EP=1, bf16{ddp} (median ms; x = vs megatron+grouped)")
-    for col in ("shape", "tokens", "mode", "variant", "ms", "TFLOP/s", "x grouped", "of floor"):
+    rounds = meta.get("rounds", 1)
+    table = Table(title=f"MoE layer, {meta['gpu']}, EP=1, bf16{ddp} (median ms of {rounds} interleaved "
+                        f"round{'s' if rounds != 1 else ''}; x = vs megatron+grouped)")
+    for col in ("shape", "tokens", "mode", "variant", "ms", "spread", "TFLOP/s", "x grouped", "of floor"):
         table.add_column(col, justify="right" if col not in ("shape", "mode", "variant") else "left")
     for r in records:
         variant = f"{r.variant} = {r.picks.removeprefix('comet-')}" if r.picks else r.variant
         table.add_row(
-            r.shape, str(r.tokens), r.mode, variant, f"{r.ms:.3f}", f"{r.tflops:.0f}",
+            r.shape, str(r.tokens), r.mode, variant, f"{r.ms:.3f}",
+            f"{100 * r.spread:.0f}%" if r.spread is not None else "-", f"{r.tflops:.0f}",
             f"{r.vs_grouped:.2f}" if r.vs_grouped else "-", f"{r.vs_floor:.2f}" if r.vs_floor else "-",
         )
     Console(width=140).print(table)
@@ -431,7 +466,12 @@ def main(argv=None) -> int:
     parser.add_argument("--distributed-optimizer", action="store_true",
                         help="with --ddp: lay the parameters out as Megatron's distributed optimizer does "
                              "(--use-distributed-optimizer: expert weights re-homed in descending order)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds: each times every variant and mode of a token count once; "
+                             "the figure is their median (the table's 'spread' column: (max - min) / median)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least 1")
     if args.distributed_optimizer and not args.ddp:
         parser.error("--distributed-optimizer needs --ddp (the layout is DDP's parameter buffer)")
 
@@ -452,18 +492,19 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": platform.node(),
         "command": "comet-megatron bench layer " + " ".join(argv if argv is not None else sys.argv[1:]),
         "ddp": bool(args.ddp), "distributed_optimizer": bool(args.distributed_optimizer),
+        "rounds": args.rounds,
     }
     meta["dense_bf16_tflops"] = dense_gemm_tflops()
     meta["copy_gbs"] = copy_bandwidth_gbs() if args.ddp else None
     records = []
     from rich.progress import Progress
 
-    total = len(shapes) * len(args.tokens) * len(args.variants) * len(args.modes)
+    total = len(shapes) * len(args.tokens) * len(args.variants) * len(args.modes) * args.rounds
     with Progress(transient=not sys.stdout.isatty()) as progress:
         task = progress.add_task("timing", total=total)
         for shape in shapes:
             records += bench_shape(shape, args.tokens, args.variants, args.modes, progress, task, ddp=args.ddp,
-                                   distributed_optimizer=args.distributed_optimizer)
+                                   distributed_optimizer=args.distributed_optimizer, rounds=args.rounds)
     add_auto(records)
     add_ratios(records, meta["dense_bf16_tflops"], shapes, meta["copy_gbs"])
     if args.timeline:
