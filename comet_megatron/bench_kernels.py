@@ -26,7 +26,10 @@ and the combine's communication programs; the cuBLAS baseline does rank 0's GEMM
 This measures the cost of the remote path on one GPU, not an overlap speedup (there is no link to
 hide). L1 then times rank 0's gemm_combine alone (its combine_reduce would wait for emulated peers).
 
-Median of CUDA-event timings of `--reps` calls after `--warmup` calls. Several kernel configurations
+Median of CUDA-event timings of `--reps` calls after `--warmup` calls, in `--rounds` interleaved rounds (each
+times the cuBLAS baselines and then every configuration once, with reps / rounds calls (rounded up); the figure is the
+median over rounds), so that a drift of the GPU's clocks during the run reaches ours and cuBLAS's alike.
+Several kernel configurations
 can be compared in one run (`--configs '[{"block_n": 256}, {"use_tma": false}]'`); the first is the
 tuning cache's choice (or the Hopper default) unless given.
 """
@@ -357,38 +360,55 @@ def compiled_stats() -> dict:
     return out
 
 
-def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, world: int = 1) -> list[dict]:
+def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, world: int = 1,
+        rounds: int = 1) -> list[dict]:
     import torch
 
-    from comet_megatron.bench import load_shape
+    from comet_megatron.bench import load_shape, median
     from comet_megatron.fused import GPU_UNTUNED_DEFAULT
     from comet_megatron.kernels import KernelConfig
 
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: at least one round")
+    per_round = -(-reps // rounds)  # reps split over the rounds, rounded up
     records = []
     for name in shapes:
         shape = load_shape(name)
         for tokens in tokens_list:
             kb = KernelBench(shape, tokens, world=world)
             flops = kb.flops()
-            base = kb.cublas(reps, warmup)
+            gpu_default = GPU_UNTUNED_DEFAULT if torch.cuda.is_available() else {}
+            knobs_of = [{**gpu_default, **_tuned(shape, tokens, world), **o} for o in configs]
+            bases: list[dict] = []
+            timings: list[list[dict]] = [[] for _ in configs]
+            seconds = [0.0] * len(configs)
+            failed: dict[int, str] = {}
             burn_in = True  # the first config is run once untimed (clocks, caches, lazy setup): no first-position bias
-            for overrides in configs:
-                gpu_default = GPU_UNTUNED_DEFAULT if torch.cuda.is_available() else {}
-                knobs = {**gpu_default, **_tuned(shape, tokens, world), **overrides}
-                cfg = KernelConfig(gated=shape.gated, **knobs)
-                t0 = time.time()
-                try:
-                    if burn_in:
-                        kb.fused(cfg, 2, 1, kernels_only=True)
-                        burn_in = False
-                    ours = kb.fused(cfg, reps, warmup)
-                except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory: report, go on
-                    rec = {"shape": shape.name, "tokens": tokens, "config": knobs,
-                           "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+            for _ in range(rounds):  # interleaved: baselines, then every config, once per round
+                bases.append(kb.cublas(per_round, warmup))
+                for i, knobs in enumerate(knobs_of):
+                    if i in failed:
+                        continue
+                    cfg = KernelConfig(gated=shape.gated, **knobs)
+                    t0 = time.time()
+                    try:
+                        if burn_in:
+                            kb.fused(cfg, 2, 1, kernels_only=True)
+                            burn_in = False
+                        timings[i].append(kb.fused(cfg, per_round, warmup))
+                    except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory: report, go on
+                        failed[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+                    seconds[i] += time.time() - t0
+            base = {k: median([b[k] for b in bases]) for k in bases[0]}
+            for i, knobs in enumerate(knobs_of):
+                if i in failed:
+                    rec = {"shape": shape.name, "tokens": tokens, "config": knobs, "error": failed[i]}
                     records.append(rec)
                     print(f"\n{shape.name} tokens={tokens} config={knobs}: FAILED {rec['error']}", flush=True)
                     continue
-                progs = ours.pop("_programs")
+                progs = timings[i][0]["_programs"]
+                per_kernel = {k: [t[k] for t in timings[i]] for k in timings[i][0] if k != "_programs"}
+                ours = {k: median(v) for k, v in per_kernel.items()}
                 # each kernel's floor: cuBLAS scaled by the SMs its own compute programs get
                 share = kb.sms / progs["compute"] if kb.sms else 1.0
                 share_l1 = kb.sms / progs["compute_combine"] if kb.sms else 1.0
@@ -399,7 +419,7 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                        "ranks": "emulated on one GPU" if world > 1 else "one", "rows_rank0": kb.rows,
                        "l1_includes_combine_reduce": world == 1, "config": knobs, "programs": progs,
                        "sms": kb.sms, "routing_ms": ours.pop("routing"), "kernels": {},
-                       "seconds": round(time.time() - t0, 1)}
+                       "rounds": rounds, "reps_per_round": per_round, "seconds": round(seconds[i], 1)}
                 for kname, ms in ours.items():
                     ref = base[kname]
                     fused_kernel = not kname.startswith("wgrad")
@@ -407,6 +427,7 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
                         "ms": ms, "cublas_ms": ref, "tflops": flops[kname] / ms / 1e9,
                         "cublas_tflops": flops[kname] / ref / 1e9, "vs_cublas": ref / ms,
                         "vs_sm_share": ref * share_of(kname) / ms if fused_kernel else None,
+                        "rounds_ms": per_kernel[kname], "cublas_rounds_ms": [b[kname] for b in bases],
                     }
                 for kname in ("L0 fwd", "L0 bwd"):  # GEMM + the unfused elementwise pass the kernel fuses
                     k = rec["kernels"][kname]
@@ -508,14 +529,17 @@ def main(argv=None) -> int:
                              "remote tiles go through the pull, its remote rows through the combine's "
                              "communication programs); default 1")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds (cuBLAS baselines, then every config, once per round; "
+                             "reps / rounds calls each, rounded up); the figures are medians over rounds")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args(argv)
     configs = parse_configs(args.configs)
     if args.world < 1:
         raise SystemExit(f"bench kernels: --world must be >= 1, got {args.world}")
-    if any(t < 1 for t in args.tokens) or args.reps < 1 or args.warmup < 0:
-        raise SystemExit("bench kernels: --tokens and --reps must be >= 1, --warmup >= 0")
+    if any(t < 1 for t in args.tokens) or args.reps < 1 or args.warmup < 0 or args.rounds < 1:
+        raise SystemExit("bench kernels: --tokens, --reps and --rounds must be >= 1, --warmup >= 0")
     from comet_megatron.bench import load_shape
 
     for name in args.shapes:  # unknown names fail here, naming the known configs
@@ -531,7 +555,7 @@ def main(argv=None) -> int:
         raise SystemExit("bench kernels: needs a CUDA GPU (the fused kernels are timed compiled); "
                          "TRITON_INTERPRET=1 runs a CPU smoke test whose timings mean nothing")
     records = run(args.shapes, args.tokens, configs, args.reps, args.warmup, progress=print_record,
-                  world=args.world)
+                  world=args.world, rounds=args.rounds)
     stats = compiled_stats()
     for name, st in stats.items():
         print(f"compiled {name}: {st}")

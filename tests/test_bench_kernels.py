@@ -28,12 +28,14 @@ TINY = '[{"block_m": 16, "block_n": 16, "block_k": 16, "num_comm_dispatch": 1, "
 
 @pytest.mark.parametrize("world", [1, 2])
 def test_bench_kernels_cpu_smoke(tmp_path, world):
+    rounds = 2 if world == 1 else 1  # interleaved rounds: 1 call per round at world 1, 2 calls in one at world 2
     (tmp_path / "tiny-moe.yaml").write_text(SHAPE)
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore",
            "COMET_COMMIT": "test"}
     proc = subprocess.run(
         [sys.executable, "-m", "comet_megatron.cli", "bench", "kernels", "--shapes", str(tmp_path / "tiny-moe.yaml"),
-         "--tokens", "24", "--world", str(world), "--reps", "1", "--warmup", "0", "--configs", TINY,
+         "--tokens", "24", "--world", str(world), "--reps", "2", "--rounds", str(rounds), "--warmup", "0",
+         "--configs", TINY,
          "--out", str(tmp_path / "out")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -44,8 +46,13 @@ def test_bench_kernels_cpu_smoke(tmp_path, world):
     for rec in records:
         assert rec["world"] == world and rec["rows_rank0"] > 0
         assert set(rec["kernels"]) == {"L0 fwd", "L1 fwd", "L0 bwd", "L1 bwd", "wgrad dW1", "wgrad dW2"}
+        assert rec["rounds"] == rounds and rec["reps_per_round"] == 2 // rounds
         for name, k in rec["kernels"].items():
             assert k["ms"] > 0 and k["cublas_ms"] > 0, (name, k)
+            # the figures are the medians of the rounds' figures (one per round)
+            assert len(k["rounds_ms"]) == len(k["cublas_rounds_ms"]) == rounds
+            assert k["ms"] == pytest.approx(sorted(k["rounds_ms"])[0] / 2 + sorted(k["rounds_ms"])[-1] / 2)
+            assert k["cublas_ms"] == pytest.approx(sum(k["cublas_rounds_ms"]) / rounds)
             assert (k["vs_sm_share"] is None) == name.startswith("wgrad")
             # world 1: the whole unfused pipeline (gather / activation / combine passes) as a second yardstick
             assert ("unfused_ms" in k) == (world == 1 and not name.startswith("wgrad")), (name, k)

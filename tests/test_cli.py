@@ -295,6 +295,7 @@ def test_pretrain_tiny_end_to_end_on_cpu(tmp_path):
     (["--configs", "{}"], "must be a JSON list of objects"),
     (["--configs", "[{\"block_q\": 64}]"], "unknown knob(s) ['block_q']"),
     (["--world", "0"], "--world must be >= 1"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
     (["--shapes", "no-such-model"], "no config 'no-such-model'"),
     (["--shapes", "qwen2-moe-a2.7b", "--world", "7"], "do not split over --world 7"),
 ])
