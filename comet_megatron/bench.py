@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import median
 
 import yaml
 
@@ -235,11 +236,6 @@ def time_interleaved(runs: dict, rounds: int, timer=None, advance=None) -> dict:
             if advance is not None:
                 advance()
     return out
-
-
-def median(values) -> float:
-    v = sorted(values)
-    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
 def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=None, ddp=False,

@@ -364,7 +364,9 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
         rounds: int = 1) -> list[dict]:
     import torch
 
-    from comet_megatron.bench import load_shape, median
+    from statistics import median
+
+    from comet_megatron.bench import load_shape
     from comet_megatron.fused import GPU_UNTUNED_DEFAULT
     from comet_megatron.kernels import KernelConfig
 
