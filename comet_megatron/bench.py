@@ -14,6 +14,12 @@ bf16 GEMM rate measured in the same run, and with --ddp for forward+backward the
 `main_grad` read + write of every expert weight at the copy bandwidth measured in the same run (traffic no
 implementation avoids under Megatron's DDP; it could overlap the GEMMs, hence the max).
 
+Modes: `fwd`, `fwd+bwd`, and with --ddp `fwd+bwd:first`: forward+backward as the first micro-batch of a
+training step runs it, DDP's `zero_grad_buffer()` (untimed) before every repetition, so the expert
+`main_grad`s are zero and flagged so (`fwd+bwd` is a later micro-batch: they already hold a gradient). Comet's
+experts then write the weight gradients instead of adding them (`experts.main_grads_zeroed`: half the
+`main_grad` traffic); Megatron's DDP hook adds either way. Its floor counts the fp32 write only.
+
 Timings: forward and forward+backward, median of CUDA-event timed repetitions after warm-up
 (`triton.testing.do_bench`), in `--rounds` interleaved rounds: each round times every (variant, mode) of a
 token count once, so that a drift of the machine (clocks, power, a host slowed by other work) reaches every
@@ -39,6 +45,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPES = ("mixtral-8x7b", "qwen2-moe-a2.7b", "phi-3.5-moe")
 VARIANTS = ("megatron", "megatron+grouped", "comet-reference", "comet-fused", "experts-only")
+FIRST = "fwd+bwd:first"  # forward+backward of a step's first micro-batch (gradients zeroed before, untimed)
+MODES = ("fwd", "fwd+bwd", FIRST)
 
 
 @dataclass
@@ -50,7 +58,10 @@ class Shape:
     topk: int
     gated: bool = True
 
-    def flops(self, tokens: int, backward: bool) -> float:
+    def flops(self, tokens: int, backward: bool | str) -> float:
+        """FLOPs of the expert GEMMs; `backward`: a mode name (fwd, fwd+bwd, fwd+bwd:first) or a bool."""
+        if isinstance(backward, str):
+            backward = backward != "fwd"
         f1 = 2 * self.ffn if self.gated else self.ffn
         fwd = 2.0 * tokens * self.topk * self.hidden * (f1 + self.ffn)
         return fwd * (3.0 if backward else 1.0)
@@ -80,7 +91,7 @@ class Record:
     shape: str
     tokens: int
     variant: str
-    mode: str  # fwd | fwd+bwd
+    mode: str  # fwd | fwd+bwd | fwd+bwd:first
     ms: float
     tflops: float
     vs_grouped: float | None = None  # time of megatron+grouped / this time (>1: faster)
@@ -195,7 +206,46 @@ def unwrap(layer):
 def _time(fn, warmup_ms=100, rep_ms=400) -> float:
     import triton.testing
 
+    setup = getattr(fn, "setup", None)
+    if setup is not None:
+        return _time_with_setup(fn, setup, warmup_ms, rep_ms)
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def _time_with_setup(fn, setup, warmup_ms=100, rep_ms=400) -> float:
+    """Median ms of `fn` with `setup()` run untimed before every call: `triton.testing.do_bench`'s method
+    (estimate, warm-up, L2 flushed before each timed call, one pair of CUDA events per call) plus the setup."""
+    import torch
+
+    cache = torch.empty(256 * 1024 * 1024 // 4, dtype=torch.int, device="cuda")
+    setup()
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    est = []
+    for _ in range(5):
+        setup()
+        cache.zero_()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        est.append(start.elapsed_time(end))
+    per_call = max(median(est), 1e-3)
+    for _ in range(max(1, int(warmup_ms / per_call))):
+        setup()
+        fn()
+    n = max(1, int(rep_ms / per_call))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        setup()
+        cache.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return float(median(s.elapsed_time(e) for s, e in zip(starts, ends)))
 
 
 def dense_gemm_tflops() -> float:
@@ -251,7 +301,7 @@ def bench_shape(shape: Shape, tokens_list, variants, modes, progress=None, task=
         advance = (lambda: progress.advance(task)) if progress is not None else None
         for (v, mode), times in time_interleaved(runs, rounds, advance=advance).items():
             ms = median(times)
-            tf = shape.flops(tokens, mode == "fwd+bwd") / (ms * 1e-3) / 1e12
+            tf = shape.flops(tokens, mode) / (ms * 1e-3) / 1e12
             records.append(Record(shape.name, tokens, v, mode, ms, tf, rounds_ms=times,
                                   spread=(max(times) - min(times)) / ms))
         del runs
@@ -278,6 +328,15 @@ def _variant_run(v, layers, x, dy, mode):
         def run():
             y, _ = layer(xg)
             y.backward(dy)
+    return _with_zeroed_grads(run, layer, mode)
+
+
+def _with_zeroed_grads(run, wrapper, mode):
+    """`run`, which in mode FIRST the timer calls after `wrapper.zero_grad_buffer()` (untimed: `run.setup`)."""
+    if mode == FIRST:
+        if not hasattr(wrapper, "zero_grad_buffer"):
+            raise ValueError(f"mode {FIRST} needs the layers under Megatron's DDP (--ddp)")
+        run.setup = wrapper.zero_grad_buffer
     return run
 
 
@@ -306,11 +365,14 @@ def _experts_run(layers, x, dy, mode):
     """The grouped expert GEMMs alone on this batch's routing (T_compute)."""
     import torch
 
-    layer = unwrap(next(l for k, l in layers.items() if k != "megatron"))
+    wrapper = next(l for k, l in layers.items() if k != "megatron")
+    layer = unwrap(wrapper)
     with torch.no_grad():
         probs, routing_map = layer.router(x)
     counts = routing_map.sum(0).tolist()
-    return experts_step(layer.experts, counts, x.shape[-1], x.device, x.dtype, mode)
+    run = experts_step(layer.experts, counts, x.shape[-1], x.device, x.dtype,
+                       "fwd" if mode == "fwd" else "fwd+bwd")
+    return _with_zeroed_grads(run, wrapper, mode)
 
 
 AUTO = "comet (auto)"
@@ -337,10 +399,12 @@ def add_auto(records):
 
 def floor_ms(shape: Shape, tokens: int, mode: str, floor_tflops: float, copy_gbs: float | None) -> float:
     """The layer's floor (module docstring): GEMM FLOPs at the dense rate; with `copy_gbs` (under DDP) for
-    forward+backward at least the main_grad traffic at that bandwidth."""
-    ms = shape.flops(tokens, mode == "fwd+bwd") / (floor_tflops * 1e12) * 1e3
-    if copy_gbs and mode == "fwd+bwd":
-        ms = max(ms, shape.main_grad_bytes() / (copy_gbs * 1e9) * 1e3)
+    forward+backward at least the main_grad traffic at that bandwidth (FIRST: its write alone)."""
+    ms = shape.flops(tokens, mode) / (floor_tflops * 1e12) * 1e3
+    if copy_gbs and mode != "fwd":
+        # a later micro-batch reads and writes main_grad; the first may only write it (it was zero)
+        traffic = shape.main_grad_bytes() / (2 if mode == FIRST else 1)
+        ms = max(ms, traffic / (copy_gbs * 1e9) * 1e3)
     return ms
 
 
@@ -450,7 +514,9 @@ def main(argv=None) -> int:
                         help="config names in configs/ (or YAML paths) whose MoE shape to time")
     parser.add_argument("--tokens", nargs="+", type=int, default=[2048, 4096, 8192, 16384])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=MODES,
+                        help=f"fwd, fwd+bwd (a later micro-batch), {FIRST} (with --ddp: a step's first "
+                             "micro-batch, gradients zeroed before each repetition, untimed)")
     parser.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     parser.add_argument("--timeline", action="store_true",
                         help="also trace one fused forward (first shape, first token count) and "
@@ -470,6 +536,8 @@ def main(argv=None) -> int:
         parser.error(f"--rounds {args.rounds}: at least 1")
     if args.distributed_optimizer and not args.ddp:
         parser.error("--distributed-optimizer needs --ddp (the layout is DDP's parameter buffer)")
+    if FIRST in args.modes and not args.ddp:
+        parser.error(f"--modes {FIRST} needs --ddp (the gradients it zeroes are DDP's main_grad buffers)")
 
     import torch
 

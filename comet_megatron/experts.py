@@ -220,24 +220,45 @@ def _triton_wgrad_ok(x: torch.Tensor, mains) -> bool:
     return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and flat_mains(mains) is not None
 
 
-def accumulate_wgrad_gemms(mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int]) -> None:
+def accumulate_wgrad_gemms(mains, a: torch.Tensor, b: torch.Tensor, offsets: Sequence[int],
+                           overwrite: bool = False) -> None:
     """main_grad[e] += a[rows_e]^T @ b[rows_e] for every expert (rows_e = offsets[e]:offsets[e + 1]),
-    accumulated by the GEMM itself (cuBLAS, beta = 1; fp32 main_grad from bf16 operands)."""
+    accumulated by the GEMM itself (cuBLAS, beta = 1; fp32 main_grad from bf16 operands). `overwrite`:
+    main_grad[e] = the product (beta = 0: the GEMM does not read main_grad)."""
+    beta = 0 if overwrite else 1
     for e, main in enumerate(mains):
         ae, be = a[offsets[e]:offsets[e + 1]], b[offsets[e]:offsets[e + 1]]
         if main.dtype == ae.dtype:
-            main.addmm_(ae.t(), be)
+            main.addmm_(ae.t(), be, beta=beta)
         else:
-            torch.addmm(main, ae.t(), be, out_dtype=main.dtype, out=main)
+            torch.addmm(main, ae.t(), be, beta=beta, out_dtype=main.dtype, out=main)
 
 
-def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, device_offsets: torch.Tensor) -> None:
+def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, device_offsets: torch.Tensor,
+                            overwrite: bool = False) -> None:
     """The same sums as `accumulate_wgrad_gemms`, by one launch of `kernels.wgrad.grouped_wgrad_accumulate`
     (`device_offsets`: the [El + 1] row offsets on the GPU)."""
     from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate, wgrad_accumulate_tiles
 
     base, out_offsets = flat_mains(mains)
-    grouped_wgrad_accumulate(a, b, device_offsets, base, out_offsets, **wgrad_accumulate_tiles(a))
+    grouped_wgrad_accumulate(a, b, device_offsets, base, out_offsets, overwrite=overwrite,
+                             **wgrad_accumulate_tiles(a))
+
+
+def main_grads_zeroed(params) -> bool:
+    """Whether the `main_grad`s of `params` may be written instead of added to: every one of them is a
+    parameter of Megatron's DDP whose `grad_added_to_main_grad` is False, i.e. DDP's `zero_grad_buffer()` (which
+    zeroes the grad buffer and clears that flag, once per training step) ran and no gradient went into it since:
+    the first micro-batch of a step. Every route by which the comet experts put a gradient into `main_grad`
+    sets the flag (as Megatron's linear layers do with gradient-accumulation fusion), so later micro-batches,
+    and a second use of the same weights in one micro-batch, add. Writing skips the read of the fp32 buffer:
+    half the `main_grad` traffic of that backward. Never while a CUDA graph is being captured (a replay would
+    write again whatever the flag says then); `COMET_MAIN_GRAD_OVERWRITE=0` turns it off (A/B measurements)."""
+    if os.environ.get("COMET_MAIN_GRAD_OVERWRITE", "1") == "0" or not params:
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    return all(getattr(p, "grad_added_to_main_grad", None) is False for p in params)
 
 
 def fused_wgrad_mains(params, a: torch.Tensor, rows: int):
@@ -253,15 +274,17 @@ def fused_wgrad_mains(params, a: torch.Tensor, rows: int):
 
 def accumulate_into_mains(params, plan, a: torch.Tensor, b: torch.Tensor, offsets: Callable[[], Sequence[int]],
                           device_offsets: torch.Tensor) -> None:
-    """dW[e] = a[rows_e]^T @ b[rows_e] added into the `main_grad`s of `plan` (from `fused_wgrad_mains`); marked
-    `grad_added_to_main_grad` (DDP's hooks then drop the placeholder gradients autograd gives them).
+    """dW[e] = a[rows_e]^T @ b[rows_e] added into the `main_grad`s of `plan` (from `fused_wgrad_mains`), or
+    written there when DDP has just zeroed them (`main_grads_zeroed`); marked `grad_added_to_main_grad` (DDP's
+    hooks then drop the placeholder gradients autograd gives them).
     `offsets()` gives the host row offsets (rows_e = offsets[e]:offsets[e + 1]); only the per-expert GEMMs ask
     for them, the Triton kernel reads `device_offsets` on the GPU."""
     how, mains = plan
+    overwrite = main_grads_zeroed(params)
     if how == "gemm":
-        accumulate_wgrad_gemms(mains, a, b, offsets())
+        accumulate_wgrad_gemms(mains, a, b, offsets(), overwrite)
     else:
-        accumulate_wgrad_triton(mains, a, b, device_offsets)
+        accumulate_wgrad_triton(mains, a, b, device_offsets, overwrite)
     for p in params:
         p.grad_added_to_main_grad = True
 
@@ -359,20 +382,21 @@ class _ReferenceWgrads:
 
 
 def _accumulate_wgrad(param: torch.nn.Parameter, grad: torch.Tensor, ddp_hooks: bool,
-                      added: bool = False) -> None:
+                      added: bool = False, overwrite: bool = False) -> None:
     """Add a delayed weight gradient where Megatron keeps it (`added`: already in `main_grad`).
 
     Megatron DDP (the parameter has `main_grad`): into `main_grad`, marked with
     `grad_added_to_main_grad` as Megatron's own linear layers do with gradient-accumulation fusion,
     so DDP's grad-ready hook does not add it a second time; when such hooks are registered, a
     placeholder `param.grad` (which the hook drops) satisfies their `param.grad is not None` check
-    under --overlap-grad-reduce. Otherwise: into `param.grad`, as autograd would."""
+    under --overlap-grad-reduce (`overwrite`: written, DDP having just zeroed it, `main_grads_zeroed`).
+    Otherwise: into `param.grad`, as autograd would."""
     if not param.requires_grad:
         return
     main_grad = getattr(param, "main_grad", None)
     if main_grad is not None:
         if not added:
-            main_grad.add_(grad)
+            (main_grad.copy_ if overwrite else main_grad.add_)(grad)
         if hasattr(param, "grad_added_to_main_grad"):
             param.grad_added_to_main_grad = True
             if ddp_hooks and param.grad is None:
@@ -383,13 +407,13 @@ def _accumulate_wgrad(param: torch.nn.Parameter, grad: torch.Tensor, ddp_hooks: 
         param.grad.add_(grad)
 
 
-def _add_delayed_into_main_grads(params, grad: torch.Tensor) -> bool:
+def _add_delayed_into_main_grads(params, grad: torch.Tensor, overwrite: bool = False) -> bool:
     """A delayed stacked weight gradient into every parameter's `main_grad` at once (one Triton launch, else
     torch's foreach add) when all of them are trainable and have one; True when done."""
     mains = [getattr(p, "main_grad", None) for p in params]
     if any(m is None or m.shape != p.shape or not p.requires_grad for m, p in zip(mains, params)):
         return False
-    _add_into(mains, grad)
+    _add_into(mains, grad, overwrite)
     return True
 
 
@@ -514,16 +538,17 @@ def hand_to_main_grads(params, grad: torch.Tensor) -> bool:
     mains = _main_grads(params)
     if mains is None:
         return False
-    _add_into(mains, grad)
+    _add_into(mains, grad, main_grads_zeroed(params))
     for p in params:
         p.grad_added_to_main_grad = True
     return True
 
 
-def _add_into(mains, grad: torch.Tensor) -> None:
-    """mains[g] += grad[g]: one Triton launch where it can run, else torch's foreach add."""
-    if not _accumulate_in_one_launch(mains, grad):
-        torch._foreach_add_(mains, list(grad.unbind(0)))
+def _add_into(mains, grad: torch.Tensor, overwrite: bool = False) -> None:
+    """mains[g] += grad[g] (`overwrite`: = grad[g]): one Triton launch where it can run, else torch's foreach
+    add (copy)."""
+    if not _accumulate_in_one_launch(mains, grad, overwrite):
+        (torch._foreach_copy_ if overwrite else torch._foreach_add_)(mains, list(grad.unbind(0)))
 
 
 _FLAT: dict = {}  # (device, dtype, numel, data pointers) -> (flat base, int64 element offsets) or None
@@ -552,7 +577,7 @@ def flat_mains(mains):
     return hit
 
 
-def _accumulate_in_one_launch(mains, grad: torch.Tensor) -> bool:
+def _accumulate_in_one_launch(mains, grad: torch.Tensor, overwrite: bool = False) -> bool:
     """`kernels.accumulate` when the main_grads share one storage (Megatron's grad buffer) and Triton can
     run here (CUDA, or the interpreter); False otherwise (the caller falls back to torch's foreach add)."""
     from comet_megatron.kernels import accumulate
@@ -562,7 +587,7 @@ def _accumulate_in_one_launch(mains, grad: torch.Tensor) -> bool:
     flat = flat_mains(mains)
     if flat is None or mains[0].numel() * len(mains) != grad.numel():
         return False
-    accumulate.accumulate_into(flat[0], flat[1], grad)
+    accumulate.accumulate_into(flat[0], flat[1], grad, overwrite)
     return True
 
 
@@ -790,9 +815,10 @@ class CometGroupedMLP(SequentialMLP):
             dw1, dw2 = self._pending_wgrads.popleft()()
             for linear, dw in (("linear_fc2", dw2), ("linear_fc1", dw1)):
                 params = [getattr(expert, linear).weight for expert in self.local_experts]
-                added = _add_delayed_into_main_grads(params, dw)
+                zeroed = main_grads_zeroed(params)  # before any of them is marked
+                added = _add_delayed_into_main_grads(params, dw, zeroed)
                 for param, grad in zip(params, dw.unbind(0)):
-                    _accumulate_wgrad(param, grad, hooks, added)
+                    _accumulate_wgrad(param, grad, hooks, added, zeroed)
         if not hooks and not self._warned_no_ddp_hooks and any(
             hasattr(p, "grad_added_to_main_grad") for p in self._expert_weights()
         ):

@@ -12,7 +12,8 @@ slices of one storage, in any order) in one launch for all experts: each program
 its tile of `main_grad` and writes it back once, so no bf16 gradient is written and read back (as the grouped
 GEMM + add does). With few rows per expert the kernel is bound by that read + write of fp32 `main_grad`;
 small tiles keep several programs per SM in flight to overlap them. Row offsets come from device memory: no
-host synchronisation.
+host synchronisation. `overwrite=True` writes the products instead of adding them (no read of `main_grad`:
+half the traffic) for the first micro-batch of a step, whose `main_grad`s Megatron's DDP has just zeroed.
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
                              a_desc, b_desc,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                              USE_DESC: tl.constexpr, PREFETCH_C: tl.constexpr, NUM_STAGES: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr):
-    """C_j[m, n] += sum over rows r of expert j of a[r, m] * b[r, n]; C_j at c_ptr + c_offsets[j], [M, N]
-    row-major, fp32. Grid (tiles of [M, N], experts)."""
+                             DOT_PRECISION: tl.constexpr, OVERWRITE: tl.constexpr):
+    """C_j[m, n] += sum over rows r of expert j of a[r, m] * b[r, n] (OVERWRITE: C_j = the sum, C never read);
+    C_j at c_ptr + c_offsets[j], [M, N] row-major, fp32. Grid (tiles of [M, N], experts)."""
     j = tl.program_id(1)
     # grouped tile order: GROUP_M row blocks sweep the column blocks together (L2 reuse of b's columns)
     tiles_m = tl.cdiv(m_dim, BM)
@@ -117,7 +118,9 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
     cmask = mmask[:, None] & nmask[None, :]
     start = tl.load(row_offsets_ptr + j)
     end = tl.load(row_offsets_ptr + j + 1)
-    if PREFETCH_C:  # issued now, consumed after the K loop: the read overlaps the loop
+    if OVERWRITE:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    elif PREFETCH_C:  # issued now, consumed after the K loop: the read overlaps the loop
         c_old = tl.load(c_ptrs, mask=cmask, other=0.0)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     else:
@@ -143,7 +146,7 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
         b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
                         other=0.0)
         acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
-    if PREFETCH_C:
+    if PREFETCH_C and not OVERWRITE:
         acc += c_old
     tl.store(c_ptrs, acc, mask=cmask)
 
@@ -165,8 +168,10 @@ def wgrad_accumulate_tiles(a: torch.Tensor) -> dict:
 def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
                              out_offsets: torch.Tensor, *, block_m: int = 64, block_n: int = 64,
                              block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 2,
-                             prefetch_c: bool = True, use_tma_loads: bool | None = None) -> None:
-    """out_e += a[rows_e]^T @ b[rows_e] for every expert e, accumulated in fp32.
+                             prefetch_c: bool = True, use_tma_loads: bool | None = None,
+                             overwrite: bool = False) -> None:
+    """out_e += a[rows_e]^T @ b[rows_e] for every expert e, accumulated in fp32; with `overwrite`,
+    out_e = a[rows_e]^T @ b[rows_e] (the outputs are written, never read: an expert without rows gets zeros).
 
     a: [R, M], b: [R, N] (rows in expert order, unit column stride); row_offsets: [El + 1] int32/int64 device
     tensor (rows_e = row_offsets[e]:row_offsets[e + 1]); out_base: flat fp32 tensor over the outputs' storage,
@@ -180,7 +185,12 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
                          f"{row_offsets.numel()} row offsets for {experts} experts")
     if out_base.dtype != torch.float32 or out_offsets.dtype != torch.int64:
         raise ValueError("grouped_wgrad_accumulate: fp32 outputs, int64 element offsets")
-    if experts == 0 or rows == 0 or m_dim == 0 or n_dim == 0:
+    if experts == 0 or m_dim == 0 or n_dim == 0:
+        return
+    if rows == 0:  # Triton needs real operands; every product is zero
+        if overwrite:
+            for off in out_offsets.tolist():
+                out_base[off:off + m_dim * n_dim].zero_()
         return
     if a.stride(1) != 1:
         a = a.contiguous()
@@ -197,5 +207,5 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
     launch(_wgrad_accumulate_kernel, grid, a, a.stride(0), b, b.stride(0), out_base, out_offsets, row_offsets,
            m_dim, n_dim, a_desc if desc else a, b_desc if desc else b,
            BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, USE_DESC=desc, PREFETCH_C=prefetch_c,
-           NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype), num_warps=num_warps,
-           num_stages=num_stages)
+           NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype), OVERWRITE=bool(overwrite),
+           num_warps=num_warps, num_stages=num_stages)

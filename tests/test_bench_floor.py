@@ -40,3 +40,46 @@ def test_distributed_optimizer_flag_needs_ddp(capsys):
         main(["--distributed-optimizer", "--shapes", "mixtral-8x7b"])
     assert exit_info.value.code == 2
     assert "--distributed-optimizer needs --ddp" in capsys.readouterr().err
+
+
+def test_first_microbatch_floor_counts_the_main_grad_write_only():
+    # a step's first micro-batch finds main_grad zeroed: the least traffic is writing it (4 of the 8 bytes)
+    s = Shape("s", hidden=4, ffn=3, experts=2, topk=2, gated=True)
+    assert s.flops(10, "fwd+bwd:first") == s.flops(10, "fwd+bwd") == 4320 and s.flops(10, "fwd") == 1440
+    assert floor_ms(s, 10, "fwd+bwd:first", 1e-9, 1e-9) == pytest.approx(288e3)
+    assert floor_ms(s, 10, "fwd+bwd:first", 1e-9, 1.0) == pytest.approx(4320.0)
+
+
+def test_first_microbatch_mode_needs_ddp(capsys):
+    from comet_megatron.bench import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--modes", "fwd+bwd:first", "--shapes", "mixtral-8x7b"])
+    assert exit_info.value.code == 2
+    assert "fwd+bwd:first needs --ddp" in capsys.readouterr().err
+
+
+def test_first_microbatch_runs_zero_the_grad_buffer_untimed():
+    """The closure timed in mode fwd+bwd:first carries DDP's zero_grad_buffer as its untimed setup; other modes
+    carry none; a layer outside DDP is refused naming the fix."""
+    from comet_megatron.bench import _with_zeroed_grads
+
+    class FakeDDP:
+        zeroed = 0
+
+        def zero_grad_buffer(self):
+            self.zeroed += 1
+
+    wrapper = FakeDDP()
+
+    def run():
+        pass
+
+    assert _with_zeroed_grads(run, wrapper, "fwd+bwd:first").setup == wrapper.zero_grad_buffer
+
+    def later():
+        pass
+
+    assert not hasattr(_with_zeroed_grads(later, wrapper, "fwd+bwd"), "setup")
+    with pytest.raises(ValueError, match="--ddp"):
+        _with_zeroed_grads(lambda: None, object(), "fwd+bwd:first")

@@ -301,7 +301,9 @@ def test_fused_path_delayed_wgrad_matches_megatron():
 def _ddp_body(rank):
     """Megatron's DistributedDataParallel on CPU: two iterations of two micro-batches (the first under
     no_sync) for Megatron's layer, the comet layer with the delay off, and with it on, with
-    --overlap-grad-reduce; plus the delay on behind a DDP that was not told about it (no overlap)."""
+    --overlap-grad-reduce; plus the delay on behind a DDP that was not told about it (no overlap). The comet
+    layers' expert `main_grad`s are poisoned with NaN after each `zero_grad_buffer()`: the first micro-batch must
+    write them (`experts.main_grads_zeroed`), the second add."""
     import contextlib
     import logging
 
@@ -340,6 +342,9 @@ def _ddp_body(rank):
         per_iter = []
         for it in range(2):
             model.zero_grad_buffer()
+            if tag != "ref":  # the comet layer writes the just-zeroed main_grads in micro-batch 0: never reads them
+                for p in layer.experts.parameters():
+                    p.main_grad.fill_(float("nan"))
             for mb in range(2):
                 x, dy = _inputs(8, 2, layer.config.hidden_size, 100 * it + 10 * mb + rank, torch.float32)
                 with model.no_sync() if mb == 0 else contextlib.nullcontext():

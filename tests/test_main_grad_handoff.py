@@ -11,6 +11,13 @@ must step aside, else DDP would add the gradient twice), and with the per-expert
 `main_grad` themselves (`COMET_WGRAD_ACCUMULATION=gemm`, forced here: on a GPU they are chosen for few large
 experts), and with the one-launch Triton kernel that does the same for all experts (`triton`, the GPU's choice
 otherwise; interpreter). Reference path and fused path (interpreter).
+
+The first micro-batch of each iteration finds the `main_grad`s just zeroed by `zero_grad_buffer()` (flag
+`grad_added_to_main_grad` cleared): the comet routes then WRITE the gradient instead of adding it
+(`experts.main_grads_zeroed`). To show that nothing reads the buffer then, the comet experts' `main_grad`s are
+poisoned with NaN right after `zero_grad_buffer()` wherever a comet route writes them (an add would keep the
+NaN); the second micro-batch must add (else the first one's gradient would be lost, which the comparison with
+Megatron sees). `overwrite_off` (`COMET_MAIN_GRAD_OVERWRITE=0`) adds in both, on an unpoisoned buffer.
 """
 
 from __future__ import annotations
@@ -80,6 +87,9 @@ def _body(rank, fused):
                 p.zero_out_wgrad = True
         os.environ["COMET_MAIN_GRAD_HANDOFF"] = "0" if tag == "switched_off" else "1"
         os.environ["COMET_WGRAD_ACCUMULATION"] = tag if tag in ("gemm", "triton") else "add"
+        os.environ["COMET_MAIN_GRAD_OVERWRITE"] = "0" if tag == "overwrite_off" else "1"
+        # routes that write main_grad in the first micro-batch (DDP's hook adds in switched_off / zero_out)
+        poison = tag in ("handoff", "gemm", "triton")
         before = dict(calls)
         per_iter = []
         # the memory behind the placeholder gradients DDP's hooks receive (they are never read): at most one
@@ -92,6 +102,9 @@ def _body(rank, fused):
                     (g.untyped_storage().nbytes(), p.numel() * p.element_size()))))
         for it in range(2):
             model.zero_grad_buffer()
+            if poison:
+                for p in layer.experts.parameters():
+                    p.main_grad.fill_(float("nan"))
             for mb in range(2):
                 gen = torch.Generator().manual_seed(1000 * it + 10 * mb + rank)
                 x = make_input(6, 2, layer.config.hidden_size, 100 * it + mb + 31 * rank)
@@ -108,14 +121,15 @@ def _body(rank, fused):
         return per_iter, {k: calls[k] - before[k] for k in calls}, left, (len(seen), oversized)
 
     out = {"ref": run(ref, "ref")}
-    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton"):
+    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton", "overwrite_off"):
         layer = spec.submodules.mlp(config=make_config("comet", **overrides))
         layer.load_state_dict(state, strict=True)
         out[tag] = run(layer, tag)
     os.environ.pop("COMET_MAIN_GRAD_HANDOFF", None)
     os.environ.pop("COMET_WGRAD_ACCUMULATION", None)
+    os.environ.pop("COMET_MAIN_GRAD_OVERWRITE", None)
     errs = {}
-    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton"):
+    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton", "overwrite_off"):
         for it in range(2):
             for n, g in out["ref"][0][it].items():
                 errs[f"{tag}:{it}:{n}"] = rel_err(out[tag][0][it][n], g)
@@ -149,6 +163,7 @@ def _check(results, transport, one_launch):
         want = {**none, "triton": 8} if one_launch else {**none, "handed": 8}
         assert res["calls"]["triton"] == want, res["calls"]
         assert res["calls"]["switched_off"]["handed"] == 0, res["calls"]
+        assert res["calls"]["overwrite_off"] == res["calls"]["handoff"], res["calls"]
         # DDP's hooks dropped every placeholder gradient
         assert all(not names for names in res["grad_left"].values()), res["grad_left"]
         # ... each backed by at most one expert's memory (2 iterations x 2 micro-batches x 2 experts x 2 linears)

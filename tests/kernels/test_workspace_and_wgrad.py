@@ -53,11 +53,13 @@ def test_grouped_wgrad_matches_per_expert_products(backend, gen):
 
 
 # ----------------------------------------------------------------------------- accumulate_into
+@pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("dst_dtype,src_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float32),
                                                  (torch.bfloat16, torch.bfloat16)])
-def test_accumulate_into_scattered_destinations(dst_dtype, src_dtype, gen):
+def test_accumulate_into_scattered_destinations(dst_dtype, src_dtype, overwrite, gen):
     """G destinations in one storage, in reversed order with gaps (as Megatron's grad buffer lays out the
-    experts' main_grads among other parameters); a size that is not a multiple of the block."""
+    experts' main_grads among other parameters); a size that is not a multiple of the block. `overwrite`: the
+    destinations hold NaN before, which must not be read."""
     from comet_megatron.kernels import accumulate
 
     groups, shape = 5, (37, 131)  # 4847 elements: one full block and a partial one
@@ -67,15 +69,15 @@ def test_accumulate_into_scattered_destinations(dst_dtype, src_dtype, gen):
     dsts = [buffer[gap + (groups - 1 - g) * (n + gap):][:n].view(shape) for g in range(groups)]
     before = [torch.randn(shape, generator=gen).to(dst_dtype) for _ in range(groups)]
     for d, b in zip(dsts, before):
-        d.copy_(b)
+        d.copy_(torch.full_like(b, float("nan")) if overwrite else b)
     src = torch.randn((groups, *shape), generator=gen).to(src_dtype)
     base = accumulate.flat_base(dsts)
     assert base is not None and base.numel() == buffer.numel()
     offsets = torch.tensor(accumulate.element_offsets(base, dsts), dtype=torch.int64)
-    accumulate.accumulate_into(base, offsets, src)
+    accumulate.accumulate_into(base, offsets, src, overwrite=overwrite)
     tol = 1e-6 if dst_dtype == torch.float32 else 1e-2
     for g in range(groups):
-        want = before[g].double() + src[g].double()
+        want = src[g].double() if overwrite else before[g].double() + src[g].double()
         assert torch.allclose(dsts[g].double(), want, rtol=tol, atol=tol), g
     touched = torch.zeros(buffer.numel(), dtype=torch.bool)
     for o in offsets.tolist():
@@ -100,12 +102,15 @@ def test_flat_base_refuses_what_it_cannot_address():
 # ----------------------------------------------------------------------------- grouped_wgrad_accumulate
 # 16-bit operands as fp16 here: Triton 3.8's interpreter multiplies bf16 tiles wrongly (their raw bits); the
 # compiled bf16 kernel: tests/kernels/gpu
-@pytest.mark.parametrize("prefetch_c,use_desc", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("prefetch_c,use_desc,overwrite", [(True, False, False), (False, False, False),
+                                                         (True, True, False), (False, False, True),
+                                                         (True, True, True)])
 @pytest.mark.parametrize("operand_dtype", [torch.float32, torch.float16])
-def test_grouped_wgrad_accumulate_into_scattered_main_grads(prefetch_c, use_desc, operand_dtype, gen):
+def test_grouped_wgrad_accumulate_into_scattered_main_grads(prefetch_c, use_desc, overwrite, operand_dtype, gen):
     """out_e += a_e^T b_e into fp32 slices of one buffer (reversed order, NaN gaps), against float64 products:
     experts with no rows, fewer rows than a K block, whole blocks plus a tail, exactly whole blocks; M and N
-    not multiples of the tile; a row stride wider than the row (a column slice of a bigger tensor)."""
+    not multiples of the tile; a row stride wider than the row (a column slice of a bigger tensor).
+    `overwrite`: out_e = a_e^T b_e over main_grads holding NaN (never read; the expert without rows gets zeros)."""
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate
 
@@ -121,16 +126,19 @@ def test_grouped_wgrad_accumulate_into_scattered_main_grads(prefetch_c, use_desc
     mains = [buffer[gap + (experts - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(experts)]
     before = [torch.randn(m_dim, n_dim, generator=gen) for _ in range(experts)]
     for m, v in zip(mains, before):
-        m.copy_(v)
+        m.copy_(torch.full_like(v, float("nan")) if overwrite else v)
     base = accumulate.flat_base(mains)
     out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64)
     row_offsets = torch.tensor([0] + torch.cumsum(torch.tensor(rows_per_expert), 0).tolist(), dtype=torch.int32)
     grouped_wgrad_accumulate(a, b, row_offsets, base, out_offsets, block_m=16, block_n=16, block_k=16,
-                             group_m=2, num_warps=1, num_stages=1, prefetch_c=prefetch_c, use_tma_loads=use_desc)
+                             group_m=2, num_warps=1, num_stages=1, prefetch_c=prefetch_c, use_tma_loads=use_desc,
+                             overwrite=overwrite)
     tol = 1e-5 if operand_dtype == torch.float32 else 1e-3
     for e in range(experts):
         s, t = row_offsets[e].item(), row_offsets[e + 1].item()
-        want = before[e].double() + a[s:t].double().t() @ b[s:t].double()
+        want = a[s:t].double().t() @ b[s:t].double()
+        if not overwrite:
+            want = before[e].double() + want
         torch.testing.assert_close(mains[e].double(), want, rtol=tol, atol=tol, msg=f"expert {e}")
     touched = torch.zeros(buffer.numel(), dtype=torch.bool)
     for o in out_offsets.tolist():
@@ -147,3 +155,21 @@ def test_grouped_wgrad_accumulate_refuses_mismatched_inputs():
         grouped_wgrad_accumulate(a, b, torch.tensor([0, 6], dtype=torch.int32), base, offs)
     with pytest.raises(ValueError, match="fp32"):
         grouped_wgrad_accumulate(a, b, torch.tensor([0, 3, 6]), base.bfloat16(), offs)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_grouped_wgrad_accumulate_without_rows(overwrite):
+    """No rows at all (no token routed to this rank's experts): adding leaves the main_grads as they were,
+    writing sets them to the (zero) products; the rest of the buffer is untouched either way."""
+    from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate
+
+    a, b = torch.zeros(0, 4), torch.zeros(0, 3)
+    buffer = torch.full((40,), float("nan"))
+    buffer[2:14] = 5.0
+    buffer[20:32] = 7.0
+    grouped_wgrad_accumulate(a, b, torch.zeros(3, dtype=torch.int32), buffer, torch.tensor([20, 2]),
+                             overwrite=overwrite)
+    want = torch.full((40,), float("nan"))
+    want[2:14] = 0.0 if overwrite else 5.0
+    want[20:32] = 0.0 if overwrite else 7.0
+    torch.testing.assert_close(buffer, want, equal_nan=True)

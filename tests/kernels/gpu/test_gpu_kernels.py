@@ -194,14 +194,22 @@ def test_accumulate_into_compiled():
     for g in range(groups):
         assert torch.allclose(dsts[g].double(), before[g] + src[g].double(), rtol=1e-6, atol=1e-6), g
     assert int(torch.isnan(buffer).sum()) == gap * (groups + 1)  # the gaps were not written
+    for d in dsts:  # overwrite: destinations holding NaN are written, never read
+        d.fill_(float("nan"))
+    accumulate.accumulate_into(base, offsets, src, overwrite=True)
+    for g in range(groups):
+        assert torch.equal(dsts[g], src[g].float()), g
+    assert int(torch.isnan(buffer).sum()) == gap * (groups + 1)
 
 
 @pytest.mark.parametrize("knobs", [{}, {"use_tma_loads": False}, {"prefetch_c": True},
-                                   {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4}])
+                                   {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4},
+                                   {"overwrite": True}, {"overwrite": True, "use_tma_loads": False}])
 def test_grouped_wgrad_accumulate_compiled(knobs):
     """Expert weight gradients added into fp32 main_grads (reversed in one buffer, NaN gaps), bf16 operands, the
     Hopper tiles (TMA loads) and variants, against float64: experts without rows, with fewer rows than a K
-    block, with whole blocks and a tail; M and N not multiples of the tiles."""
+    block, with whole blocks and a tail; M and N not multiples of the tiles. `overwrite`: written over main_grads
+    holding NaN (never read)."""
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate
 
@@ -213,9 +221,12 @@ def test_grouped_wgrad_accumulate_compiled(knobs):
     el, n = len(rows), m_dim * n_dim
     buffer = torch.full((el * (n + gap) + gap,), float("nan"), device="cuda")
     mains = [buffer[gap + (el - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(el)]
+    overwrite = knobs.get("overwrite", False)
     for m in mains:
         m.normal_(generator=gen)
-    before = [m.double() for m in mains]
+        if overwrite:
+            m.fill_(float("nan"))
+    before = [torch.zeros_like(m, dtype=torch.float64) if overwrite else m.double() for m in mains]
     base = accumulate.flat_base(mains)
     out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device="cuda")
     offs = [0]
