@@ -219,6 +219,11 @@ def _ddp_body(rank, transport, modes):
         model = DistributedDataParallel(layer.config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=mode == "do"), layer)
         model.zero_grad_buffer()
+        if mode not in ("megatron", "off"):
+            # the first micro-batch finds main_grad just zeroed: the comet routes write it, never read it
+            # (experts.main_grads_zeroed); NaN here survives any add. The second micro-batch adds.
+            for p in layer.experts.parameters():
+                p.main_grad.fill_(float("nan"))
         for mb in range(2):
             x = make_input(1024, 1, 1024, seed=mb).cuda().to(dtype)
             dy = torch.randn(x.shape, device="cuda", dtype=dtype, generator=torch.Generator("cuda").manual_seed(mb))
@@ -240,7 +245,8 @@ def test_main_grads_under_megatron_ddp_match_megatron(transport):
     the choice for few large experts), the one-launch Triton kernel doing the same for all experts ("triton",
     the choice otherwise), one grouped GEMM + one Triton accumulation launch ("add"), and DDP's own
     per-parameter hooks ("off"), and under the distributed optimizer's parameter layout ("do"); reference and
-    fused paths."""
+    fused paths. Two micro-batches after `zero_grad_buffer()`: the first writes main_grad (poisoned with NaN
+    before it, except where DDP's hook adds: "off"), the second adds."""
     modes = ("gemm", "triton", "add", "off", "do")
     (res,) = run_distributed(_ddp_body, 1, ep=1, transport=transport, modes=modes)
     bad = {k: v for k, v in res["errs"].items() if not v <= 3e-2}
