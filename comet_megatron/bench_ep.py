@@ -782,25 +782,41 @@ def parse_pretrain_log(text: str) -> dict:
     return {"steps": steps, "summary": summary, "comet_transports": sorted(transports)}
 
 
+def median_tokens_per_s(run: dict) -> float | None:
+    """Median of a run's per-step tokens/s after the summary's warm-up steps (`pretrain.WARMUP_STEPS`, as its
+    means): robust to the odd slow step (a host hiccup, the allocator freeing and re-reserving memory near a full
+    GPU), which moves a mean over ten steps by tens of percent."""
+    summary = run.get("summary") or {}
+    warmup = summary.get("warmup_steps", 2)
+    vals = [s["tokens_per_s"] for s in run.get("steps", []) if s["step"] > warmup and _ok(s["tokens_per_s"])]
+    return float(statistics.median(vals)) if vals else None
+
+
 def compare_e2e(runs: dict) -> dict:
-    """Speedups of comet's mean tokens/s over every other run, and the final-loss gaps."""
+    """Speedups of comet's mean and median tokens/s over every other run, and the final-loss gaps."""
     def tps(name):
         s = (runs.get(name) or {}).get("summary") or {}
         v = s.get("mean_tokens_per_s")
         return v if _ok(v) else None
+
+    def med(name):
+        return median_tokens_per_s(runs.get(name) or {})
 
     def loss(name):
         s = (runs.get(name) or {}).get("summary") or {}
         v = s.get("final_loss")
         return v if _ok(v) else None
 
-    out = {"mean_tokens_per_s": {n: tps(n) for n in runs}, "final_loss": {n: loss(n) for n in runs},
-           "speedup_comet_vs": {}, "final_loss_diff_comet_minus": {}}
+    out = {"mean_tokens_per_s": {n: tps(n) for n in runs}, "median_tokens_per_s": {n: med(n) for n in runs},
+           "final_loss": {n: loss(n) for n in runs},
+           "speedup_comet_vs": {}, "median_speedup_comet_vs": {}, "final_loss_diff_comet_minus": {}}
     for n in runs:
         if n == "comet":
             continue
         t_c, t_b = tps("comet"), tps(n)
         out["speedup_comet_vs"][n] = (t_c / t_b) if _ok(t_c, t_b) and t_b > 0 else None
+        m_c, m_b = med("comet"), med(n)
+        out["median_speedup_comet_vs"][n] = (m_c / m_b) if _ok(m_c, m_b) and m_b > 0 else None
         l_c, l_b = loss("comet"), loss(n)
         out["final_loss_diff_comet_minus"][n] = (l_c - l_b) if _ok(l_c, l_b) else None
     return out
@@ -899,8 +915,8 @@ def e2e_main(argv: Sequence[str]) -> int:
     plot_e2e(runs, out / "e2e_loss.png", f"{Path(args.config).stem}, {args.steps} steps")
     cmp_ = result["comparison"]
     for n, x in cmp_["speedup_comet_vs"].items():
-        print(f"  comet vs {n}: tokens/s x{_fmt(x, '.3f')}, final loss diff "
-              f"{_fmt(cmp_['final_loss_diff_comet_minus'][n], '+.4f')}")
+        print(f"  comet vs {n}: tokens/s x{_fmt(x, '.3f')} (mean), x{_fmt(cmp_['median_speedup_comet_vs'][n], '.3f')} "
+              f"(median), final loss diff {_fmt(cmp_['final_loss_diff_comet_minus'][n], '+.4f')}")
     print(f"wrote {out / 'e2e.json'} and {out / 'e2e_loss.png'}", flush=True)
     return 0 if all(r["rc"] == 0 for r in runs.values()) else 1
 

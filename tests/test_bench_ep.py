@@ -99,6 +99,24 @@ def test_compare_e2e():
     assert cmp_["speedup_comet_vs"]["alltoall"] == pytest.approx(1.5)
     assert cmp_["speedup_comet_vs"]["alltoall+ep-overlap"] is None
     assert cmp_["final_loss_diff_comet_minus"]["alltoall"] == pytest.approx(-0.1)
+    assert cmp_["median_speedup_comet_vs"]["alltoall"] is None  # no per-step records
+
+
+def test_compare_e2e_medians_resist_a_slow_step():
+    """Per-step tokens/s after the warm-up steps: one slow step moves the mean, not the median."""
+    def run(tps, warmup=2):
+        steps = [{"step": i + 1, "loss": 1.0, "tokens_per_s": t, "step_time_ms": None} for i, t in enumerate(tps)]
+        kept = tps[warmup:]
+        return {"steps": steps, "summary": {"warmup_steps": warmup, "mean_tokens_per_s": sum(kept) / len(kept),
+                                            "final_loss": 1.0}}
+
+    runs = {"comet": run([10.0, 300.0, 300.0, 310.0, 290.0]),
+            "alltoall": run([5.0, 9000.0, 200.0, 20.0, 210.0, 190.0])}  # step 2: warm-up; step 4: a slow step
+    cmp_ = bench_ep.compare_e2e(runs)
+    assert cmp_["median_tokens_per_s"] == {"comet": 300.0, "alltoall": 195.0}
+    assert cmp_["median_speedup_comet_vs"]["alltoall"] == pytest.approx(300.0 / 195.0)
+    assert cmp_["speedup_comet_vs"]["alltoall"] == pytest.approx(300.0 / 155.0)
+    assert bench_ep.median_tokens_per_s({"steps": [], "summary": None}) is None
 
 
 def test_launch_command_and_env():
