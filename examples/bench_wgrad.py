@@ -15,6 +15,9 @@ after warm-up, L2 flushed, `triton.testing.do_bench`):
 
 and prints ms, TB/s of `main_grad` traffic (read + write of fp32), TFLOP/s and each one's speed vs
 `cublas-addmm`. Checks every variant's result against `cublas-addmm`'s first.
+
+`--overwrite`: the same variants as a step's first micro-batch runs them (`experts.main_grads_zeroed`): written,
+not added (cuBLAS beta = 0, the Triton kernels' `overwrite`), traffic = the fp32 write alone.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="[{}]",
                    help="JSON list of keyword sets for grouped_wgrad_accumulate, each timed as its own variant "
                         "({} = its Hopper tiles, kernels.wgrad.WGRAD_ACCUMULATE_TILES)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write the gradients instead of adding them (a step's first micro-batch)")
     p.add_argument("--out", default=None, help="write the records as JSON here")
     args = p.parse_args(argv)
 
@@ -69,25 +74,28 @@ def main(argv=None) -> int:
                 base = accumulate.flat_base(mains)
                 out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device=dev)
 
+                ow = args.overwrite
+
                 def cublas():
-                    accumulate_wgrad_gemms(mains, a, b, offsets)
+                    accumulate_wgrad_gemms(mains, a, b, offsets, ow)
 
                 def grouped_add():
                     g = torch._grouped_mm(a.t(), b, offs=dev_offsets[1:])
-                    accumulate.accumulate_into(base, out_offsets, g)
+                    accumulate.accumulate_into(base, out_offsets, g, ow)
 
                 variants = {"cublas-addmm": cublas, "grouped+add": grouped_add}
                 for i, cfg in enumerate(configs):
                     kw = {**WGRAD_ACCUMULATE_TILES, **cfg}
                     label = "triton" if not cfg else f"triton {json.dumps(cfg, sort_keys=True)}"
                     variants[label] = (lambda kw=kw: grouped_wgrad_accumulate(a, b, dev_offsets, base, out_offsets,
-                                                                              **kw))
-                # correctness: each variant once from zero against cublas-addmm
-                flat.zero_()
+                                                                              overwrite=ow, **kw))
+                # correctness: each variant once from zero (overwrite: from NaN, never read) against cublas-addmm
+                start = float("nan") if ow else 0.0
+                flat.fill_(start)
                 cublas()
                 want = flat.clone()
                 for label, fn in variants.items():
-                    flat.zero_()
+                    flat.fill_(start)
                     try:
                         fn()
                         torch.cuda.synchronize()
@@ -97,8 +105,9 @@ def main(argv=None) -> int:
                         continue
                     ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
                     flops = 2.0 * rows * m_dim * n_dim
-                    traffic = 8.0 * el * m_dim * n_dim  # fp32 main_grad read + write
+                    traffic = (4.0 if ow else 8.0) * el * m_dim * n_dim  # fp32 main_grad (read +) write
                     records.append(dict(shape=name, tokens=tokens, linear=linear, variant=label, ms=ms,
+                                        overwrite=ow,
                                         tflops=flops / ms / 1e9, main_grad_tbs=traffic / ms / 1e9, rel_err=err))
                 base_ms = next(r["ms"] for r in records if r["shape"] == name and r["tokens"] == tokens
                                and r["linear"] == linear and r["variant"] == "cublas-addmm")
