@@ -178,18 +178,32 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 #   1.14-1.19x on Phi-3.5-MoE at 2048; docs/BENCHMARKS.md);
 # * "add": the grouped GEMM to a bf16 stacked gradient, added into main_grad (`hand_to_main_grads`): many experts
 #   with many rows each (compute-bound), or where neither kernel can run.
+# In a step's first micro-batch (`main_grads_zeroed`) both kernels only write main_grad, and the per-expert cuBLAS
+# GEMMs (beta = 0) pull ahead from fewer rows: H100, examples/bench_wgrad.py --overwrite (docs/BENCHMARKS.md,
+# eleventh session): Phi-3.5-MoE at 2048 tokens (16 experts, 256 rows each) 1.24x / 1.30x (fc1 / fc2) faster than
+# the Triton kernel, Mixtral 1.29x / 1.59x; while adding, the Triton kernel is 1.03-1.05x ahead on Phi-3.5-MoE there.
 FUSED_WGRAD_MAX_EXPERTS = 16
 FUSED_WGRAD_MIN_ROWS = 512  # mean rows per expert
+FUSED_WGRAD_MIN_ROWS_OVERWRITE = 256
 # Above this many mean rows per expert the weight gradient is bound by its GEMM, where cuBLAS is faster than
 # the Triton kernel (H100: even at 1024 on Qwen2-MoE, 0.6-0.67x at 2048 on Phi-3.5-MoE / Mixtral)
 TRITON_WGRAD_MAX_ROWS = 1024
 WGRAD_ACCUMULATION_MODES = ("auto", "gemm", "triton", "add")
 
 
-def _wgrad_accumulation(x: torch.Tensor, rows: int, mains) -> str:
+def auto_wgrad_route(experts: int, rows: int, overwrite: bool, gemm_ok: bool = True, triton_ok: bool = True) -> str:
+    """The measured choice (see above) for `experts` experts with `rows` rows in all on a GPU; `overwrite`: the
+    gradients are written, not added (a step's first micro-batch)."""
+    min_rows = FUSED_WGRAD_MIN_ROWS_OVERWRITE if overwrite else FUSED_WGRAD_MIN_ROWS
+    if gemm_ok and experts <= FUSED_WGRAD_MAX_EXPERTS and rows >= min_rows * experts:
+        return "gemm"
+    return "triton" if triton_ok and rows <= TRITON_WGRAD_MAX_ROWS * experts else "add"
+
+
+def _wgrad_accumulation(x: torch.Tensor, rows: int, mains, overwrite: bool = False) -> str:
     """How the weight gradients of len(mains) experts with `rows` rows in all (operands like `x`) reach
-    `mains`: "gemm", "triton" or "add" (see above). `COMET_WGRAD_ACCUMULATION` forces one (A/B measurements,
-    tests); a forced mode that cannot run here falls back to "add"."""
+    `mains`: "gemm", "triton" or "add" (see above; `overwrite`: written, not added). `COMET_WGRAD_ACCUMULATION`
+    forces one (A/B measurements, tests); a forced mode that cannot run here falls back to "add"."""
     how = os.environ.get("COMET_WGRAD_ACCUMULATION", "auto")
     if how not in WGRAD_ACCUMULATION_MODES:
         raise ValueError(f"COMET_WGRAD_ACCUMULATION={how!r}: use one of {', '.join(WGRAD_ACCUMULATION_MODES)}")
@@ -205,9 +219,7 @@ def _wgrad_accumulation(x: torch.Tensor, rows: int, mains) -> str:
         return "triton" if triton_ok else "add"
     if not x.is_cuda:
         return "add"
-    if gemm_ok and experts <= FUSED_WGRAD_MAX_EXPERTS and rows >= FUSED_WGRAD_MIN_ROWS * experts:
-        return "gemm"
-    return "triton" if triton_ok and rows <= TRITON_WGRAD_MAX_ROWS * experts else "add"
+    return auto_wgrad_route(experts, rows, overwrite, gemm_ok, triton_ok)
 
 
 def _triton_wgrad_ok(x: torch.Tensor, mains) -> bool:
@@ -262,14 +274,16 @@ def main_grads_zeroed(params) -> bool:
 
 
 def fused_wgrad_mains(params, a: torch.Tensor, rows: int):
-    """(how, main_grads) when the weight gradients of `params` (`rows` rows of `a` in all) should be
-    accumulated straight into their `main_grad`s ("gemm" or "triton", see above): under Megatron's DDP; else
-    None (the caller hands a stacked gradient over)."""
+    """(how, main_grads, overwrite) when the weight gradients of `params` (`rows` rows of `a` in all) should be
+    accumulated straight into their `main_grad`s ("gemm" or "triton", see above; `overwrite`: written, DDP
+    having just zeroed them, `main_grads_zeroed`): under Megatron's DDP; else None (the caller hands a stacked
+    gradient over). Use it at once: the verdict holds until a gradient goes into these `main_grad`s."""
     mains = _main_grads(params)
     if mains is None:
         return None
-    how = _wgrad_accumulation(a, rows, mains)
-    return None if how == "add" else (how, mains)
+    overwrite = main_grads_zeroed(params)
+    how = _wgrad_accumulation(a, rows, mains, overwrite)
+    return None if how == "add" else (how, mains, overwrite)
 
 
 def accumulate_into_mains(params, plan, a: torch.Tensor, b: torch.Tensor, offsets: Callable[[], Sequence[int]],
@@ -279,8 +293,7 @@ def accumulate_into_mains(params, plan, a: torch.Tensor, b: torch.Tensor, offset
     hooks then drop the placeholder gradients autograd gives them).
     `offsets()` gives the host row offsets (rows_e = offsets[e]:offsets[e + 1]); only the per-expert GEMMs ask
     for them, the Triton kernel reads `device_offsets` on the GPU."""
-    how, mains = plan
-    overwrite = main_grads_zeroed(params)
+    how, mains, overwrite = plan
     if how == "gemm":
         accumulate_wgrad_gemms(mains, a, b, offsets(), overwrite)
     else:
