@@ -265,12 +265,26 @@ def main_grads_zeroed(params) -> bool:
     sets the flag (as Megatron's linear layers do with gradient-accumulation fusion), so later micro-batches,
     and a second use of the same weights in one micro-batch, add. Writing skips the read of the fp32 buffer:
     half the `main_grad` traffic of that backward. Never while a CUDA graph is being captured (a replay would
-    write again whatever the flag says then); `COMET_MAIN_GRAD_OVERWRITE=0` turns it off (A/B measurements)."""
-    if os.environ.get("COMET_MAIN_GRAD_OVERWRITE", "1") == "0" or not params:
+    write again whatever the flag says then). `COMET_MAIN_GRAD_OVERWRITE`: 1 (default), 0 (always add: A/B
+    measurements, or a training loop that puts gradients into these `main_grad`s without setting the flag),
+    check (verify that the buffers hold zeros before writing them, one host sync per linear: RuntimeError if not)."""
+    mode = os.environ.get("COMET_MAIN_GRAD_OVERWRITE", "1")
+    if mode not in ("0", "1", "check"):
+        raise ValueError(f"COMET_MAIN_GRAD_OVERWRITE={mode!r}: use 1, 0 or check")
+    if mode == "0" or not params:
         return False
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return False
-    return all(getattr(p, "grad_added_to_main_grad", None) is False for p in params)
+    if not all(getattr(p, "grad_added_to_main_grad", None) is False for p in params):
+        return False
+    if mode == "check":
+        dirty = [i for i, p in enumerate(params) if bool(p.main_grad.any())]
+        if dirty:
+            raise RuntimeError(
+                f"comet experts: the main_grad of expert weights {dirty} is not zero although "
+                "grad_added_to_main_grad is False (DDP's zero_grad_buffer() marks the start of a step): something "
+                "put a gradient there without setting the flag. Set COMET_MAIN_GRAD_OVERWRITE=0 to always add.")
+    return True
 
 
 def fused_wgrad_mains(params, a: torch.Tensor, rows: int):

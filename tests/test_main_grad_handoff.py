@@ -17,7 +17,8 @@ The first micro-batch of each iteration finds the `main_grad`s just zeroed by `z
 (`experts.main_grads_zeroed`). To show that nothing reads the buffer then, the comet experts' `main_grad`s are
 poisoned with NaN right after `zero_grad_buffer()` wherever a comet route writes them (an add would keep the
 NaN); the second micro-batch must add (else the first one's gradient would be lost, which the comparison with
-Megatron sees). `overwrite_off` (`COMET_MAIN_GRAD_OVERWRITE=0`) adds in both, on an unpoisoned buffer.
+Megatron sees). `overwrite_off` (`COMET_MAIN_GRAD_OVERWRITE=0`) adds in both, on an unpoisoned buffer;
+`overwrite_check` (`=check`) verifies the zeros before writing (they are zero: no error).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def _body(rank, fused):
                 p.zero_out_wgrad = True
         os.environ["COMET_MAIN_GRAD_HANDOFF"] = "0" if tag == "switched_off" else "1"
         os.environ["COMET_WGRAD_ACCUMULATION"] = tag if tag in ("gemm", "triton") else "add"
-        os.environ["COMET_MAIN_GRAD_OVERWRITE"] = "0" if tag == "overwrite_off" else "1"
+        os.environ["COMET_MAIN_GRAD_OVERWRITE"] = {"overwrite_off": "0", "overwrite_check": "check"}.get(tag, "1")
         # routes that write main_grad in the first micro-batch (DDP's hook adds in switched_off / zero_out)
         poison = tag in ("handoff", "gemm", "triton")
         before = dict(calls)
@@ -121,7 +122,7 @@ def _body(rank, fused):
         return per_iter, {k: calls[k] - before[k] for k in calls}, left, (len(seen), oversized)
 
     out = {"ref": run(ref, "ref")}
-    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton", "overwrite_off"):
+    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton", "overwrite_off", "overwrite_check"):
         layer = spec.submodules.mlp(config=make_config("comet", **overrides))
         layer.load_state_dict(state, strict=True)
         out[tag] = run(layer, tag)
@@ -129,7 +130,7 @@ def _body(rank, fused):
     os.environ.pop("COMET_WGRAD_ACCUMULATION", None)
     os.environ.pop("COMET_MAIN_GRAD_OVERWRITE", None)
     errs = {}
-    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton", "overwrite_off"):
+    for tag in ("handoff", "switched_off", "zero_out", "gemm", "triton", "overwrite_off", "overwrite_check"):
         for it in range(2):
             for n, g in out["ref"][0][it].items():
                 errs[f"{tag}:{it}:{n}"] = rel_err(out[tag][0][it][n], g)
@@ -164,6 +165,7 @@ def _check(results, transport, one_launch):
         assert res["calls"]["triton"] == want, res["calls"]
         assert res["calls"]["switched_off"]["handed"] == 0, res["calls"]
         assert res["calls"]["overwrite_off"] == res["calls"]["handoff"], res["calls"]
+        assert res["calls"]["overwrite_check"] == res["calls"]["handoff"], res["calls"]
         # DDP's hooks dropped every placeholder gradient
         assert all(not names for names in res["grad_left"].values()), res["grad_left"]
         # ... each backed by at most one expert's memory (2 iterations x 2 micro-batches x 2 experts x 2 linears)
@@ -204,3 +206,35 @@ def test_auto_weight_gradient_route(experts, rows, overwrite, want):
     assert auto_wgrad_route(experts, rows, overwrite) == want
     assert auto_wgrad_route(experts, rows, overwrite, gemm_ok=False) in ("triton", "add")
     assert auto_wgrad_route(experts, rows, overwrite, gemm_ok=False, triton_ok=False) == "add"
+
+
+def test_main_grads_zeroed_trusts_the_flag_and_checks_on_request(monkeypatch):
+    """`main_grads_zeroed`: write only when every weight carries DDP's cleared flag; COMET_MAIN_GRAD_OVERWRITE=0
+    never writes; `check` also verifies the buffers are zero and names the fix when they are not."""
+    import torch
+
+    from comet_megatron.experts import main_grads_zeroed
+
+    def weight(flag, value=0.0):
+        p = torch.nn.Parameter(torch.zeros(3, 2))
+        p.main_grad = torch.full((3, 2), value)
+        if flag is not None:
+            p.grad_added_to_main_grad = flag
+        return p
+
+    monkeypatch.delenv("COMET_MAIN_GRAD_OVERWRITE", raising=False)
+    assert main_grads_zeroed([weight(False), weight(False)])
+    assert not main_grads_zeroed([weight(False), weight(True)])  # one already holds a gradient
+    assert not main_grads_zeroed([weight(False), weight(None)])  # not under Megatron's DDP
+    assert not main_grads_zeroed([])
+    dirty = [weight(False), weight(False, 1.5)]
+    assert main_grads_zeroed(dirty)  # the flag is trusted (no device read)
+    monkeypatch.setenv("COMET_MAIN_GRAD_OVERWRITE", "check")
+    assert main_grads_zeroed([weight(False), weight(False)])
+    with pytest.raises(RuntimeError, match=r"weights \[1\].*COMET_MAIN_GRAD_OVERWRITE=0"):
+        main_grads_zeroed(dirty)
+    monkeypatch.setenv("COMET_MAIN_GRAD_OVERWRITE", "0")
+    assert not main_grads_zeroed([weight(False), weight(False)])
+    monkeypatch.setenv("COMET_MAIN_GRAD_OVERWRITE", "yes")
+    with pytest.raises(ValueError, match="use 1, 0 or check"):
+        main_grads_zeroed([weight(False)])
