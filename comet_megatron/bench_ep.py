@@ -872,7 +872,7 @@ def run_bounded(cmd: Sequence[str], env: dict, timeout_s: float) -> tuple[str, i
         return (text or "") + f"\n[bench ep e2e: stopped after {timeout_s:g} s]\n", "timeout"
 
 
-def e2e_main(argv: Sequence[str]) -> int:
+def e2e_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="comet-megatron bench ep e2e",
                                 description="comet-megatron pretrain once per dispatcher; tokens/s "
                                             "and loss curves compared")
@@ -884,7 +884,11 @@ def e2e_main(argv: Sequence[str]) -> int:
     p.add_argument("--timeout-s", type=float, default=600, help="per pretraining run")
     p.add_argument("extra", nargs=argparse.REMAINDER,
                    help="after --: Megatron arguments added to every run")
-    args = p.parse_args(argv)
+    return p
+
+
+def e2e_main(argv: Sequence[str]) -> int:
+    args = e2e_parser().parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
