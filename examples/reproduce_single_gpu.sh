@@ -23,10 +23,7 @@ cd "$ROOT"
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python3
     # shellcheck source=../scripts/_env.sh
-    if source "$ROOT/scripts/_env.sh" 2>/dev/null; then
-        VENV="$(comet_venv_path 2>/dev/null || true)"
-        if [[ -n "$VENV" && -x "$VENV/bin/python" ]]; then PYTHON="$VENV/bin/python"; fi
-    fi
+    if source "$ROOT/scripts/_env.sh" 2>/dev/null; then PYTHON="$(comet_run_python)"; fi
 fi
 SHAPES="${SHAPES:-mixtral-8x7b qwen2-moe-a2.7b phi-3.5-moe}"
 TOKENS="${TOKENS:-2048 4096 8192 16384}"

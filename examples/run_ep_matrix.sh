@@ -30,10 +30,7 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 if [[ -z "${PYTHON:-}" ]]; then
     PYTHON=python3
     # shellcheck source=../scripts/_env.sh
-    if source "$ROOT/scripts/_env.sh" 2>/dev/null; then
-        VENV="$(comet_venv_path 2>/dev/null || true)"
-        if [[ -n "$VENV" && -x "$VENV/bin/python" ]]; then PYTHON="$VENV/bin/python"; fi
-    fi
+    if source "$ROOT/scripts/_env.sh" 2>/dev/null; then PYTHON="$(comet_run_python)"; fi
 fi
 
 SMOKE_ARGS=()

@@ -69,3 +69,10 @@ comet_venv_path() {
     hash="$(comet_deps_hash "$py")" || return 1
     echo "$HOME/.cache/comet-megatron/venv-$hash"
 }
+
+# The Python the example scripts run: the bootstrap venv's when it exists, else python3 on PATH.
+comet_run_python() {
+    local venv
+    venv="$(comet_venv_path 2>/dev/null || true)"
+    if [[ -n "$venv" && -x "$venv/bin/python" ]]; then echo "$venv/bin/python"; else echo python3; fi
+}
