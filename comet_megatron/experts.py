@@ -254,7 +254,28 @@ def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, device_offs
 
     base, out_offsets = flat_mains(mains)
     grouped_wgrad_accumulate(a, b, device_offsets, base, out_offsets, overwrite=overwrite,
-                             **wgrad_accumulate_tiles(a))
+                             out_rows=_tma_rows(mains, base), **wgrad_accumulate_tiles(a))
+
+
+_TMA_ROWS: dict = {}  # the same key as _FLAT -> kernels.wgrad.tma_output_rows(...) or None
+
+
+def _tma_rows(mains, base: torch.Tensor):
+    """`kernels.wgrad.tma_output_rows` for `mains` (2-D, in `base` = flat_mains(mains)[0]), cached like
+    flat_mains (one host-to-device copy per set of buffers)."""
+    from comet_megatron.kernels import accumulate
+    from comet_megatron.kernels.wgrad import tma_output_rows
+
+    if not base.is_cuda or mains[0].dim() != 2:
+        return None
+    key = (str(base.device), tuple(map(torch.Tensor.data_ptr, mains)), tuple(mains[0].shape))
+    hit = _TMA_ROWS.get(key, False)
+    if hit is False:
+        hit = tma_output_rows(base, accumulate.element_offsets(base, mains), *mains[0].shape)
+        if len(_TMA_ROWS) >= 64:
+            _TMA_ROWS.clear()
+        _TMA_ROWS[key] = hit
+    return hit
 
 
 def main_grads_zeroed(params) -> bool:

@@ -11,7 +11,8 @@ after warm-up, L2 flushed, `triton.testing.do_bench`):
 * `cublas-addmm`: one cuBLAS GEMM per expert with beta = 1 into `main_grad` (`experts.accumulate_wgrad_gemms`);
 * `grouped+add`: cuBLAS's grouped GEMM to a bf16 [El, M, N] gradient, then one Triton add into the
   `main_grad`s (`kernels.accumulate`);
-* `triton` (and `--configs` variants): `kernels.wgrad.grouped_wgrad_accumulate`, one launch for every expert.
+* `triton` (and `--configs` variants): `kernels.wgrad.grouped_wgrad_accumulate`, one launch for every expert
+  (its tiles leaving through TMA reduce-add / store where they can; `{"tma_out": false}`: through registers).
 
 and prints ms, TB/s of `main_grad` traffic (read + write of fp32), TFLOP/s and each one's speed vs
 `cublas-addmm`. Checks every variant's result against `cublas-addmm`'s first.
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     from comet_megatron.bench import load_shape
     from comet_megatron.experts import accumulate_wgrad_gemms
     from comet_megatron.kernels import accumulate
-    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate
+    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate, tma_output_rows
 
     if not torch.cuda.is_available():
         print("bench_wgrad.py needs a CUDA GPU.", file=sys.stderr)
@@ -73,6 +74,7 @@ def main(argv=None) -> int:
                 mains = [flat[(el - 1 - e) * m_dim * n_dim:][:m_dim * n_dim].view(m_dim, n_dim) for e in range(el)]
                 base = accumulate.flat_base(mains)
                 out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device=dev)
+                out_rows = tma_output_rows(base, accumulate.element_offsets(base, mains), m_dim, n_dim)
 
                 ow = args.overwrite
 
@@ -88,7 +90,7 @@ def main(argv=None) -> int:
                     kw = {**WGRAD_ACCUMULATE_TILES, **cfg}
                     label = "triton" if not cfg else f"triton {json.dumps(cfg, sort_keys=True)}"
                     variants[label] = (lambda kw=kw: grouped_wgrad_accumulate(a, b, dev_offsets, base, out_offsets,
-                                                                              overwrite=ow, **kw))
+                                                                              overwrite=ow, out_rows=out_rows, **kw))
                 # correctness: each variant once from zero (overwrite: from NaN, never read) against cublas-addmm
                 start = float("nan") if ow else 0.0
                 flat.fill_(start)
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
                         print(f"{name:16s} {tokens:6d} {linear} {r['variant']:40s} {r['ms']:8.3f} ms "
                               f"{r['main_grad_tbs']:5.2f} TB/s {r['tflops']:6.1f} TFLOP/s "
                               f"x{r['vs_cublas']:.2f} (err {r['rel_err']:.1e})")
-                del a, b, flat, mains, base
+                del a, b, flat, mains, base, out_rows
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,

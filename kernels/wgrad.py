@@ -18,6 +18,8 @@ half the traffic) for the first micro-batch of a step, whose `main_grad`s Megatr
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -94,12 +96,16 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
 
 @triton.jit
 def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_ptr, row_offsets_ptr, m_dim, n_dim,
-                             a_desc, b_desc,
+                             a_desc, b_desc, c_desc, c_rows_ptr,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                              USE_DESC: tl.constexpr, PREFETCH_C: tl.constexpr, NUM_STAGES: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr, OVERWRITE: tl.constexpr):
+                             DOT_PRECISION: tl.constexpr, OVERWRITE: tl.constexpr, C_DESC: tl.constexpr):
     """C_j[m, n] += sum over rows r of expert j of a[r, m] * b[r, n] (OVERWRITE: C_j = the sum, C never read);
-    C_j at c_ptr + c_offsets[j], [M, N] row-major, fp32. Grid (tiles of [M, N], experts)."""
+    C_j at c_ptr + c_offsets[j], [M, N] row-major, fp32. Grid (tiles of [M, N], experts).
+
+    C_DESC: C leaves through the TMA descriptor `c_desc` over the outputs' storage as [rows, N] rows (expert j's
+    first row: c_rows[j]): an asynchronous bulk reduce-add (the addition happens in L2, the program never
+    reads the old tile and goes on at once) or, with OVERWRITE, a bulk store. M must be a multiple of BM."""
     j = tl.program_id(1)
     # grouped tile order: GROUP_M row blocks sweep the column blocks together (L2 reuse of b's columns)
     tiles_m = tl.cdiv(m_dim, BM)
@@ -118,7 +124,7 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
     cmask = mmask[:, None] & nmask[None, :]
     start = tl.load(row_offsets_ptr + j)
     end = tl.load(row_offsets_ptr + j + 1)
-    if OVERWRITE:
+    if OVERWRITE or C_DESC:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     elif PREFETCH_C:  # issued now, consumed after the K loop: the read overlaps the loop
         c_old = tl.load(c_ptrs, mask=cmask, other=0.0)
@@ -146,9 +152,16 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
         b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
                         other=0.0)
         acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
-    if PREFETCH_C and not OVERWRITE:
-        acc += c_old
-    tl.store(c_ptrs, acc, mask=cmask)
+    if C_DESC:
+        c_row = tl.load(c_rows_ptr + j) + tm * BM
+        if OVERWRITE:
+            c_desc.store([c_row, tn * BN], acc)
+        else:
+            c_desc.atomic_add([c_row, tn * BN], acc)
+    else:
+        if PREFETCH_C and not OVERWRITE:
+            acc += c_old
+        tl.store(c_ptrs, acc, mask=cmask)
 
 
 # GPU tiles: on an H100 (examples/bench_wgrad.py, docs/BENCHMARKS.md) 64 x 128 with 4 warps ran 1.2-1.3x faster
@@ -169,7 +182,7 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
                              out_offsets: torch.Tensor, *, block_m: int = 64, block_n: int = 64,
                              block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 2,
                              prefetch_c: bool = True, use_tma_loads: bool | None = None,
-                             overwrite: bool = False) -> None:
+                             overwrite: bool = False, out_rows: tuple | None = None, tma_out: bool = True) -> None:
     """out_e += a[rows_e]^T @ b[rows_e] for every expert e, accumulated in fp32; with `overwrite`,
     out_e = a[rows_e]^T @ b[rows_e] (the outputs are written, never read: an expert without rows gets zeros).
 
@@ -177,6 +190,10 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
     tensor (rows_e = row_offsets[e]:row_offsets[e + 1]); out_base: flat fp32 tensor over the outputs' storage,
     out_offsets: [El] int64 element offsets of each expert's contiguous [M, N] output in it
     (`kernels.accumulate.flat_base` / `element_offsets`). No host synchronisation.
+
+    out_rows: `tma_output_rows(...)` for these outputs, or None. Given, on Hopper (compiled, TMA loads) and with
+    M a multiple of block_m, the tiles leave through TMA (`C_DESC`: reduce-add in L2, or store) unless
+    `tma_out=False`; otherwise through the program's registers (read, add, write back).
     """
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     experts = out_offsets.numel()
@@ -203,9 +220,41 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
 
         a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [block_k, block_m])
         b_desc = TensorDescriptor(b, list(b.shape), list(b.stride()), [block_k, block_n])
+    c_desc, c_rows = out_base, out_offsets  # placeholders when C_DESC is off
+    # the reduce-add needs the compiled kernel (Triton's interpreter has no descriptor atomics)
+    reduce_ok = a.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    c_tma = bool(tma_out and out_rows is not None and desc and m_dim % block_m == 0 and (overwrite or reduce_ok))
+    if c_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        view, c_rows = out_rows
+        if view.shape[1] != n_dim or c_rows.numel() != experts:
+            raise ValueError(f"grouped_wgrad_accumulate: out_rows for {c_rows.numel()} experts of {view.shape[1]} "
+                             f"columns, the outputs are {experts} x [{m_dim}, {n_dim}]")
+        c_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [block_m, block_n])
     grid = (triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n), experts)
     launch(_wgrad_accumulate_kernel, grid, a, a.stride(0), b, b.stride(0), out_base, out_offsets, row_offsets,
-           m_dim, n_dim, a_desc if desc else a, b_desc if desc else b,
+           m_dim, n_dim, a_desc if desc else a, b_desc if desc else b, c_desc, c_rows,
            BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, USE_DESC=desc, PREFETCH_C=prefetch_c,
-           NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype), OVERWRITE=bool(overwrite),
+           NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype), OVERWRITE=bool(overwrite), C_DESC=c_tma,
            num_warps=num_warps, num_stages=num_stages)
+
+
+def tma_output_rows(out_base: torch.Tensor, offsets, m_dim: int, n_dim: int) -> tuple | None:
+    """The outputs of `grouped_wgrad_accumulate` (element offsets `offsets`, host ints, in the flat fp32
+    `out_base`, each a contiguous [M, N]) as rows of one 2-D [rows, N] view that starts at the lowest of
+    them: (view, int32 tensor of each output's first row, on out_base's device), for the TMA epilogue. None
+    when some output does not start a whole number of rows from the lowest, or the rows are not 16-byte
+    aligned (TMA's rule). Megatron's DDP buffers hold the experts' main_grads back to back (in reverse order)."""
+    offsets = [int(o) for o in offsets]
+    if not offsets or m_dim <= 0 or n_dim <= 0:
+        return None
+    lo, hi = min(offsets), max(offsets)
+    size = out_base.element_size()
+    if (n_dim * size) % 16 or any((o - lo) % n_dim for o in offsets) or hi + m_dim * n_dim > out_base.numel():
+        return None
+    view = out_base[lo:hi + m_dim * n_dim].view(-1, n_dim)
+    if view.data_ptr() % 16:
+        return None
+    rows = torch.tensor([(o - lo) // n_dim for o in offsets], dtype=torch.int32, device=out_base.device)
+    return view, rows

@@ -173,3 +173,58 @@ def test_grouped_wgrad_accumulate_without_rows(overwrite):
     want[2:14] = 0.0 if overwrite else 5.0
     want[20:32] = 0.0 if overwrite else 7.0
     torch.testing.assert_close(buffer, want, equal_nan=True)
+
+
+def test_tma_output_rows_views_back_to_back_outputs():
+    """The outputs as rows of one [rows, N] view from the lowest (Megatron's DDP: experts' main_grads back to
+    back, reversed, among other parameters): first rows right; None for what TMA cannot address."""
+    from comet_megatron.kernels.wgrad import tma_output_rows
+
+    m_dim, n_dim = 3, 8
+    buf = torch.arange(200, dtype=torch.float32)
+    offsets = [40 + 2 * m_dim * n_dim, 40 + 2 * n_dim, 40]  # a gap of whole rows between the last two
+    view, rows = tma_output_rows(buf, offsets, m_dim, n_dim)
+    assert rows.dtype == torch.int32 and rows.tolist() == [2 * m_dim, 2, 0]
+    for off, r in zip(offsets, rows.tolist()):
+        assert torch.equal(view[r:r + m_dim], buf[off:off + m_dim * n_dim].view(m_dim, n_dim))
+    assert view.shape == (2 * m_dim + m_dim, n_dim)
+    assert tma_output_rows(buf, [40, 40 + m_dim * n_dim + 3], m_dim, n_dim) is None  # not a whole row apart
+    assert tma_output_rows(buf, [41, 41 + m_dim * n_dim], m_dim, n_dim) is None  # start not 16-byte aligned
+    assert tma_output_rows(buf, [0, 18], 3, 6) is None  # rows of 24 bytes: not 16-byte aligned
+    assert tma_output_rows(buf, [190], m_dim, n_dim) is None  # runs past the buffer
+    assert tma_output_rows(buf, [], m_dim, n_dim) is None
+
+
+@pytest.mark.parametrize("experts_rows", [[0, 5, 37, 32, 16], [20, 0]])
+def test_grouped_wgrad_accumulate_tma_store_epilogue(experts_rows, gen):
+    """overwrite through the descriptor epilogue (C_DESC: the tile stored by TMA at its expert's first row
+    of the outputs' [rows, N] view), forced on in the interpreter: main_grads back to back in reverse order
+    with whole-row NaN gaps, holding NaN before (never read); the gaps stay NaN. The reduce-add variant
+    needs the compiled kernel (tests/kernels/gpu)."""
+    from comet_megatron.kernels import accumulate
+    from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate, tma_output_rows
+
+    m_dim, n_dim = 32, 24
+    total = sum(experts_rows)
+    a = torch.randn(total, m_dim, generator=gen).to(torch.float16)
+    b = torch.randn(total, n_dim, generator=gen).to(torch.float16)
+    experts, n = len(experts_rows), m_dim * n_dim
+    gap = 2 * n_dim
+    buffer = torch.full((experts * (n + gap) + gap,), float("nan"))
+    mains = [buffer[gap + (experts - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(experts)]
+    base = accumulate.flat_base(mains)
+    host_offsets = accumulate.element_offsets(base, mains)
+    out_rows = tma_output_rows(base, host_offsets, m_dim, n_dim)
+    assert out_rows is not None
+    row_offsets = torch.tensor([0] + torch.cumsum(torch.tensor(experts_rows), 0).tolist(), dtype=torch.int32)
+    grouped_wgrad_accumulate(a, b, row_offsets, base, torch.tensor(host_offsets, dtype=torch.int64),
+                             block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1,
+                             use_tma_loads=True, overwrite=True, out_rows=out_rows)
+    for e in range(experts):
+        s, t = row_offsets[e].item(), row_offsets[e + 1].item()
+        want = a[s:t].double().t() @ b[s:t].double()
+        torch.testing.assert_close(mains[e].double(), want, rtol=1e-3, atol=1e-3, msg=f"expert {e}")
+    touched = torch.zeros(buffer.numel(), dtype=torch.bool)
+    for o in host_offsets:
+        touched[o:o + n] = True
+    assert torch.isnan(buffer[~touched]).all()

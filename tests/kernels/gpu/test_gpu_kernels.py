@@ -240,6 +240,52 @@ def test_grouped_wgrad_accumulate_compiled(knobs):
     assert int(torch.isnan(buffer).sum()) == gap * (el + 1)  # the gaps were not written
 
 
+@pytest.mark.parametrize("knobs", [{}, {"overwrite": True},
+                                   {"block_m": 128, "block_n": 128, "num_warps": 8},
+                                   {"block_m": 128, "block_n": 128, "num_warps": 8, "overwrite": True}])
+def test_grouped_wgrad_accumulate_tma_epilogue_compiled(knobs):
+    """The TMA epilogue (bulk reduce-add into L2 / bulk store) of the compiled kernel, bf16 operands: main_grads
+    back to back in reverse order with whole-row NaN gaps (as Megatron's DDP buffer holds them among other
+    parameters), every kind of expert (no rows, fewer than a K block, blocks + tail), N not a multiple of the
+    tile; against float64, and the register epilogue (`tma_out=False`) the same way; the gaps stay NaN."""
+    from comet_megatron.kernels import accumulate
+    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate, tma_output_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    rows = [300, 0, 17, 517, 64, 128]
+    m_dim, n_dim = 384, 200
+    a = torch.randn(sum(rows), m_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    b = torch.randn(sum(rows), n_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    el, n, gap = len(rows), m_dim * n_dim, 3 * n_dim
+    overwrite = knobs.get("overwrite", False)
+    kw = {**WGRAD_ACCUMULATE_TILES, **knobs}
+    offs = [0]
+    for r in rows:
+        offs.append(offs[-1] + r)
+    row_offsets = torch.tensor(offs, dtype=torch.int32, device="cuda")
+    for tma_out in (True, False):
+        buffer = torch.full((el * (n + gap) + gap,), float("nan"), device="cuda")
+        mains = [buffer[gap + (el - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(el)]
+        for m in mains:
+            m.normal_(generator=gen)
+            if overwrite:
+                m.fill_(float("nan"))
+        before = [torch.zeros_like(m, dtype=torch.float64) if overwrite else m.double() for m in mains]
+        base = accumulate.flat_base(mains)
+        host = accumulate.element_offsets(base, mains)
+        out_rows = tma_output_rows(base, host, m_dim, n_dim)
+        assert out_rows is not None
+        grouped_wgrad_accumulate(a, b, row_offsets, base, torch.tensor(host, dtype=torch.int64, device="cuda"),
+                                 out_rows=out_rows, tma_out=tma_out, **kw)
+        for e in range(el):
+            want = before[e] + a[offs[e]:offs[e + 1]].double().t() @ b[offs[e]:offs[e + 1]].double()
+            assert rel_err(mains[e].double(), want) < 1e-5, (tma_out, e)
+        touched = torch.zeros(buffer.numel(), dtype=torch.bool, device="cuda")
+        for o in host:
+            touched[o:o + n] = True
+        assert torch.isnan(buffer[~touched]).all()
+
+
 def _round_trip(p, dtype, cfg, world):
     group = EmulatedGroup(world, capacity_tokens=max(len(x) for x in p.xs), topk=p.topk, hidden=p.hidden,
                           num_experts=p.num_experts, dtype=dtype, device="cuda")
