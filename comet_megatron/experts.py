@@ -173,9 +173,10 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 # * "gemm": one cuBLAS GEMM per expert with beta = 1, where the experts are few and large (per-expert GEMMs of
 #   a few rows would lose to one grouped GEMM): compute-bound, cuBLAS's GEMMs are the fastest there;
 # * "triton": `kernels.wgrad.grouped_wgrad_accumulate`, one launch for all experts, for many or small experts on
-#   a GPU: with few rows per expert the work is the read + write of fp32 main_grad, which it does at up to 2.45
-#   TB/s on an H100 against 1.8 TB/s for the grouped GEMM + add (1.23-1.39x on Qwen2-MoE at 2048-8192 tokens,
-#   1.14-1.19x on Phi-3.5-MoE at 2048; docs/BENCHMARKS.md);
+#   a GPU: with few rows per expert the work is the read + write of fp32 main_grad, which it does at up to 2.1
+#   TB/s on an H100 (its TMA reduce-add epilogue) against 1.5-1.8 TB/s for the grouped GEMM + add (1.2-1.3x on
+#   Qwen2-MoE at 2048-8192 tokens) and 1.7-2.0 for cuBLAS per expert (1.04-1.11x on Phi-3.5-MoE at 2048 and 4096
+#   tokens, 1.03x on Mixtral at 2048: up to 512 rows per expert; docs/BENCHMARKS.md, twelfth session);
 # * "add": the grouped GEMM to a bf16 stacked gradient, added into main_grad (`hand_to_main_grads`): many experts
 #   with many rows each (compute-bound), or where neither kernel can run.
 # In a step's first micro-batch (`main_grads_zeroed`) both kernels only write main_grad, and the per-expert cuBLAS
@@ -183,7 +184,9 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 # eleventh session): Phi-3.5-MoE at 2048 tokens (16 experts, 256 rows each) 1.24x / 1.30x (fc1 / fc2) faster than
 # the Triton kernel, Mixtral 1.29x / 1.59x; while adding, the Triton kernel is 1.03-1.05x ahead on Phi-3.5-MoE there.
 FUSED_WGRAD_MAX_EXPERTS = 16
-FUSED_WGRAD_MIN_ROWS = 512  # mean rows per expert
+# mean rows per expert: cuBLAS from 1024 (Mixtral at 4096 tokens 1.14x / 1.08x (fc1 / fc2) ahead of the Triton
+# kernel, Phi-3.5-MoE at 8192 1.09x / 1.02x), the Triton kernel up to 512; the boundary between the two measured
+FUSED_WGRAD_MIN_ROWS = 768
 FUSED_WGRAD_MIN_ROWS_OVERWRITE = 256
 # Above this many mean rows per expert the weight gradient is bound by its GEMM, where cuBLAS is faster than
 # the Triton kernel (H100: even at 1024 on Qwen2-MoE, 0.6-0.67x at 2048 on Phi-3.5-MoE / Mixtral)

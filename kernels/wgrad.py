@@ -14,6 +14,10 @@ GEMM + add does). With few rows per expert the kernel is bound by that read + wr
 small tiles keep several programs per SM in flight to overlap them. Row offsets come from device memory: no
 host synchronisation. `overwrite=True` writes the products instead of adding them (no read of `main_grad`:
 half the traffic) for the first micro-batch of a step, whose `main_grad`s Megatron's DDP has just zeroed.
+
+On Hopper the tiles leave through TMA where the outputs allow it (`tma_output_rows`: Megatron's DDP buffer holds
+an expert weight's main_grads back to back): a bulk reduce-add, done by L2 next to memory, so the program never
+reads the old tile into registers and its SM goes on to the next program at once (a bulk store when writing).
 """
 
 from __future__ import annotations
@@ -164,59 +168,12 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
         tl.store(c_ptrs, acc, mask=cmask)
 
 
-@triton.jit
-def _wgrad_persistent_kernel(a_desc, b_desc, c_desc, a_ptr, stride_a, b_ptr, stride_b, c_rows_ptr, row_offsets_ptr,
-                             m_dim, n_dim, num_experts, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                             GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                             OVERWRITE: tl.constexpr):
-    """`_wgrad_accumulate_kernel` with TMA loads and the TMA epilogue, persistent: program p takes tiles p,
-    p + P, ... in expert-major order (all programs on one expert's operands at a time: they stay in L2). The
-    epilogue's bulk reduce-add (store) of a tile is waited only before the next tile's epilogue (Triton
-    pipelines descriptor stores in a loop), so it drains while the next tile's K loop runs."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    tiles_m = tl.cdiv(m_dim, BM)
-    tiles_n = tl.cdiv(n_dim, BN)
-    per_expert = tiles_m * tiles_n
-    per_group = GROUP_M * tiles_n
-    for t in range(pid, num_experts * per_expert, nprog):
-        j = t // per_expert
-        q = t % per_expert
-        first_m = (q // per_group) * GROUP_M
-        size_m = min(tiles_m - first_m, GROUP_M)
-        tm = first_m + (q % per_group) % size_m
-        tn = (q % per_group) // size_m
-        start = tl.load(row_offsets_ptr + j)
-        end = tl.load(row_offsets_ptr + j + 1)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        n_full = (end - start) // BK
-        for i in tl.range(0, n_full, num_stages=NUM_STAGES):
-            r0 = start + i * BK
-            acc = tl.dot(tl.trans(a_desc.load([r0, tm * BM])), b_desc.load([r0, tn * BN]), acc,
-                         input_precision=DOT_PRECISION)
-        r0 = start + n_full * BK
-        if r0 < end:  # the expert's partial last block (the next rows belong to another expert): masked loads
-            rows = r0 + tl.arange(0, BK)
-            rmask = rows < end
-            rows = rows.to(tl.int64)
-            mcols = tm * BM + tl.arange(0, BM)
-            ncols = tn * BN + tl.arange(0, BN)
-            a_t = tl.load(a_ptr + rows[None, :] * stride_a + mcols[:, None],
-                          mask=(mcols < m_dim)[:, None] & rmask[None, :], other=0.0)
-            b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :],
-                            mask=rmask[:, None] & (ncols < n_dim)[None, :], other=0.0)
-            acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
-        c_row = tl.load(c_rows_ptr + j) + tm * BM
-        if OVERWRITE:
-            c_desc.store([c_row, tn * BN], acc)
-        else:
-            c_desc.atomic_add([c_row, tn * BN], acc)
-
-
 # GPU tiles: on an H100 (examples/bench_wgrad.py, docs/BENCHMARKS.md) 64 x 128 with 4 warps ran 1.2-1.3x faster
 # than 128 x 128 with 8 (more programs per SM in flight on a kernel bound by its main_grad traffic), and
 # loading the old main_grad tile before the K loop (prefetch_c) 1.15-1.2x slower than loading it into the
-# accumulator (registers).
+# accumulator (registers). The TMA epilogue (twelfth session) is 1.05-1.27x faster than the register one at these
+# tiles when adding; a persistent variant (tiles looped per program, the bulk reduce drained behind the next
+# tile's K loop) lost 0.65-0.95x at every shape and tile tried, and was dropped.
 WGRAD_ACCUMULATE_TILES = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
                               prefetch_c=False)
 INTERPRETER_TILES = dict(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, prefetch_c=False)
@@ -231,8 +188,7 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
                              out_offsets: torch.Tensor, *, block_m: int = 64, block_n: int = 64,
                              block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 2,
                              prefetch_c: bool = True, use_tma_loads: bool | None = None,
-                             overwrite: bool = False, out_rows: tuple | None = None, tma_out: bool = True,
-                             persistent: int = 0) -> None:
+                             overwrite: bool = False, out_rows: tuple | None = None, tma_out: bool = True) -> None:
     """out_e += a[rows_e]^T @ b[rows_e] for every expert e, accumulated in fp32; with `overwrite`,
     out_e = a[rows_e]^T @ b[rows_e] (the outputs are written, never read: an expert without rows gets zeros).
 
@@ -243,9 +199,7 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
 
     out_rows: `tma_output_rows(...)` for these outputs, or None. Given, on Hopper (compiled, TMA loads) and with
     M a multiple of block_m, the tiles leave through TMA (`C_DESC`: reduce-add in L2, or store) unless
-    `tma_out=False`; otherwise through the program's registers (read, add, write back). `persistent=k` (with
-    the TMA epilogue): k programs per SM, each looping over tiles (`_wgrad_persistent_kernel`); 0: one
-    program per tile.
+    `tma_out=False`; otherwise through the program's registers (read, add, write back).
     """
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     experts = out_offsets.numel()
@@ -284,14 +238,6 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
             raise ValueError(f"grouped_wgrad_accumulate: out_rows for {c_rows.numel()} experts of {view.shape[1]} "
                              f"columns, the outputs are {experts} x [{m_dim}, {n_dim}]")
         c_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [block_m, block_n])
-    if c_tma and persistent:
-        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 2
-        tiles = experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n)
-        launch(_wgrad_persistent_kernel, (min(sms * persistent, tiles),), a_desc, b_desc, c_desc, a, a.stride(0), b,
-               b.stride(0), c_rows, row_offsets, m_dim, n_dim, experts, BM=block_m, BN=block_n, BK=block_k,
-               GROUP_M=group_m, NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype),
-               OVERWRITE=bool(overwrite), num_warps=num_warps, num_stages=num_stages)
-        return
     grid = (triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n), experts)
     launch(_wgrad_accumulate_kernel, grid, a, a.stride(0), b, b.stride(0), out_base, out_offsets, row_offsets,
            m_dim, n_dim, a_desc if desc else a, b_desc if desc else b, c_desc, c_rows,

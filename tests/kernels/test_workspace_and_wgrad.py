@@ -195,14 +195,12 @@ def test_tma_output_rows_views_back_to_back_outputs():
     assert tma_output_rows(buf, [], m_dim, n_dim) is None
 
 
-@pytest.mark.parametrize("persistent", [0, 1])
 @pytest.mark.parametrize("experts_rows", [[0, 5, 37, 32, 16], [20, 0]])
-def test_grouped_wgrad_accumulate_tma_store_epilogue(experts_rows, persistent, gen):
+def test_grouped_wgrad_accumulate_tma_store_epilogue(experts_rows, gen):
     """overwrite through the descriptor epilogue (C_DESC: the tile stored by TMA at its expert's first row
     of the outputs' [rows, N] view), forced on in the interpreter: main_grads back to back in reverse order
     with whole-row NaN gaps, holding NaN before (never read); the gaps stay NaN. The reduce-add variant
-    needs the compiled kernel (tests/kernels/gpu). `persistent`: the persistent kernel (2 programs here, each
-    looping over tiles of several experts)."""
+    needs the compiled kernel (tests/kernels/gpu)."""
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate, tma_output_rows
 
@@ -221,7 +219,7 @@ def test_grouped_wgrad_accumulate_tma_store_epilogue(experts_rows, persistent, g
     row_offsets = torch.tensor([0] + torch.cumsum(torch.tensor(experts_rows), 0).tolist(), dtype=torch.int32)
     grouped_wgrad_accumulate(a, b, row_offsets, base, torch.tensor(host_offsets, dtype=torch.int64),
                              block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1,
-                             use_tma_loads=True, overwrite=True, out_rows=out_rows, persistent=persistent)
+                             use_tma_loads=True, overwrite=True, out_rows=out_rows)
     for e in range(experts):
         s, t = row_offsets[e].item(), row_offsets[e + 1].item()
         want = a[s:t].double().t() @ b[s:t].double()
