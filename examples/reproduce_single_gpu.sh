@@ -13,7 +13,7 @@
 #   alltoall (tokens/s medians, loss curves)  -> OUT/e2e/e2e.{json,png}, OUT/e2e.log
 #
 # Knobs (environment): PYTHON (default: the bootstrap venv, else python3), SHAPES, TOKENS, E2E_STEPS (12),
-#   SKIP_KERNELS=1, SKIP_E2E=1, DRY_RUN=1 (print the commands, run nothing).
+#   SKIP_LAYER=1, SKIP_KERNELS=1, SKIP_E2E=1, DRY_RUN=1 (print the commands, run nothing).
 # Several GPUs of one host: examples/run_ep_matrix.sh.
 set -uo pipefail
 
@@ -51,10 +51,12 @@ if [[ "${DRY_RUN:-0}" != "1" ]]; then
     mkdir -p "$OUT"
 fi
 failed=0
-for shape in "${shapes[@]}"; do  # one process per shape: each starts with an empty allocator
-    run "$OUT/layer-$shape.log" bench layer --ddp --shapes "$shape" --tokens "${tokens[@]}" \
-        --modes fwd fwd+bwd fwd+bwd:first --out "$OUT/layer-$shape" || failed=1
-done
+if [[ "${SKIP_LAYER:-0}" != "1" ]]; then
+    for shape in "${shapes[@]}"; do  # one process per shape: each starts with an empty allocator
+        run "$OUT/layer-$shape.log" bench layer --ddp --shapes "$shape" --tokens "${tokens[@]}" \
+            --modes fwd fwd+bwd fwd+bwd:first --out "$OUT/layer-$shape" || failed=1
+    done
+fi
 if [[ "${SKIP_KERNELS:-0}" != "1" ]]; then
     run "$OUT/kernels.log" bench kernels --world 1 --tokens 2048 8192 --shapes "${shapes[@]}" \
         --out "$OUT/kernels" || failed=1

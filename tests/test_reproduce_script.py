@@ -51,6 +51,8 @@ def test_dry_run_lists_the_three_stages_with_arguments_the_cli_accepts(tmp_path,
 def test_knobs_skip_stages(tmp_path):
     cmds = _commands(tmp_path, SHAPES="phi-3.5-moe", SKIP_KERNELS="1", SKIP_E2E="1")
     assert [c[:2] for c in cmds] == [["bench", "layer"]]
+    cmds = _commands(tmp_path, SHAPES="phi-3.5-moe mixtral-8x7b", SKIP_LAYER="1")
+    assert [c[:2] for c in cmds] == [["bench", "kernels"], ["bench", "ep"]]
 
 
 def test_without_a_gpu_it_stops_with_the_fix(tmp_path):
