@@ -269,8 +269,8 @@ def _tma_rows(mains, base: torch.Tensor):
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import tma_output_rows
 
-    if not base.is_cuda or mains[0].dim() != 2:
-        return None
+    if not base.is_cuda or mains[0].dim() != 2 or os.environ.get("COMET_WGRAD_TMA_OUT", "1") == "0":
+        return None  # COMET_WGRAD_TMA_OUT=0: the register epilogue (A/B measurements)
     key = (str(base.device), tuple(map(torch.Tensor.data_ptr, mains)), tuple(mains[0].shape))
     hit = _TMA_ROWS.get(key, False)
     if hit is False:
