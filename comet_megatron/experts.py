@@ -173,10 +173,9 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 # * "gemm": one cuBLAS GEMM per expert with beta = 1, where the experts are few and large (per-expert GEMMs of
 #   a few rows would lose to one grouped GEMM): compute-bound, cuBLAS's GEMMs are the fastest there;
 # * "triton": `kernels.wgrad.grouped_wgrad_accumulate`, one launch for all experts, for many or small experts on
-#   a GPU: with few rows per expert the work is the read + write of fp32 main_grad, which it does at up to 2.1
-#   TB/s on an H100 (its TMA reduce-add epilogue) against 1.5-1.8 TB/s for the grouped GEMM + add (1.2-1.3x on
-#   Qwen2-MoE at 2048-8192 tokens) and 1.7-2.0 for cuBLAS per expert (1.04-1.11x on Phi-3.5-MoE at 2048 and 4096
-#   tokens, 1.03x on Mixtral at 2048: up to 512 rows per expert; docs/BENCHMARKS.md, twelfth session);
+#   a GPU: with few rows per expert the work is the read + write of fp32 main_grad, which it does at up to 2.45
+#   TB/s on an H100 against 1.8 TB/s for the grouped GEMM + add (1.23-1.39x on Qwen2-MoE at 2048-8192 tokens,
+#   1.14-1.19x on Phi-3.5-MoE at 2048; docs/BENCHMARKS.md);
 # * "add": the grouped GEMM to a bf16 stacked gradient, added into main_grad (`hand_to_main_grads`): many experts
 #   with many rows each (compute-bound), or where neither kernel can run.
 # In a step's first micro-batch (`main_grads_zeroed`) both kernels only write main_grad, and the per-expert cuBLAS
@@ -184,9 +183,11 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 # eleventh session): Phi-3.5-MoE at 2048 tokens (16 experts, 256 rows each) 1.24x / 1.30x (fc1 / fc2) faster than
 # the Triton kernel, Mixtral 1.29x / 1.59x; while adding, the Triton kernel is 1.03-1.05x ahead on Phi-3.5-MoE there.
 FUSED_WGRAD_MAX_EXPERTS = 16
-# mean rows per expert: cuBLAS from 1024 (Mixtral at 4096 tokens 1.14x / 1.08x (fc1 / fc2) ahead of the Triton
-# kernel, Phi-3.5-MoE at 8192 1.09x / 1.02x), the Triton kernel up to 512; the boundary between the two measured
-FUSED_WGRAD_MIN_ROWS = 768
+# mean rows per expert. Alone, the Triton kernel with its TMA epilogue ran 1.03-1.11x ahead of cuBLAS at 512 rows
+# (examples/bench_wgrad.py), but inside the layer cuBLAS was ahead there with either epilogue (Mixtral at 2048
+# tokens 11.49 ms against 12.19 / 12.76, Phi-3.5-MoE at 4096 10.66 against 11.24 / 11.48; docs/BENCHMARKS.md,
+# twelfth session): the layer decides
+FUSED_WGRAD_MIN_ROWS = 512
 FUSED_WGRAD_MIN_ROWS_OVERWRITE = 256
 # Above this many mean rows per expert the weight gradient is bound by its GEMM, where cuBLAS is faster than
 # the Triton kernel (H100: even at 1024 on Qwen2-MoE, 0.6-0.67x at 2048 on Phi-3.5-MoE / Mixtral)
@@ -263,14 +264,26 @@ def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, device_offs
 _TMA_ROWS: dict = {}  # the same key as _FLAT -> kernels.wgrad.tma_output_rows(...) or None
 
 
+def wgrad_tma_out() -> bool:
+    """Whether the Triton weight-gradient kernel's tiles leave through its TMA epilogue (bulk reduce-add into
+    `main_grad`, Hopper): `COMET_WGRAD_TMA_OUT=1`. Off by default: alone (examples/bench_wgrad.py) it ran
+    1.05-1.27x faster than the register epilogue on an H100, but inside the layer under DDP (`bench layer`
+    A/B, docs/BENCHMARKS.md, twelfth session) from 5% slower (Mixtral at 2048 tokens, Phi-3.5-MoE at 4096) to
+    2.5% faster (Mixtral at 4096)."""
+    mode = os.environ.get("COMET_WGRAD_TMA_OUT", "0")
+    if mode not in ("0", "1"):
+        raise ValueError(f"COMET_WGRAD_TMA_OUT={mode!r}: use 0 (register epilogue, the default) or 1 (TMA)")
+    return mode == "1"
+
+
 def _tma_rows(mains, base: torch.Tensor):
-    """`kernels.wgrad.tma_output_rows` for `mains` (2-D, in `base` = flat_mains(mains)[0]), cached like
-    flat_mains (one host-to-device copy per set of buffers)."""
+    """`kernels.wgrad.tma_output_rows` for `mains` (2-D, in `base` = flat_mains(mains)[0]) when the TMA
+    epilogue is on (`wgrad_tma_out`), cached like flat_mains (one host-to-device copy per set of buffers)."""
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import tma_output_rows
 
-    if not base.is_cuda or mains[0].dim() != 2 or os.environ.get("COMET_WGRAD_TMA_OUT", "1") == "0":
-        return None  # COMET_WGRAD_TMA_OUT=0: the register epilogue (A/B measurements)
+    if not base.is_cuda or mains[0].dim() != 2 or not wgrad_tma_out():
+        return None
     key = (str(base.device), tuple(map(torch.Tensor.data_ptr, mains)), tuple(mains[0].shape))
     hit = _TMA_ROWS.get(key, False)
     if hit is False:

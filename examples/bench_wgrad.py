@@ -11,8 +11,9 @@ after warm-up, L2 flushed, `triton.testing.do_bench`):
 * `cublas-addmm`: one cuBLAS GEMM per expert with beta = 1 into `main_grad` (`experts.accumulate_wgrad_gemms`);
 * `grouped+add`: cuBLAS's grouped GEMM to a bf16 [El, M, N] gradient, then one Triton add into the
   `main_grad`s (`kernels.accumulate`);
-* `triton` (and `--configs` variants): `kernels.wgrad.grouped_wgrad_accumulate`, one launch for every expert
-  (its tiles leaving through TMA reduce-add / store where they can; `{"tma_out": false}`: through registers).
+* `triton` (and `--configs` variants): `kernels.wgrad.grouped_wgrad_accumulate`, one launch for every expert,
+  with the epilogue the layer uses (`COMET_WGRAD_TMA_OUT`); `{"tma_out": true}` / `{"tma_out": false}`: its tiles
+  leave through TMA (bulk reduce-add / store) / through registers.
 
 and prints ms, TB/s of `main_grad` traffic (read + write of fp32), TFLOP/s and each one's speed vs
 `cublas-addmm`. Checks every variant's result against `cublas-addmm`'s first.
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     import triton
 
     from comet_megatron.bench import load_shape
-    from comet_megatron.experts import accumulate_wgrad_gemms
+    from comet_megatron.experts import accumulate_wgrad_gemms, wgrad_tma_out
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate, tma_output_rows
 
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
 
                 variants = {"cublas-addmm": cublas, "grouped+add": grouped_add}
                 for i, cfg in enumerate(configs):
-                    kw = {**WGRAD_ACCUMULATE_TILES, **cfg}
+                    kw = {**WGRAD_ACCUMULATE_TILES, "tma_out": wgrad_tma_out(), **cfg}  # as the layer runs it
                     label = "triton" if not cfg else f"triton {json.dumps(cfg, sort_keys=True)}"
                     variants[label] = (lambda kw=kw: grouped_wgrad_accumulate(a, b, dev_offsets, base, out_offsets,
                                                                               overwrite=ow, out_rows=out_rows, **kw))

@@ -15,9 +15,11 @@ small tiles keep several programs per SM in flight to overlap them. Row offsets 
 host synchronisation. `overwrite=True` writes the products instead of adding them (no read of `main_grad`:
 half the traffic) for the first micro-batch of a step, whose `main_grad`s Megatron's DDP has just zeroed.
 
-On Hopper the tiles leave through TMA where the outputs allow it (`tma_output_rows`: Megatron's DDP buffer holds
-an expert weight's main_grads back to back): a bulk reduce-add, done by L2 next to memory, so the program never
-reads the old tile into registers and its SM goes on to the next program at once (a bulk store when writing).
+On Hopper the tiles can leave through TMA where the outputs allow it (`out_rows` from `tma_output_rows`:
+Megatron's DDP buffer holds an expert weight's main_grads back to back): a bulk reduce-add, done by L2 next to
+memory, so the program never reads the old tile into registers (a bulk store when writing). Alone it ran
+1.05-1.27x faster than the register epilogue on an H100; inside the MoE layer it did not pay
+(comet_megatron.experts.wgrad_tma_out: opt-in).
 """
 
 from __future__ import annotations
@@ -172,7 +174,7 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
 # than 128 x 128 with 8 (more programs per SM in flight on a kernel bound by its main_grad traffic), and
 # loading the old main_grad tile before the K loop (prefetch_c) 1.15-1.2x slower than loading it into the
 # accumulator (registers). The TMA epilogue (twelfth session) is 1.05-1.27x faster than the register one at these
-# tiles when adding; a persistent variant (tiles looped per program, the bulk reduce drained behind the next
+# tiles when adding, alone; a persistent variant (tiles looped per program, the bulk reduce drained behind the next
 # tile's K loop) lost 0.65-0.95x at every shape and tile tried, and was dropped.
 WGRAD_ACCUMULATE_TILES = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
                               prefetch_c=False)

@@ -191,17 +191,17 @@ def test_fused_path_main_grad_handoff_matches_megatron_ddp():
 
 
 @pytest.mark.parametrize("experts,rows,overwrite,want", [
-    (8, 4096, False, "triton"), (8, 4096, True, "gemm"),        # Mixtral, 2048 tokens: 512 rows per expert
+    (8, 4096, False, "gemm"), (8, 4096, True, "gemm"),          # Mixtral, 2048 tokens: 512 rows per expert
     (8, 8192, False, "gemm"),                                   # Mixtral, 4096 tokens: 1024 rows each
     (16, 4096, False, "triton"), (16, 4096, True, "gemm"),      # Phi-3.5-MoE, 2048 tokens: 256 rows each
-    (16, 8192, False, "triton"), (16, 2048, True, "triton"),    # Phi-3.5-MoE 4096 tokens; 128 rows each
+    (16, 8192, False, "gemm"), (16, 2048, True, "triton"),      # Phi-3.5-MoE 4096 tokens; 128 rows each
     (16, 16384, False, "gemm"),                                 # Phi-3.5-MoE 8192 tokens: 1024 rows each
     (64, 8192, False, "triton"), (64, 8192, True, "triton"),    # Qwen2-MoE: many experts
     (64, 131072, False, "add"), (64, 131072, True, "add"),      # many experts with many rows: compute-bound
 ])
 def test_auto_weight_gradient_route(experts, rows, overwrite, want):
     """The measured policy (H100, examples/bench_wgrad.py with and without --overwrite, docs/BENCHMARKS.md): per-
-    expert cuBLAS GEMMs for few experts from 1024 rows each when adding (not at 512), from 256 when writing (a step's first
+    expert cuBLAS GEMMs for few experts from 512 rows each when adding, from 256 when writing (a step's first
     micro-batch); the one-launch Triton kernel for many or small experts; the grouped GEMM + add beyond."""
     from comet_megatron.experts import auto_wgrad_route
 
@@ -240,3 +240,17 @@ def test_main_grads_zeroed_trusts_the_flag_and_checks_on_request(monkeypatch):
     monkeypatch.setenv("COMET_MAIN_GRAD_OVERWRITE", "yes")
     with pytest.raises(ValueError, match="use 1, 0 or check"):
         main_grads_zeroed([weight(False)])
+
+
+def test_wgrad_tma_out_switch(monkeypatch):
+    """COMET_WGRAD_TMA_OUT: the TMA epilogue of the weight-gradient kernel is opt-in (1); 0 or unset: the
+    register epilogue; anything else names the choices."""
+    from comet_megatron.experts import wgrad_tma_out
+
+    monkeypatch.delenv("COMET_WGRAD_TMA_OUT", raising=False)
+    assert wgrad_tma_out() is False
+    monkeypatch.setenv("COMET_WGRAD_TMA_OUT", "1")
+    assert wgrad_tma_out() is True
+    monkeypatch.setenv("COMET_WGRAD_TMA_OUT", "yes")
+    with pytest.raises(ValueError, match="use 0 .* or 1"):
+        wgrad_tma_out()
