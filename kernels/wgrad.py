@@ -3,9 +3,9 @@
 They have no consumer on the critical path of the backward pass, so they are a separate call that a
 caller may defer (Megatron's `backward_dw` / `--delay-wgrad-compute`) to overlap other communication.
 
-Backends: "triton" (`_grouped_wgrad_kernel`, grid (El, cdiv(M, BM) * cdiv(N, BN)), one output tile per
-program, K loop over the expert's rows; no waits), "grouped_mm" (CUDA `torch._grouped_mm` with offsets,
-bf16), "loop" (a torch loop over experts; the CPU fallback). "auto" = triton.
+Backends: "triton" (`grouped_wgrad_accumulate` writing into the output: one program per output tile and
+expert, K loop over the expert's rows, no waits), "grouped_mm" (CUDA `torch._grouped_mm` with offsets,
+bf16), "loop" (a torch loop over experts; the CPU fallback). "auto" = grouped_mm on Hopper in bf16, else triton.
 
 `grouped_wgrad_accumulate`: the same products ADDED into fp32 buffers (Megatron's `main_grad`s, separate
 slices of one storage, in any order) in one launch for all experts: each program starts its accumulator from
@@ -35,41 +35,15 @@ from .launch import launch
 from .operands import use_tma
 
 
-@triton.jit
-def _grouped_wgrad_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, offsets_ptr, m_dim, n_dim,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    j = tl.program_id(0)
-    n_tiles_n = tl.cdiv(n_dim, BN)
-    mcols = (tl.program_id(1) // n_tiles_n) * BM + tl.arange(0, BM)
-    ncols = (tl.program_id(1) % n_tiles_n) * BN + tl.arange(0, BN)
-    mmask = mcols < m_dim
-    nmask = ncols < n_dim
-    start = tl.load(offsets_ptr + j)
-    end = tl.load(offsets_ptr + j + 1)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    r0 = start
-    while r0 < end:  # bounds from device memory: a while loop (the interpreter cannot range() over them)
-        rows = r0 + tl.arange(0, BK)
-        rmask = rows < end
-        # a^T tile loaded directly as [BM, BK]
-        a_t = tl.load(a_ptr + rows.to(tl.int64)[None, :] * stride_a + mcols[:, None],
-                      mask=mmask[:, None] & rmask[None, :], other=0.0)
-        b = tl.load(b_ptr + rows.to(tl.int64)[:, None] * stride_b + ncols[None, :],
-                    mask=rmask[:, None] & nmask[None, :], other=0.0)
-        acc = tl.dot(a_t, b, acc, input_precision=DOT_PRECISION)
-        r0 += BK
-    c_rows = c_ptr + j.to(tl.int64) * m_dim * n_dim + mcols[:, None].to(tl.int64) * n_dim
-    tl.store(c_rows + ncols[None, :], acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
-
-
 def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, *, backend: str = "auto",
-                  out_dtype: torch.dtype | None = None, block_m: int = 64, block_n: int = 64,
-                  block_k: int = 32) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, block_m: int | None = None, block_n: int | None = None,
+                  block_k: int | None = None) -> torch.Tensor:
     """C[e] = a[off[e]:off[e+1]]^T @ b[off[e]:off[e+1]] for every local expert e.
 
     a: [R, M], b: [R, N] (row-major rows in receive order); expert_offsets: [El+1] int32 device tensor
     (`ReceiveLayout.expert_offsets`). Returns [El, M, N] in `out_dtype` (default a.dtype); experts
-    without rows get zeros.
+    without rows get zeros. The "triton" backend is `grouped_wgrad_accumulate` writing (not adding) into the
+    fresh output, its tiles (`wgrad_accumulate_tiles`) unless block_* are given.
     """
     num_experts = expert_offsets.numel() - 1
     (rows, m_dim), n_dim = a.shape, b.shape[1]
@@ -90,13 +64,13 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
         return torch._grouped_mm(a.t(), b, offs=expert_offsets[1:].contiguous()).to(out_dtype)
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}")
-    a, b = a.contiguous(), b.contiguous()
-    if rows == 0:  # Triton needs real allocations; every expert is empty anyway
-        return torch.zeros(num_experts, m_dim, n_dim, dtype=out_dtype, device=a.device)
     out = torch.empty(num_experts, m_dim, n_dim, dtype=out_dtype, device=a.device)
-    grid = (num_experts, triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n))
-    launch(_grouped_wgrad_kernel, grid, a, a.stride(0), b, b.stride(0), out, expert_offsets, m_dim, n_dim,
-                                BM=block_m, BN=block_n, BK=block_k, DOT_PRECISION=dot_precision(a.dtype))
+    tiles = wgrad_accumulate_tiles(a)
+    for key, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        if value is not None:
+            tiles[key] = value
+    offsets = torch.arange(num_experts, dtype=torch.int64, device=a.device) * (m_dim * n_dim)
+    grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, **tiles)
     return out
 
 
@@ -208,8 +182,10 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
     if b.shape[0] != rows or row_offsets.numel() != experts + 1:
         raise ValueError(f"grouped_wgrad_accumulate: a {tuple(a.shape)}, b {tuple(b.shape)}, "
                          f"{row_offsets.numel()} row offsets for {experts} experts")
-    if out_base.dtype != torch.float32 or out_offsets.dtype != torch.int64:
-        raise ValueError("grouped_wgrad_accumulate: fp32 outputs, int64 element offsets")
+    if (out_base.dtype != torch.float32 and not overwrite) or not out_base.dtype.is_floating_point \
+            or out_offsets.dtype != torch.int64:
+        raise ValueError("grouped_wgrad_accumulate: fp32 outputs (any float type when writing), int64 element "
+                         "offsets")
     if experts == 0 or m_dim == 0 or n_dim == 0:
         return
     if rows == 0:  # Triton needs real operands; every product is zero

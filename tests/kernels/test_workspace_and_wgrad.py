@@ -41,15 +41,22 @@ def test_send_plan_is_stable_by_expert(gen):
 
 
 @pytest.mark.parametrize("backend", ["triton", "loop"])
-def test_grouped_wgrad_matches_per_expert_products(backend, gen):
-    rows_per_expert = [5, 0, 17, 3]  # includes an expert without rows
-    a = torch.randn(sum(rows_per_expert), 20, generator=gen)
-    b = torch.randn(sum(rows_per_expert), 12, generator=gen)
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.float32, None), (torch.float16, torch.float16),
+                                             (torch.float16, torch.float32)])
+def test_grouped_wgrad_matches_per_expert_products(backend, dtype, out_dtype, gen):
+    """Every backend against float64 per-expert products, in the requested output type (the Triton backend
+    writes it from its fp32 accumulator): an expert without rows, fewer rows than a K block, a tail."""
+    rows_per_expert = [5, 0, 17, 3, 40]  # includes an expert without rows
+    a = torch.randn(sum(rows_per_expert), 20, generator=gen).to(dtype)
+    b = torch.randn(sum(rows_per_expert), 12, generator=gen).to(dtype)
     offsets = torch.tensor([0] + torch.cumsum(torch.tensor(rows_per_expert), 0).tolist(), dtype=torch.int32)
-    got = grouped_wgrad(a, b, offsets, backend=backend, block_m=16, block_n=16, block_k=16)
+    got = grouped_wgrad(a, b, offsets, backend=backend, out_dtype=out_dtype, block_m=16, block_n=16, block_k=16)
+    assert got.dtype == (out_dtype or dtype) and got.shape == (len(rows_per_expert), 20, 12)
+    tol = 1e-5 if got.dtype == torch.float32 and dtype == torch.float32 else 2e-2
     for e in range(len(rows_per_expert)):
         s, t = offsets[e].item(), offsets[e + 1].item()
-        torch.testing.assert_close(got[e], a[s:t].t() @ b[s:t], rtol=1e-5, atol=1e-5)
+        want = (a[s:t].double().t() @ b[s:t].double()).to(got.dtype)
+        torch.testing.assert_close(got[e], want, rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------- accumulate_into
@@ -155,6 +162,8 @@ def test_grouped_wgrad_accumulate_refuses_mismatched_inputs():
         grouped_wgrad_accumulate(a, b, torch.tensor([0, 6], dtype=torch.int32), base, offs)
     with pytest.raises(ValueError, match="fp32"):
         grouped_wgrad_accumulate(a, b, torch.tensor([0, 3, 6]), base.bfloat16(), offs)
+    with pytest.raises(ValueError, match="int64"):  # writing takes any float type, still int64 offsets
+        grouped_wgrad_accumulate(a, b, torch.tensor([0, 3, 6]), base.bfloat16(), offs.int(), overwrite=True)
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
