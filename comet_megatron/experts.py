@@ -266,10 +266,11 @@ _TMA_ROWS: dict = {}  # the same key as _FLAT -> kernels.wgrad.tma_output_rows(.
 
 def wgrad_tma_out() -> bool:
     """Whether the Triton weight-gradient kernel's tiles leave through its TMA epilogue (bulk reduce-add into
-    `main_grad`, Hopper): `COMET_WGRAD_TMA_OUT=1`. Off by default: alone (examples/bench_wgrad.py) it ran
-    1.05-1.27x faster than the register epilogue on an H100, but inside the layer under DDP (`bench layer`
-    A/B, docs/BENCHMARKS.md, twelfth session) from 5% slower (Mixtral at 2048 tokens, Phi-3.5-MoE at 4096) to
-    2.5% faster (Mixtral at 4096)."""
+    `main_grad`, Hopper; a bulk store when writing): `COMET_WGRAD_TMA_OUT=1`. Off by default: alone
+    (examples/bench_wgrad.py, H100) it ran 0.84-1.16x the register epilogue's speed when adding (slower on
+    Qwen2-MoE at 2048 tokens) and 0.95-1.50x when writing, and inside the layer under DDP (`bench layer` A/B,
+    docs/BENCHMARKS.md, twelfth session) from 5% slower (Mixtral at 2048 tokens, Phi-3.5-MoE at 4096) to 2.5%
+    faster (Mixtral at 4096)."""
     mode = os.environ.get("COMET_WGRAD_TMA_OUT", "0")
     if mode not in ("0", "1"):
         raise ValueError(f"COMET_WGRAD_TMA_OUT={mode!r}: use 0 (register epilogue, the default) or 1 (TMA)")

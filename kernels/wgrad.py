@@ -17,9 +17,9 @@ half the traffic) for the first micro-batch of a step, whose `main_grad`s Megatr
 
 On Hopper the tiles can leave through TMA where the outputs allow it (`out_rows` from `tma_output_rows`:
 Megatron's DDP buffer holds an expert weight's main_grads back to back): a bulk reduce-add, done by L2 next to
-memory, so the program never reads the old tile into registers (a bulk store when writing). Alone it ran
-1.05-1.27x faster than the register epilogue on an H100; inside the MoE layer it did not pay
-(comet_megatron.experts.wgrad_tma_out: opt-in).
+memory, so the program never reads the old tile into registers (a bulk store when writing). Alone, on an
+H100, it ran 0.84-1.16x the register epilogue's speed when adding, 0.95-1.50x when writing; inside the MoE
+layer it did not pay (comet_megatron.experts.wgrad_tma_out: opt-in).
 """
 
 from __future__ import annotations
@@ -147,9 +147,10 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
 # GPU tiles: on an H100 (examples/bench_wgrad.py, docs/BENCHMARKS.md) 64 x 128 with 4 warps ran 1.2-1.3x faster
 # than 128 x 128 with 8 (more programs per SM in flight on a kernel bound by its main_grad traffic), and
 # loading the old main_grad tile before the K loop (prefetch_c) 1.15-1.2x slower than loading it into the
-# accumulator (registers). The TMA epilogue (twelfth session) is 1.05-1.27x faster than the register one at these
-# tiles when adding, alone; a persistent variant (tiles looped per program, the bulk reduce drained behind the next
-# tile's K loop) lost 0.65-0.95x at every shape and tile tried, and was dropped.
+# accumulator (registers). The TMA epilogue (twelfth session): 0.84-1.16x the register one's speed at these tiles
+# when adding, 0.95-1.50x when writing, alone; a persistent variant (tiles looped per program, the bulk reduce
+# drained behind the next tile's K loop) ran 0.79-0.99x wherever this kernel is the route's pick (up to 512 rows
+# per expert) and 1.13-1.43x only from 1024 rows, where cuBLAS per expert stays ahead of it: dropped.
 WGRAD_ACCUMULATE_TILES = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
                               prefetch_c=False)
 INTERPRETER_TILES = dict(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, prefetch_c=False)
