@@ -202,6 +202,21 @@ def test_accumulate_into_compiled():
     assert int(torch.isnan(buffer).sum()) == gap * (groups + 1)
 
 
+def _reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite):
+    """(buffer, main_grads, float64 values before) for `el` fp32 [M, N] main_grads in reverse order in one
+    NaN-filled buffer with `gap` elements between them, as Megatron's DDP buffer holds expert weights; random
+    values, or NaN with `overwrite` (the kernel must not read them; `before` is then zero)."""
+    n = m_dim * n_dim
+    buffer = torch.full((el * (n + gap) + gap,), float("nan"), device="cuda")
+    mains = [buffer[gap + (el - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(el)]
+    for m in mains:
+        m.normal_(generator=gen)
+        if overwrite:
+            m.fill_(float("nan"))
+    before = [torch.zeros_like(m, dtype=torch.float64) if overwrite else m.double() for m in mains]
+    return buffer, mains, before
+
+
 @pytest.mark.parametrize("knobs", [{}, {"use_tma_loads": False}, {"prefetch_c": True},
                                    {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4},
                                    {"overwrite": True}, {"overwrite": True, "use_tma_loads": False}])
@@ -218,15 +233,9 @@ def test_grouped_wgrad_accumulate_compiled(knobs):
     m_dim, n_dim, gap = 328, 200, 77
     a = torch.randn(sum(rows), m_dim, device="cuda", generator=gen).to(torch.bfloat16)
     b = torch.randn(sum(rows), n_dim, device="cuda", generator=gen).to(torch.bfloat16)
-    el, n = len(rows), m_dim * n_dim
-    buffer = torch.full((el * (n + gap) + gap,), float("nan"), device="cuda")
-    mains = [buffer[gap + (el - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(el)]
+    el = len(rows)
     overwrite = knobs.get("overwrite", False)
-    for m in mains:
-        m.normal_(generator=gen)
-        if overwrite:
-            m.fill_(float("nan"))
-    before = [torch.zeros_like(m, dtype=torch.float64) if overwrite else m.double() for m in mains]
+    buffer, mains, before = _reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite)
     base = accumulate.flat_base(mains)
     out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device="cuda")
     offs = [0]
@@ -264,13 +273,7 @@ def test_grouped_wgrad_accumulate_tma_epilogue_compiled(knobs):
         offs.append(offs[-1] + r)
     row_offsets = torch.tensor(offs, dtype=torch.int32, device="cuda")
     for tma_out in (True, False):
-        buffer = torch.full((el * (n + gap) + gap,), float("nan"), device="cuda")
-        mains = [buffer[gap + (el - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(el)]
-        for m in mains:
-            m.normal_(generator=gen)
-            if overwrite:
-                m.fill_(float("nan"))
-        before = [torch.zeros_like(m, dtype=torch.float64) if overwrite else m.double() for m in mains]
+        buffer, mains, before = _reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite)
         base = accumulate.flat_base(mains)
         host = accumulate.element_offsets(base, mains)
         out_rows = tma_output_rows(base, host, m_dim, n_dim)
