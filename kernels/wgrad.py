@@ -81,7 +81,8 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
                              USE_DESC: tl.constexpr, PREFETCH_C: tl.constexpr, NUM_STAGES: tl.constexpr,
                              DOT_PRECISION: tl.constexpr, OVERWRITE: tl.constexpr, C_DESC: tl.constexpr):
     """C_j[m, n] += sum over rows r of expert j of a[r, m] * b[r, n] (OVERWRITE: C_j = the sum, C never read);
-    C_j at c_ptr + c_offsets[j], [M, N] row-major, fp32. Grid (tiles of [M, N], experts).
+    C_j at c_ptr + c_offsets[j], [M, N] row-major, fp32 (any float type with OVERWRITE). Grid (tiles of [M, N],
+    experts).
 
     C_DESC: C leaves through the TMA descriptor `c_desc` over the outputs' storage as [rows, N] rows (expert j's
     first row: c_rows[j]): an asynchronous bulk reduce-add (the addition happens in L2, the program never
@@ -170,7 +171,8 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
     out_e = a[rows_e]^T @ b[rows_e] (the outputs are written, never read: an expert without rows gets zeros).
 
     a: [R, M], b: [R, N] (rows in expert order, unit column stride); row_offsets: [El + 1] int32/int64 device
-    tensor (rows_e = row_offsets[e]:row_offsets[e + 1]); out_base: flat fp32 tensor over the outputs' storage,
+    tensor (rows_e = row_offsets[e]:row_offsets[e + 1]); out_base: flat fp32 tensor over the outputs' storage
+    (with `overwrite`, any float type: the fp32 sums are rounded to it, as `grouped_wgrad` uses it),
     out_offsets: [El] int64 element offsets of each expert's contiguous [M, N] output in it
     (`kernels.accumulate.flat_base` / `element_offsets`). No host synchronisation.
 
