@@ -5,7 +5,8 @@
 
 Under Megatron's DDP every expert's weight gradient ends in its fp32 `main_grad` (one slice of a flat buffer,
 in DDP's own order). Per shape, token count and linear (fc1: [2F, H] from d_pre and x; fc2: [H, F] from the
-output gradient and h * p), random rows split evenly over the experts, it times (median of CUDA-event timings
+output gradient and h * p), random rows split evenly over the experts (`--rows routed`: as a random top-k
+routing splits them, unevenly, as in the layer), it times (median of CUDA-event timings
 after warm-up, L2 flushed, `triton.testing.do_bench`):
 
 * `cublas-addmm`: one cuBLAS GEMM per expert with beta = 1 into `main_grad` (`experts.accumulate_wgrad_gemms`);
@@ -29,6 +30,21 @@ import json
 import sys
 
 
+def expert_counts(tokens: int, experts: int, topk: int, how: str = "even") -> list[int]:
+    """Rows per expert for `tokens` tokens routed to `topk` of `experts` experts each: split evenly, or
+    ("routed") as a random routing assigns them (each token's top-k of uniform random scores; seed 0)."""
+    rows = tokens * topk
+    if how == "even":
+        return [rows // experts + (1 if e < rows % experts else 0) for e in range(experts)]
+    if how != "routed":
+        raise ValueError(f"rows split {how!r}: use even or routed")
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    picks = torch.rand(tokens, experts, generator=gen).topk(topk, dim=1).indices
+    return torch.bincount(picks.reshape(-1), minlength=experts).tolist()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["mixtral-8x7b", "qwen2-moe-a2.7b", "phi-3.5-moe"])
@@ -36,6 +52,9 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="[{}]",
                    help="JSON list of keyword sets for grouped_wgrad_accumulate, each timed as its own variant "
                         "({} = its Hopper tiles, kernels.wgrad.WGRAD_ACCUMULATE_TILES)")
+    p.add_argument("--rows", choices=("even", "routed"), default="even",
+                   help="rows per expert: split evenly, or as a random top-k routing of the tokens assigns them "
+                        "(uneven, as in the layer; seeded)")
     p.add_argument("--overwrite", action="store_true",
                    help="write the gradients instead of adding them (a step's first micro-batch)")
     p.add_argument("--out", default=None, help="write the records as JSON here")
@@ -62,7 +81,7 @@ def main(argv=None) -> int:
         for tokens in args.tokens:
             rows = tokens * shape.topk
             el = shape.experts
-            counts = [rows // el + (1 if e < rows % el else 0) for e in range(el)]
+            counts = expert_counts(tokens, el, shape.topk, args.rows)
             offsets = [0]
             for c in counts:
                 offsets.append(offsets[-1] + c)
@@ -110,7 +129,7 @@ def main(argv=None) -> int:
                     flops = 2.0 * rows * m_dim * n_dim
                     traffic = (4.0 if ow else 8.0) * el * m_dim * n_dim  # fp32 main_grad (read +) write
                     records.append(dict(shape=name, tokens=tokens, linear=linear, variant=label, ms=ms,
-                                        overwrite=ow,
+                                        overwrite=ow, rows_split=args.rows, max_rows=max(counts),
                                         tflops=flops / ms / 1e9, main_grad_tbs=traffic / ms / 1e9, rel_err=err))
                 base_ms = next(r["ms"] for r in records if r["shape"] == name and r["tokens"] == tokens
                                and r["linear"] == linear and r["variant"] == "cublas-addmm")
