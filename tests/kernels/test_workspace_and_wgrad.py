@@ -116,17 +116,22 @@ def test_flat_base_refuses_what_it_cannot_address():
 def test_grouped_wgrad_accumulate_into_scattered_main_grads(prefetch_c, use_desc, overwrite, operand_dtype, gen):
     """out_e += a_e^T b_e into fp32 slices of one buffer (reversed order, NaN gaps), against float64 products:
     experts with no rows, fewer rows than a K block, whole blocks plus a tail, exactly whole blocks; M and N
-    not multiples of the tile; a row stride wider than the row (a column slice of a bigger tensor).
+    not multiples of the tile; a row stride wider than the row (a column slice of a bigger tensor); rows of inf past
+    the last expert's (its tail block reads them through TMA and must zero them; NumPy's matmul here does not
+    turn inf x 0 into NaN, the compiled kernel does: tests/kernels/gpu holds the same case).
     `overwrite`: out_e = a_e^T b_e over main_grads holding NaN (never read; the expert without rows gets zeros)."""
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate
 
-    rows_per_expert = [0, 5, 37, 32, 16]
+    rows_per_expert = [0, 5, 37, 32, 16, 7]
     m_dim, n_dim = 40, 24
     total = sum(rows_per_expert)
-    a_full = torch.randn(total, m_dim + 8, generator=gen).to(operand_dtype)
+    spare = 9  # rows past the last expert's (a receive buffer larger than its rows): inf, never to be read
+    a_full = torch.randn(total + spare, m_dim + 8, generator=gen).to(operand_dtype)
+    a_full[total:] = float("inf")
     a = a_full[:, 8:]  # row stride m_dim + 8
-    b = torch.randn(total, n_dim, generator=gen).to(operand_dtype)
+    b = torch.randn(total + spare, n_dim, generator=gen).to(operand_dtype)
+    b[total:] = float("inf")
     experts, n = len(rows_per_expert), m_dim * n_dim
     gap = 13
     buffer = torch.full((experts * (n + gap) + gap,), float("nan"))

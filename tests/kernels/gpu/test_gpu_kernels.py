@@ -223,16 +223,19 @@ def _reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite):
 def test_grouped_wgrad_accumulate_compiled(knobs):
     """Expert weight gradients added into fp32 main_grads (reversed in one buffer, NaN gaps), bf16 operands, the
     Hopper tiles (TMA loads) and variants, against float64: experts without rows, with fewer rows than a K
-    block, with whole blocks and a tail; M and N not multiples of the tiles. `overwrite`: written over main_grads
-    holding NaN (never read)."""
+    block, with whole blocks and a tail; M and N not multiples of the tiles; rows of inf past the last expert's.
+    `overwrite`: written over main_grads holding NaN (never read)."""
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate
 
     gen = torch.Generator(device="cuda").manual_seed(11)
-    rows = [300, 0, 17, 517, 64, 128]
+    rows = [300, 0, 17, 517, 64, 100]
     m_dim, n_dim, gap = 328, 200, 77
-    a = torch.randn(sum(rows), m_dim, device="cuda", generator=gen).to(torch.bfloat16)
-    b = torch.randn(sum(rows), n_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    # rows of inf past the last expert's: its partial last block loads them (TMA) and must zero them
+    a = torch.randn(sum(rows) + 40, m_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    b = torch.randn(sum(rows) + 40, n_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    a[sum(rows):] = float("inf")
+    b[sum(rows):] = float("inf")
     el = len(rows)
     overwrite = knobs.get("overwrite", False)
     buffer, mains, before = _reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite)
