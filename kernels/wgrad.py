@@ -127,16 +127,13 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
     if r0 < end:  # the expert's last, partial block of rows (the next rows belong to another expert)
         rows = r0 + tl.arange(0, BK)
         rmask = rows < end
-        if USE_DESC:  # whole blocks through TMA, the other expert's rows zeroed in registers (both operands:
-            # a row of inf or NaN there must not reach this expert's sums)
-            a_t = tl.where(rmask[None, :], tl.trans(a_desc.load([r0, tm * BM])), 0.0)
-            b_blk = tl.where(rmask[:, None], b_desc.load([r0, tn * BN]), 0.0)
-        else:
-            rows = rows.to(tl.int64)
-            a_t = tl.load(a_ptr + rows[None, :] * stride_a + mcols[:, None], mask=mmask[:, None] & rmask[None, :],
-                          other=0.0)
-            b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :],
-                            mask=rmask[:, None] & nmask[None, :], other=0.0)
+        rows = rows.to(tl.int64)
+        # pointer loads: TMA loads of the whole block with the other expert's rows zeroed in registers ran
+        # 1.1-1.2x slower (H100, examples/bench_wgrad.py --rows routed, docs/BENCHMARKS.md twelfth session)
+        a_t = tl.load(a_ptr + rows[None, :] * stride_a + mcols[:, None], mask=mmask[:, None] & rmask[None, :],
+                      other=0.0)
+        b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
+                        other=0.0)
         acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
     if C_DESC:
         c_row = tl.load(c_rows_ptr + j) + tm * BM

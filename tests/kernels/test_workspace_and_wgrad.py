@@ -117,8 +117,7 @@ def test_grouped_wgrad_accumulate_into_scattered_main_grads(prefetch_c, use_desc
     """out_e += a_e^T b_e into fp32 slices of one buffer (reversed order, NaN gaps), against float64 products:
     experts with no rows, fewer rows than a K block, whole blocks plus a tail, exactly whole blocks; M and N
     not multiples of the tile; a row stride wider than the row (a column slice of a bigger tensor); rows of inf past
-    the last expert's (its tail block reads them through TMA and must zero them; NumPy's matmul here does not
-    turn inf x 0 into NaN, the compiled kernel does: tests/kernels/gpu holds the same case).
+    the last expert's (its partial last block must not read them).
     `overwrite`: out_e = a_e^T b_e over main_grads holding NaN (never read; the expert without rows gets zeros)."""
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate
