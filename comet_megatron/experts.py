@@ -183,10 +183,10 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 # eleventh session): Phi-3.5-MoE at 2048 tokens (16 experts, 256 rows each) 1.24x / 1.30x (fc1 / fc2) faster than
 # the Triton kernel, Mixtral 1.29x / 1.59x; while adding, the Triton kernel is 1.03-1.05x ahead on Phi-3.5-MoE there.
 FUSED_WGRAD_MAX_EXPERTS = 16
-# mean rows per expert. Alone, the Triton kernel with its TMA epilogue ran 1.03-1.11x ahead of cuBLAS at 512 rows
-# (examples/bench_wgrad.py), but inside the layer cuBLAS was ahead there with either epilogue (Mixtral at 2048
-# tokens 11.49 ms against 12.19 / 12.76, Phi-3.5-MoE at 4096 10.66 against 11.24 / 11.48; docs/BENCHMARKS.md,
-# twelfth session): the layer decides
+# mean rows per expert. With rows split evenly the Triton kernel with its TMA epilogue ran 1.03-1.11x ahead of
+# cuBLAS at 512 rows (examples/bench_wgrad.py), but with routed (uneven) rows, and inside the layer, cuBLAS was
+# ahead there with either epilogue (layer: Mixtral at 2048 tokens 11.49 ms against 12.19 / 12.76, Phi-3.5-MoE at
+# 4096 10.66 against 11.24 / 11.48; docs/BENCHMARKS.md, twelfth session)
 FUSED_WGRAD_MIN_ROWS = 512
 FUSED_WGRAD_MIN_ROWS_OVERWRITE = 256
 # Above this many mean rows per expert the weight gradient is bound by its GEMM, where cuBLAS is faster than
@@ -270,7 +270,8 @@ def wgrad_tma_out() -> bool:
     (examples/bench_wgrad.py, H100) it ran 0.84-1.16x the register epilogue's speed when adding (slower on
     Qwen2-MoE at 2048 tokens) and 0.95-1.50x when writing, and inside the layer under DDP (`bench layer` A/B,
     docs/BENCHMARKS.md, twelfth session) from 5% slower (Mixtral at 2048 tokens, Phi-3.5-MoE at 4096) to 2.5%
-    faster (Mixtral at 4096)."""
+    faster (Mixtral at 4096): the layer's uneven rows per expert end in partial blocks, which cost the TMA
+    variant more (`examples/bench_wgrad.py --rows routed` shows it alone)."""
     mode = os.environ.get("COMET_WGRAD_TMA_OUT", "0")
     if mode not in ("0", "1"):
         raise ValueError(f"COMET_WGRAD_TMA_OUT={mode!r}: use 0 (register epilogue, the default) or 1 (TMA)")
