@@ -261,7 +261,7 @@ def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, device_offs
                              out_rows=_tma_rows(mains, base), **wgrad_accumulate_tiles(a))
 
 
-_TMA_ROWS: dict = {}  # the same key as _FLAT -> kernels.wgrad.tma_output_rows(...) or None
+_TMA_ROWS: dict = {}  # (device, data pointers, shape) -> kernels.wgrad.tma_output_rows(...) or None
 
 
 def wgrad_tma_out() -> bool:

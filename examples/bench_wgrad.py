@@ -93,8 +93,9 @@ def main(argv=None) -> int:
                 flat = torch.zeros(el * m_dim * n_dim, device=dev, dtype=torch.float32)
                 mains = [flat[(el - 1 - e) * m_dim * n_dim:][:m_dim * n_dim].view(m_dim, n_dim) for e in range(el)]
                 base = accumulate.flat_base(mains)
-                out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device=dev)
-                out_rows = tma_output_rows(base, accumulate.element_offsets(base, mains), m_dim, n_dim)
+                host_offsets = accumulate.element_offsets(base, mains)
+                out_offsets = torch.tensor(host_offsets, dtype=torch.int64, device=dev)
+                out_rows = tma_output_rows(base, host_offsets, m_dim, n_dim)
 
                 ow = args.overwrite
 
