@@ -219,10 +219,7 @@ def _reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite):
 
 @pytest.mark.parametrize("knobs", [{}, {"use_tma_loads": False}, {"prefetch_c": True},
                                    {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4},
-                                   {"overwrite": True}, {"overwrite": True, "use_tma_loads": False},
-                                   {"row_desc": True}, {"row_desc": True, "overwrite": True},
-                                   {"row_desc": True, "block_m": 128, "block_n": 256, "block_k": 32, "num_warps": 8,
-                                    "num_stages": 5}])
+                                   {"overwrite": True}, {"overwrite": True, "use_tma_loads": False}])
 def test_grouped_wgrad_accumulate_compiled(knobs):
     """Expert weight gradients added into fp32 main_grads (reversed in one buffer, NaN gaps), bf16 operands, the
     Hopper tiles (TMA loads) and variants, against float64: experts without rows, with fewer rows than a K
@@ -257,8 +254,7 @@ def test_grouped_wgrad_accumulate_compiled(knobs):
 
 @pytest.mark.parametrize("knobs", [{}, {"overwrite": True},
                                    {"block_m": 128, "block_n": 128, "num_warps": 8},
-                                   {"block_m": 128, "block_n": 128, "num_warps": 8, "overwrite": True},
-                                   {"row_desc": True}, {"row_desc": True, "overwrite": True}])
+                                   {"block_m": 128, "block_n": 128, "num_warps": 8, "overwrite": True}])
 def test_grouped_wgrad_accumulate_tma_epilogue_compiled(knobs):
     """The TMA epilogue (bulk reduce-add into L2 / bulk store) of the compiled kernel, bf16 operands: main_grads
     back to back in reverse order with whole-row NaN gaps (as Megatron's DDP buffer holds them among other
