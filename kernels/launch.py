@@ -162,21 +162,3 @@ def launch(kernel, grid: tuple, *args, **kwargs):
         return kernel[grid](*args, **kwargs)
     stats["fast"] += 1
     return compiled
-
-
-def _torch_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for a kernel launch (Triton's allocator protocol), from torch's caching allocator on the
-    current device: freed when Triton drops it after the launch, reused only in stream order."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def ensure_allocator() -> None:
-    """Give Triton an allocator for kernels that need global scratch memory (TMA descriptors made in the
-    kernel, `tl.make_tensor_descriptor`) unless the caller set one. Triton keeps it in a context variable, so
-    this is called in the thread that launches (autograd runs backward passes in its own threads)."""
-    try:
-        from triton.runtime import _allocation
-    except ImportError:  # pragma: no cover - a Triton without runtime allocations
-        return
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_torch_scratch)

@@ -31,7 +31,7 @@ def use_tma(t: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-def tma_ok(t: torch.Tensor) -> bool:
+def _tma_ok(t: torch.Tensor) -> bool:
     """TMA's constraints: 16-byte aligned base and non-unit strides, unit innermost stride."""
     if t.data_ptr() % 16 or t.stride(-1) != 1 or t.numel() == 0:
         return False
@@ -50,7 +50,7 @@ def weight_descriptor(w: torch.Tensor, block_k: int, block_n: int, force: bool |
         mem, k_major, block = w, False, [1, block_k, block_n]
     else:
         return None, False
-    if not tma_ok(mem):
+    if not _tma_ok(mem):
         return None, False
     return TensorDescriptor(mem, list(mem.shape), list(mem.stride()), block), k_major
 
@@ -59,7 +59,7 @@ def rows_descriptor(a: torch.Tensor, block_m: int, block_k: int, force: bool | N
     """Descriptor of a row-major `[R, K]` activation operand, or None."""
     if not (use_tma(a) if force is None else force):
         return None
-    if a.dim() != 2 or a.shape[0] == 0 or not tma_ok(a):
+    if a.dim() != 2 or a.shape[0] == 0 or not _tma_ok(a):
         return None
     return TensorDescriptor(a, list(a.shape), list(a.stride()), [block_m, block_k])
 

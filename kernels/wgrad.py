@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .config import dot_precision
-from .launch import ensure_allocator, launch
-from .operands import tma_ok, use_tma
+from .launch import launch
+from .operands import use_tma
 
 
 def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, *, backend: str = "auto",
@@ -79,20 +79,14 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
                              a_desc, b_desc, c_desc, c_rows_ptr,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                              USE_DESC: tl.constexpr, PREFETCH_C: tl.constexpr, NUM_STAGES: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr, OVERWRITE: tl.constexpr, C_DESC: tl.constexpr,
-                             ROW_DESC: tl.constexpr):
+                             DOT_PRECISION: tl.constexpr, OVERWRITE: tl.constexpr, C_DESC: tl.constexpr):
     """C_j[m, n] += sum over rows r of expert j of a[r, m] * b[r, n] (OVERWRITE: C_j = the sum, C never read);
     C_j at c_ptr + c_offsets[j], [M, N] row-major, fp32 (any float type with OVERWRITE). Grid (tiles of [M, N],
     experts).
 
     C_DESC: C leaves through the TMA descriptor `c_desc` over the outputs' storage as [rows, N] rows (expert j's
     first row: c_rows[j]): an asynchronous bulk reduce-add (the addition happens in L2, the program never
-    reads the old tile and goes on at once) or, with OVERWRITE, a bulk store. M must be a multiple of BM.
-
-    ROW_DESC: a and b are read through TMA descriptors made here, per expert, whose rows end where the expert's
-    do: the hardware fills rows past the end with zeros, so the last, partial block of rows is one more
-    iteration of the pipelined loop (no masked loads after it). Needs Triton's allocator (`launch.
-    ensure_allocator`) for the descriptors' global memory."""
+    reads the old tile and goes on at once) or, with OVERWRITE, a bulk store. M must be a multiple of BM."""
     j = tl.program_id(1)
     # grouped tile order: GROUP_M row blocks sweep the column blocks together (L2 reuse of b's columns)
     tiles_m = tl.cdiv(m_dim, BM)
@@ -118,45 +112,33 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     else:
         acc = tl.load(c_ptrs, mask=cmask, other=0.0)
-    if ROW_DESC:
-        # rows >= end are out of these descriptors' bounds: loaded as zeros. (max(end, 1): a descriptor of no
-        # rows is never read, an expert without rows runs no iteration)
-        a_rows = tl.make_tensor_descriptor(a_ptr, shape=[tl.maximum(end, 1), m_dim], strides=[stride_a, 1],
-                                           block_shape=[BK, BM])
-        b_rows = tl.make_tensor_descriptor(b_ptr, shape=[tl.maximum(end, 1), n_dim], strides=[stride_b, 1],
-                                           block_shape=[BK, BN])
-        for i in tl.range(0, tl.cdiv(end - start, BK), num_stages=NUM_STAGES):
-            r0 = start + i * BK
-            acc = tl.dot(tl.trans(a_rows.load([r0, tm * BM])), b_rows.load([r0, tn * BN]), acc,
-                         input_precision=DOT_PRECISION)
-    else:
-        n_full = (end - start) // BK
-        for i in tl.range(0, n_full, num_stages=NUM_STAGES):
-            r0 = start + i * BK
-            if USE_DESC:
-                a_t = tl.trans(a_desc.load([r0, tm * BM]))
-                b_blk = b_desc.load([r0, tn * BN])
-            else:  # a^T loaded as [BM, BK] directly
-                rows = (r0 + tl.arange(0, BK)).to(tl.int64)
-                a_t = tl.load(a_ptr + rows[None, :] * stride_a + mcols[:, None], mask=mmask[:, None], other=0.0)
-                b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=nmask[None, :], other=0.0)
-            acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
-        r0 = start + n_full * BK
-        if r0 < end:  # the expert's last, partial block of rows (the next rows belong to another expert)
-            rows = r0 + tl.arange(0, BK)
-            rmask = rows < end
-            rows = rows.to(tl.int64)
-            # pointer loads: TMA loads of the whole block with the other expert's rows zeroed in registers ran
-            # 1.1-1.2x slower (H100, examples/bench_wgrad.py --rows routed, docs/BENCHMARKS.md twelfth session)
-            a_t = tl.load(a_ptr + rows[None, :] * stride_a + mcols[:, None], mask=mmask[:, None] & rmask[None, :],
-                          other=0.0)
-            b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
-                            other=0.0)
-            acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
+    n_full = (end - start) // BK
+    for i in tl.range(0, n_full, num_stages=NUM_STAGES):
+        r0 = start + i * BK
+        if USE_DESC:
+            a_t = tl.trans(a_desc.load([r0, tm * BM]))
+            b_blk = b_desc.load([r0, tn * BN])
+        else:  # a^T loaded as [BM, BK] directly
+            rows = (r0 + tl.arange(0, BK)).to(tl.int64)
+            a_t = tl.load(a_ptr + rows[None, :] * stride_a + mcols[:, None], mask=mmask[:, None], other=0.0)
+            b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=nmask[None, :], other=0.0)
+        acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
+    r0 = start + n_full * BK
+    if r0 < end:  # the expert's last, partial block of rows (the next rows belong to another expert)
+        rows = r0 + tl.arange(0, BK)
+        rmask = rows < end
+        rows = rows.to(tl.int64)
+        # pointer loads: TMA loads of the whole block with the other expert's rows zeroed in registers ran
+        # 1.1-1.2x slower (H100, examples/bench_wgrad.py --rows routed, docs/BENCHMARKS.md twelfth session)
+        a_t = tl.load(a_ptr + rows[None, :] * stride_a + mcols[:, None], mask=mmask[:, None] & rmask[None, :],
+                      other=0.0)
+        b_blk = tl.load(b_ptr + rows[:, None] * stride_b + ncols[None, :], mask=rmask[:, None] & nmask[None, :],
+                        other=0.0)
+        acc = tl.dot(a_t, b_blk, acc, input_precision=DOT_PRECISION)
     if C_DESC:
         c_row = tl.load(c_rows_ptr + j) + tm * BM
         if OVERWRITE:
-            c_desc.store([c_row, tn * BN], acc.to(c_ptr.dtype.element_ty))
+            c_desc.store([c_row, tn * BN], acc)
         else:
             c_desc.atomic_add([c_row, tn * BN], acc)
     else:
@@ -186,8 +168,7 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
                              out_offsets: torch.Tensor, *, block_m: int = 64, block_n: int = 64,
                              block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 2,
                              prefetch_c: bool = True, use_tma_loads: bool | None = None,
-                             overwrite: bool = False, out_rows: tuple | None = None, tma_out: bool = True,
-                             row_desc: bool = False) -> None:
+                             overwrite: bool = False, out_rows: tuple | None = None, tma_out: bool = True) -> None:
     """out_e += a[rows_e]^T @ b[rows_e] for every expert e, accumulated in fp32; with `overwrite`,
     out_e = a[rows_e]^T @ b[rows_e] (the outputs are written, never read: an expert without rows gets zeros).
 
@@ -200,10 +181,6 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
     out_rows: `tma_output_rows(...)` for these outputs, or None. Given, on Hopper (compiled, TMA loads) and with
     M a multiple of block_m, the tiles leave through TMA (`C_DESC`: reduce-add in L2, or store) unless
     `tma_out=False`; otherwise through the program's registers (read, add, write back).
-
-    row_desc: read a and b through per-expert TMA descriptors made in the kernel (`ROW_DESC`: an expert's
-    partial last block of rows is zero-filled by the hardware, inside the pipelined loop) where TMA loads are
-    used and a, b meet TMA's alignment; otherwise the launch-wide descriptors plus masked loads of that block.
     """
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     experts = out_offsets.numel()
@@ -244,15 +221,12 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
             raise ValueError(f"grouped_wgrad_accumulate: out_rows for {c_rows.numel()} experts of {view.shape[1]} "
                              f"columns, the outputs are {experts} x [{m_dim}, {n_dim}]")
         c_desc = TensorDescriptor(view, list(view.shape), list(view.stride()), [block_m, block_n])
-    rows_desc = bool(row_desc and desc and tma_ok(a) and tma_ok(b))
-    if rows_desc:
-        ensure_allocator()
     grid = (triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n), experts)
     launch(_wgrad_accumulate_kernel, grid, a, a.stride(0), b, b.stride(0), out_base, out_offsets, row_offsets,
            m_dim, n_dim, a_desc if desc else a, b_desc if desc else b, c_desc, c_rows,
            BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, USE_DESC=desc, PREFETCH_C=prefetch_c,
            NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype), OVERWRITE=bool(overwrite), C_DESC=c_tma,
-           ROW_DESC=rows_desc, num_warps=num_warps, num_stages=num_stages)
+           num_warps=num_warps, num_stages=num_stages)
 
 
 def tma_output_rows(out_base: torch.Tensor, offsets, m_dim: int, n_dim: int) -> tuple | None:

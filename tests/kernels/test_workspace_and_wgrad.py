@@ -109,19 +109,16 @@ def test_flat_base_refuses_what_it_cannot_address():
 # ----------------------------------------------------------------------------- grouped_wgrad_accumulate
 # 16-bit operands as fp16 here: Triton 3.8's interpreter multiplies bf16 tiles wrongly (their raw bits); the
 # compiled bf16 kernel: tests/kernels/gpu
-@pytest.mark.parametrize("prefetch_c,use_desc,overwrite,row_desc", [
-    (True, False, False, False), (False, False, False, False), (True, True, False, False), (False, False, True, False),
-    (True, True, True, False), (False, True, False, True), (False, True, True, True)])
+@pytest.mark.parametrize("prefetch_c,use_desc,overwrite", [(True, False, False), (False, False, False),
+                                                         (True, True, False), (False, False, True),
+                                                         (True, True, True)])
 @pytest.mark.parametrize("operand_dtype", [torch.float32, torch.float16])
-def test_grouped_wgrad_accumulate_into_scattered_main_grads(prefetch_c, use_desc, overwrite, row_desc, operand_dtype,
-                                                            gen):
+def test_grouped_wgrad_accumulate_into_scattered_main_grads(prefetch_c, use_desc, overwrite, operand_dtype, gen):
     """out_e += a_e^T b_e into fp32 slices of one buffer (reversed order, NaN gaps), against float64 products:
     experts with no rows, fewer rows than a K block, whole blocks plus a tail, exactly whole blocks; M and N
     not multiples of the tile; a row stride wider than the row (a column slice of a bigger tensor); rows of inf past
     the last expert's (its partial last block must not read them).
-    `overwrite`: out_e = a_e^T b_e over main_grads holding NaN (never read; the expert without rows gets zeros).
-    `row_desc`: per-expert descriptors made in the kernel, whose zero fill past an expert's last row must stand
-    in for the masked loads (a neighbour's rows leaking in would change the sums)."""
+    `overwrite`: out_e = a_e^T b_e over main_grads holding NaN (never read; the expert without rows gets zeros)."""
     from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import grouped_wgrad_accumulate
 
@@ -146,7 +143,7 @@ def test_grouped_wgrad_accumulate_into_scattered_main_grads(prefetch_c, use_desc
     row_offsets = torch.tensor([0] + torch.cumsum(torch.tensor(rows_per_expert), 0).tolist(), dtype=torch.int32)
     grouped_wgrad_accumulate(a, b, row_offsets, base, out_offsets, block_m=16, block_n=16, block_k=16,
                              group_m=2, num_warps=1, num_stages=1, prefetch_c=prefetch_c, use_tma_loads=use_desc,
-                             overwrite=overwrite, row_desc=row_desc)
+                             overwrite=overwrite)
     tol = 1e-5 if operand_dtype == torch.float32 else 1e-3
     for e in range(experts):
         s, t = row_offsets[e].item(), row_offsets[e + 1].item()
