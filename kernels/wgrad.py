@@ -43,7 +43,7 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     a: [R, M], b: [R, N] (row-major rows in receive order); expert_offsets: [El+1] int32 device tensor
     (`ReceiveLayout.expert_offsets`). Returns [El, M, N] in `out_dtype` (default a.dtype); experts
     without rows get zeros. The "triton" backend is `grouped_wgrad_accumulate` writing (not adding) into the
-    fresh output, its tiles (`wgrad_accumulate_tiles`) unless block_* are given.
+    fresh output, with `grouped_wgrad_tiles` unless block_* are given, its tiles stored through TMA on Hopper.
     """
     num_experts = expert_offsets.numel() - 1
     (rows, m_dim), n_dim = a.shape, b.shape[1]
@@ -65,12 +65,17 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}")
     out = torch.empty(num_experts, m_dim, n_dim, dtype=out_dtype, device=a.device)
-    tiles = wgrad_accumulate_tiles(a)
+    offsets = torch.arange(num_experts, dtype=torch.int64, device=a.device) * (m_dim * n_dim)
+    # the fresh output seen as [El * M, N] rows, expert e's from row e * M, for the TMA store epilogue (TMA's
+    # rule: 16-byte rows)
+    out_rows = None
+    if use_tma(a) and num_experts and m_dim and (n_dim * out.element_size()) % 16 == 0:
+        out_rows = (out.view(-1, n_dim), torch.arange(num_experts, dtype=torch.int32, device=a.device) * m_dim)
+    tiles = grouped_wgrad_tiles(a, num_experts, m_dim, out_rows is not None)
     for key, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         if value is not None:
             tiles[key] = value
-    offsets = torch.arange(num_experts, dtype=torch.int64, device=a.device) * (m_dim * n_dim)
-    grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, **tiles)
+    grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, out_rows=out_rows, **tiles)
     return out
 
 
@@ -138,7 +143,7 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
     if C_DESC:
         c_row = tl.load(c_rows_ptr + j) + tm * BM
         if OVERWRITE:
-            c_desc.store([c_row, tn * BN], acc)
+            c_desc.store([c_row, tn * BN], acc.to(c_ptr.dtype.element_ty))
         else:
             c_desc.atomic_add([c_row, tn * BN], acc)
     else:
@@ -157,6 +162,32 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
 WGRAD_ACCUMULATE_TILES = dict(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
                               prefetch_c=False)
 INTERPRETER_TILES = dict(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=1, num_stages=1, prefetch_c=False)
+
+
+# `grouped_wgrad` (written into a fresh output, any float type: no main_grad traffic, so larger tiles than the
+# accumulate kernel's and the TMA store epilogue pay). H100, bf16 output, rows as a random top-k routing splits
+# them, against torch._grouped_mm (.probe sweeps of 7 tile sets, docs/BENCHMARKS.md thirteenth session):
+# 128 x 128 x 64 / 8 warps / TMA store 0.71-0.99x, 128 x 256 x 32 / 8 warps / 5 stages / TMA store 0.74-1.07x
+# (ahead from 512 rows per expert), the accumulate kernel's 64 x 128 register-store tiles 0.50-0.71x.
+GROUPED_WGRAD_TILES = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
+                           prefetch_c=False)
+GROUPED_WGRAD_TILES_LONG = dict(block_m=128, block_n=256, block_k=32, group_m=8, num_warps=8, num_stages=5,
+                                prefetch_c=False)
+GROUPED_WGRAD_LONG_ROWS = 512  # mean rows per expert from which the wide tiles are used
+
+
+def grouped_wgrad_tiles(a: torch.Tensor, experts: int, m_dim: int, tma_store: bool) -> dict:
+    """`grouped_wgrad`'s Triton tiles for operands like `a` split over `experts` experts (by their mean rows)
+    into [M, N] outputs; `tma_store`: the outputs can take the TMA store epilogue. The large tiles need it (their
+    register store ran 0.39-0.59x of cuBLAS) and an M they divide (a tile must not cross into the next expert's
+    output); otherwise the accumulate kernel's tiles, and the interpreter's small ones off the GPU."""
+    if not a.is_cuda:
+        return dict(INTERPRETER_TILES)
+    long = a.shape[0] >= GROUPED_WGRAD_LONG_ROWS * max(experts, 1)
+    tiles = GROUPED_WGRAD_TILES_LONG if long else GROUPED_WGRAD_TILES
+    if not tma_store or m_dim % tiles["block_m"]:
+        tiles = WGRAD_ACCUMULATE_TILES
+    return dict(tiles)
 
 
 def wgrad_accumulate_tiles(a: torch.Tensor) -> dict:

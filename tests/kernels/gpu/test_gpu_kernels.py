@@ -160,19 +160,30 @@ def test_timing_world1_vs_grouped_mm(shape):
     assert rel_err(state["out"].float(), y.view(tokens, topk, hidden).sum(1)) < 2e-2
 
 
-@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
-def test_grouped_wgrad_backends_bf16(backend):
-    """The wgrad backends agree with a float per-expert loop (includes an expert without rows)."""
+@pytest.mark.parametrize("backend,rows,m_dim,n_dim,out_dtype", [
+    ("grouped_mm", [300, 0, 517, 64], 256, 192, torch.float32),
+    ("triton", [300, 0, 517, 64], 256, 192, torch.float32),  # 128 x 128 tiles, TMA store
+    ("triton", [600, 0, 1500, 700], 256, 320, torch.bfloat16),  # 128 x 256 tiles (>= 512 rows per expert)
+    ("triton", [300, 5, 517], 200, 192, torch.bfloat16),  # M not a multiple of 128: register store
+])
+def test_grouped_wgrad_backends_bf16(backend, rows, m_dim, n_dim, out_dtype):
+    """The wgrad backends against a float64 per-expert loop (an expert without rows, one with a few), each of
+    the Triton backend's tile choices (`grouped_wgrad_tiles`); the output's memory NaN-poisoned before (the
+    caching allocator hands the freed block back)."""
     from comet_megatron.kernels import grouped_wgrad
 
-    torch.manual_seed(0)
-    rows = [300, 0, 517, 64]
-    a = torch.randn(sum(rows), 256, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(sum(rows), 192, device="cuda", dtype=torch.bfloat16)
-    offsets = torch.tensor([0] + torch.cumsum(torch.tensor(rows), 0).tolist(), dtype=torch.int32, device="cuda")
-    got = grouped_wgrad(a, b, offsets, backend=backend, out_dtype=torch.float32)
-    want = grouped_wgrad(a, b, offsets, backend="loop", out_dtype=torch.float32)
-    assert rel_err(got, want) < 1e-2
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    a = torch.randn(sum(rows), m_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    b = torch.randn(sum(rows), n_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    offs = [0] + torch.cumsum(torch.tensor(rows), 0).tolist()
+    offsets = torch.tensor(offs, dtype=torch.int32, device="cuda")
+    poison = torch.full((len(rows), m_dim, n_dim), float("nan"), device="cuda", dtype=out_dtype)
+    del poison
+    got = grouped_wgrad(a, b, offsets, backend=backend, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and got.shape == (len(rows), m_dim, n_dim)
+    for e in range(len(rows)):
+        want = a[offs[e]:offs[e + 1]].double().t() @ b[offs[e]:offs[e + 1]].double()
+        assert rel_err(got[e].double(), want) < 1e-2, e
 
 
 def test_accumulate_into_compiled():
