@@ -355,24 +355,6 @@ def accumulate_into_mains(params, plan, a: torch.Tensor, b: torch.Tensor, offset
         p.grad_added_to_main_grad = True
 
 
-_WGRAD_STREAMS: dict = {}  # device index -> the side stream of `_wgrad_stream`
-
-
-def _wgrad_stream(x: torch.Tensor):
-    """The side stream on which `_GroupedLinear`'s backward accumulates the weight gradients into main_grad
-    while its input gradient computes (`COMET_WGRAD_STREAM=1`, CUDA, no graph capture), else None."""
-    mode = os.environ.get("COMET_WGRAD_STREAM", "0")
-    if mode not in ("0", "1", "2"):
-        raise ValueError(f"COMET_WGRAD_STREAM={mode!r}: use 0 (one stream, the default) or 1 (a side stream)")
-    if mode == "0" or not x.is_cuda or torch.cuda.is_current_stream_capturing():
-        return None
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    stream = _WGRAD_STREAMS.get(index)
-    if stream is None:
-        stream = _WGRAD_STREAMS[index] = torch.cuda.Stream(device=index, priority=-1 if mode == "2" else 0)
-    return stream
-
-
 class _GroupedLinear(torch.autograd.Function):
     """`grouped_linear(x, stack(params), counts)` with the experts' weights as separate inputs.
 
@@ -394,28 +376,14 @@ class _GroupedLinear(torch.autograd.Function):
         params, counts = ctx.params, ExpertRows.of(ctx.counts)
         grad_y = grad_y.contiguous()
         grad_x = None
-        wants_w = any(ctx.needs_input_grad[2:])
-        plan = fused_wgrad_mains(params, grad_y, x.shape[0]) if wants_w else None
-        side = _wgrad_stream(x) if plan is not None and ctx.needs_input_grad[0] else None
-        if side is not None:
-            # the weight gradients (bound by main_grad's traffic) on a side stream while the input gradient's
-            # GEMM (compute-bound) runs here; joined before returning (DDP's hooks read main_grad after)
-            main = torch.cuda.current_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                accumulate_into_mains(params, plan, grad_y, x, counts.offsets, counts.device_offsets(x.device))
-            grad_y.record_stream(side)
-            x.record_stream(side)
         if ctx.needs_input_grad[0]:
             weight, rev = expert_weights(params, x.shape[0])
             grad_x = grouped_linear(grad_y, weight.transpose(-2, -1), counts, rev)
-        if not wants_w:
+        if not any(ctx.needs_input_grad[2:]):
             return (grad_x, None) + (None,) * len(params)
+        plan = fused_wgrad_mains(params, grad_y, x.shape[0])
         if plan is not None:
-            if side is None:
-                accumulate_into_mains(params, plan, grad_y, x, counts.offsets, counts.device_offsets(x.device))
-            else:
-                torch.cuda.current_stream(x.device).wait_stream(side)
+            accumulate_into_mains(params, plan, grad_y, x, counts.offsets, counts.device_offsets(x.device))
             # placeholders for DDP's hooks, which drop them (one allocation, never written)
             return (grad_x, None) + torch.empty_like(params[0]).expand(len(params), *params[0].shape).unbind(0)
         grad_w = grouped_linear_wgrad(grad_y, x, counts, params[0].dtype)
