@@ -21,6 +21,12 @@ and prints ms, TB/s of `main_grad` traffic (read + write of fp32), TFLOP/s and e
 
 `--overwrite`: the same variants as a step's first micro-batch runs them (`experts.main_grads_zeroed`): written,
 not added (cuBLAS beta = 0, the Triton kernels' `overwrite`), traffic = the fp32 write alone.
+
+`--target bf16`: the weight gradients as a fresh bf16 [El, M, N] tensor instead (`kernels.grouped_wgrad`, what the
+reference path's backward computes where no `main_grad` takes them, and `bench kernels`' `wgrad` rows): `grouped_mm`
+(cuBLAS's grouped GEMM, K split by expert), `triton` (the Triton backend with its tiles, `grouped_wgrad_tiles`)
+and `--configs` variants (keyword sets for `grouped_wgrad`: block_m, block_n, block_k, group_m, num_warps,
+num_stages, tma_out); speed vs `grouped_mm`, each result checked against it.
 """
 
 from __future__ import annotations
@@ -57,8 +63,12 @@ def main(argv=None) -> int:
                         "(uneven, as in the layer; seeded)")
     p.add_argument("--overwrite", action="store_true",
                    help="write the gradients instead of adding them (a step's first micro-batch)")
+    p.add_argument("--target", choices=("main-grad", "bf16"), default="main-grad",
+                   help="accumulate into fp32 main_grads (default), or write a fresh bf16 gradient (grouped_wgrad)")
     p.add_argument("--out", default=None, help="write the records as JSON here")
     args = p.parse_args(argv)
+    if args.target == "bf16" and args.overwrite:
+        p.error("--overwrite is for --target main-grad (a fresh bf16 gradient is always written)")
 
     import torch
     import triton
@@ -66,12 +76,14 @@ def main(argv=None) -> int:
     from comet_megatron.bench import load_shape
     from comet_megatron.experts import accumulate_wgrad_gemms, wgrad_tma_out
     from comet_megatron.kernels import accumulate
-    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate, tma_output_rows
+    from comet_megatron.kernels.wgrad import (WGRAD_ACCUMULATE_TILES, grouped_wgrad, grouped_wgrad_accumulate,
+                                              tma_output_rows)
 
     if not torch.cuda.is_available():
         print("bench_wgrad.py needs a CUDA GPU.", file=sys.stderr)
         return 2
     configs = json.loads(args.configs)
+    bf16 = args.target == "bf16"
     dev = torch.device("cuda")
     records = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
@@ -89,6 +101,11 @@ def main(argv=None) -> int:
             for linear, (m_dim, n_dim) in (("fc1", (f1, shape.hidden)), ("fc2", (shape.hidden, shape.ffn))):
                 a = torch.randn(rows, m_dim, device=dev, dtype=torch.bfloat16)
                 b = torch.randn(rows, n_dim, device=dev, dtype=torch.bfloat16)
+                if bf16:
+                    records += _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, grouped_wgrad,
+                                             args.rows)
+                    del a, b
+                    continue
                 # main_grads in reversed order in one flat buffer, as Megatron's DDP lays them out
                 flat = torch.zeros(el * m_dim * n_dim, device=dev, dtype=torch.float32)
                 mains = [flat[(el - 1 - e) * m_dim * n_dim:][:m_dim * n_dim].view(m_dim, n_dim) for e in range(el)]
@@ -142,10 +159,47 @@ def main(argv=None) -> int:
                               f"x{r['vs_cublas']:.2f} (err {r['rel_err']:.1e})")
                 del a, b, flat, mains, base, out_rows
     if args.out:
+        for r in records:
+            r["target"] = args.target
         with open(args.out, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                            triton=triton.__version__, records=records), fh, indent=1)
     return 0
+
+
+def _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, grouped_wgrad, rows_split) -> list:
+    """`--target bf16`: the fresh bf16 weight gradient by cuBLAS's grouped GEMM and by grouped_wgrad's Triton
+    backend (+ configs), each checked against cuBLAS's, timed, printed."""
+    import torch
+    import triton
+
+    def cublas():
+        return torch._grouped_mm(a.t(), b, offs=dev_offsets[1:])
+
+    variants = {"grouped_mm": cublas, "triton": lambda: grouped_wgrad(a, b, dev_offsets, backend="triton")}
+    for cfg in configs:
+        if cfg:
+            variants[f"triton {json.dumps(cfg, sort_keys=True)}"] = (
+                lambda cfg=cfg: grouped_wgrad(a, b, dev_offsets, backend="triton", **cfg))
+    want = cublas().float()
+    scale = want.abs().max().clamp_min(1e-30)
+    out = []
+    for label, fn in variants.items():
+        try:
+            err = ((fn().float() - want).abs().max() / scale).item()
+        except Exception as exc:  # a config Triton cannot compile: report it, go on
+            print(f"  {name} {tokens} {linear} {label}: FAILED {type(exc).__name__}: {exc}"[:300])
+            continue
+        ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+        out.append(dict(shape=name, tokens=tokens, linear=linear, variant=label, ms=ms, rows_split=rows_split,
+                        max_rows=max(counts), tflops=flops / ms / 1e9, rel_err=err))
+    base_ms = out[0]["ms"]
+    for r in out:
+        r["vs_grouped_mm"] = base_ms / r["ms"]
+        print(f"{name:16s} {tokens:6d} {linear} {r['variant']:40s} {r['ms']:8.3f} ms {r['tflops']:6.1f} TFLOP/s "
+              f"x{r['vs_grouped_mm']:.2f} (err {r['rel_err']:.1e})")
+    return out
 
 
 if __name__ == "__main__":

@@ -36,14 +36,14 @@ from .operands import use_tma
 
 
 def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, *, backend: str = "auto",
-                  out_dtype: torch.dtype | None = None, block_m: int | None = None, block_n: int | None = None,
-                  block_k: int | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, **tiles) -> torch.Tensor:
     """C[e] = a[off[e]:off[e+1]]^T @ b[off[e]:off[e+1]] for every local expert e.
 
     a: [R, M], b: [R, N] (row-major rows in receive order); expert_offsets: [El+1] int32 device tensor
     (`ReceiveLayout.expert_offsets`). Returns [El, M, N] in `out_dtype` (default a.dtype); experts
     without rows get zeros. The "triton" backend is `grouped_wgrad_accumulate` writing (not adding) into the
-    fresh output, with `grouped_wgrad_tiles` unless block_* are given, its tiles stored through TMA on Hopper.
+    fresh output with `grouped_wgrad_tiles`, its tiles stored through TMA on Hopper; `tiles` (block_m, block_n,
+    block_k, group_m, num_warps, num_stages, tma_out) override them.
     """
     num_experts = expert_offsets.numel() - 1
     (rows, m_dim), n_dim = a.shape, b.shape[1]
@@ -71,11 +71,11 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     out_rows = None
     if use_tma(a) and num_experts and m_dim and (n_dim * out.element_size()) % 16 == 0:
         out_rows = (out.view(-1, n_dim), torch.arange(num_experts, dtype=torch.int32, device=a.device) * m_dim)
-    tiles = grouped_wgrad_tiles(a, num_experts, m_dim, out_rows is not None)
-    for key, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        if value is not None:
-            tiles[key] = value
-    grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, out_rows=out_rows, **tiles)
+    unknown = set(tiles) - {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tma_out"}
+    if unknown:
+        raise TypeError(f"grouped_wgrad: unknown tile knobs {sorted(unknown)}")
+    knobs = {**grouped_wgrad_tiles(a, num_experts, m_dim, out_rows is not None), **tiles}
+    grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, out_rows=out_rows, **knobs)
     return out
 
 

@@ -37,3 +37,11 @@ def test_without_a_gpu_it_says_so(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the machine without CUDA, anywhere
     assert _module().main(["--shapes", "mixtral-8x7b", "--tokens", "2048", "--rows", "routed"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bf16_target_refuses_overwrite(capsys):
+    """--overwrite belongs to the main_grad target: a clear usage error, not a silently ignored flag."""
+    with pytest.raises(SystemExit) as exc:
+        _module().main(["--target", "bf16", "--overwrite"])
+    assert exc.value.code == 2
+    assert "--overwrite is for --target main-grad" in capsys.readouterr().err
