@@ -166,7 +166,7 @@ INTERPRETER_TILES = dict(block_m=16, block_n=16, block_k=16, group_m=2, num_warp
 
 # `grouped_wgrad` (written into a fresh output, any float type: no main_grad traffic, so larger tiles than the
 # accumulate kernel's and the TMA store epilogue pay). H100, bf16 output, rows as a random top-k routing splits
-# them, against torch._grouped_mm (.probe sweeps of 7 tile sets, docs/BENCHMARKS.md thirteenth session):
+# them, against torch._grouped_mm (a probe's sweeps of 7-10 tile sets, docs/BENCHMARKS.md thirteenth session):
 # 128 x 128 x 64 / 8 warps / TMA store 0.71-0.99x, 128 x 256 x 32 / 8 warps / 5 stages / TMA store 0.74-1.07x
 # (ahead from 512 rows per expert), the accumulate kernel's 64 x 128 register-store tiles 0.50-0.71x.
 GROUPED_WGRAD_TILES = dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
@@ -178,9 +178,10 @@ GROUPED_WGRAD_LONG_ROWS = 512  # mean rows per expert from which the wide tiles 
 
 def grouped_wgrad_tiles(a: torch.Tensor, experts: int, m_dim: int, tma_store: bool) -> dict:
     """`grouped_wgrad`'s Triton tiles for operands like `a` split over `experts` experts (by their mean rows)
-    into [M, N] outputs; `tma_store`: the outputs can take the TMA store epilogue. The large tiles need it (their
-    register store ran 0.39-0.59x of cuBLAS) and an M they divide (a tile must not cross into the next expert's
-    output); otherwise the accumulate kernel's tiles, and the interpreter's small ones off the GPU."""
+    into [M, N] outputs; `tma_store`: the outputs can take the TMA store epilogue. The large tiles need it (with
+    the register store 128-row tiles ran 0.13-0.78x of cuBLAS) and an M they divide (a tile must not cross into
+    the next expert's output); otherwise the accumulate kernel's tiles, and the interpreter's small ones off the
+    GPU."""
     if not a.is_cuda:
         return dict(INTERPRETER_TILES)
     long = a.shape[0] >= GROUPED_WGRAD_LONG_ROWS * max(experts, 1)
