@@ -241,3 +241,35 @@ def test_grouped_wgrad_accumulate_tma_store_epilogue(experts_rows, gen):
     for o in host_offsets:
         touched[o:o + n] = True
     assert torch.isnan(buffer[~touched]).all()
+
+
+def test_grouped_wgrad_tiles_by_rows_and_what_the_store_allows():
+    """`grouped_wgrad`'s tiles on a GPU: 128 x 128 below 512 mean rows per expert, 128 x 256 from there, both
+    only with the TMA store and an M they divide (a tile must not spill into the next expert's output); the
+    accumulate kernel's tiles otherwise; the interpreter's off the GPU. (CUDA operands stood in for: only
+    `is_cuda` and the row count are read.)"""
+    from types import SimpleNamespace
+
+    from comet_megatron.kernels.wgrad import (GROUPED_WGRAD_TILES, GROUPED_WGRAD_TILES_LONG, INTERPRETER_TILES,
+                                              WGRAD_ACCUMULATE_TILES, grouped_wgrad_tiles)
+
+    def on_gpu(rows):
+        return SimpleNamespace(is_cuda=True, shape=(rows, 256))
+
+    assert grouped_wgrad_tiles(on_gpu(4 * 511), 4, 256, True) == GROUPED_WGRAD_TILES
+    assert grouped_wgrad_tiles(on_gpu(4 * 512), 4, 256, True) == GROUPED_WGRAD_TILES_LONG
+    assert grouped_wgrad_tiles(on_gpu(4 * 512), 4, 200, True) == WGRAD_ACCUMULATE_TILES  # 128 does not divide M
+    assert grouped_wgrad_tiles(on_gpu(4 * 100), 4, 256, False) == WGRAD_ACCUMULATE_TILES  # no TMA store
+    assert grouped_wgrad_tiles(on_gpu(0), 0, 256, True) == GROUPED_WGRAD_TILES
+    assert grouped_wgrad_tiles(torch.zeros(8, 4), 2, 4, True) == INTERPRETER_TILES
+    tiles = grouped_wgrad_tiles(on_gpu(4 * 512), 4, 256, True)
+    tiles["block_m"] = 1  # a copy: the table is not changed through it
+    assert GROUPED_WGRAD_TILES_LONG["block_m"] == 128
+
+
+def test_grouped_wgrad_refuses_unknown_tile_knobs():
+    from comet_megatron.kernels import grouped_wgrad
+
+    a, b = torch.zeros(4, 8), torch.zeros(4, 8)
+    with pytest.raises(TypeError, match="unknown tile knobs.*blockm"):
+        grouped_wgrad(a, b, torch.tensor([0, 4], dtype=torch.int32), backend="triton", blockm=16)

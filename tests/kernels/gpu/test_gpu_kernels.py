@@ -160,21 +160,25 @@ def test_timing_world1_vs_grouped_mm(shape):
     assert rel_err(state["out"].float(), y.view(tokens, topk, hidden).sum(1)) < 2e-2
 
 
-@pytest.mark.parametrize("backend,rows,m_dim,n_dim,out_dtype", [
-    ("grouped_mm", [300, 0, 517, 64], 256, 192, torch.float32),
-    ("triton", [300, 0, 517, 64], 256, 192, torch.float32),  # 128 x 128 tiles, TMA store
-    ("triton", [600, 0, 1500, 700], 256, 320, torch.bfloat16),  # 128 x 256 tiles (>= 512 rows per expert)
-    ("triton", [300, 5, 517], 200, 192, torch.bfloat16),  # M not a multiple of 128: register store
+@pytest.mark.parametrize("backend,rows,m_dim,n_dim,out_dtype,block_n", [
+    ("grouped_mm", [300, 0, 517, 64], 256, 192, torch.float32, None),
+    ("triton", [300, 0, 517, 64], 256, 192, torch.float32, 128),  # 128 x 128 tiles, TMA store
+    ("triton", [600, 0, 1500, 700], 256, 320, torch.bfloat16, 256),  # 128 x 256 tiles (>= 512 rows per expert)
+    ("triton", [300, 5, 517], 200, 192, torch.bfloat16, 128),  # M not a multiple of 128: 64 x 128, register store
 ])
-def test_grouped_wgrad_backends_bf16(backend, rows, m_dim, n_dim, out_dtype):
+def test_grouped_wgrad_backends_bf16(backend, rows, m_dim, n_dim, out_dtype, block_n):
     """The wgrad backends against a float64 per-expert loop (an expert without rows, one with a few), each of
     the Triton backend's tile choices (`grouped_wgrad_tiles`); the output's memory NaN-poisoned before (the
     caching allocator hands the freed block back)."""
     from comet_megatron.kernels import grouped_wgrad
+    from comet_megatron.kernels.wgrad import grouped_wgrad_tiles
 
     gen = torch.Generator(device="cuda").manual_seed(3)
     a = torch.randn(sum(rows), m_dim, device="cuda", generator=gen).to(torch.bfloat16)
     b = torch.randn(sum(rows), n_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    if block_n is not None:  # the case runs the tiles it is meant to
+        tiles = grouped_wgrad_tiles(a, len(rows), m_dim, tma_store=True)
+        assert (tiles["block_n"], tiles["block_m"]) == (block_n, 64 if m_dim % 128 else 128)
     offs = [0] + torch.cumsum(torch.tensor(rows), 0).tolist()
     offsets = torch.tensor(offs, dtype=torch.int32, device="cuda")
     poison = torch.full((len(rows), m_dim, n_dim), float("nan"), device="cuda", dtype=out_dtype)
