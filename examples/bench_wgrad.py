@@ -76,8 +76,7 @@ def main(argv=None) -> int:
     from comet_megatron.bench import load_shape
     from comet_megatron.experts import accumulate_wgrad_gemms, wgrad_tma_out
     from comet_megatron.kernels import accumulate
-    from comet_megatron.kernels.wgrad import (WGRAD_ACCUMULATE_TILES, grouped_wgrad, grouped_wgrad_accumulate,
-                                              tma_output_rows)
+    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate, tma_output_rows
 
     if not torch.cuda.is_available():
         print("bench_wgrad.py needs a CUDA GPU.", file=sys.stderr)
@@ -102,8 +101,7 @@ def main(argv=None) -> int:
                 a = torch.randn(rows, m_dim, device=dev, dtype=torch.bfloat16)
                 b = torch.randn(rows, n_dim, device=dev, dtype=torch.bfloat16)
                 if bf16:
-                    records += _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, grouped_wgrad,
-                                             args.rows)
+                    records += _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, args.rows)
                     del a, b
                     continue
                 # main_grads in reversed order in one flat buffer, as Megatron's DDP lays them out
@@ -167,11 +165,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, grouped_wgrad, rows_split) -> list:
+def _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, rows_split) -> list:
     """`--target bf16`: the fresh bf16 weight gradient by cuBLAS's grouped GEMM and by grouped_wgrad's Triton
     backend (+ configs), each checked against cuBLAS's, timed, printed."""
     import torch
     import triton
+
+    from comet_megatron.kernels.wgrad import grouped_wgrad
 
     def cublas():
         return torch._grouped_mm(a.t(), b, offs=dev_offsets[1:])

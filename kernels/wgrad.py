@@ -45,6 +45,9 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     fresh output with `grouped_wgrad_tiles`, its tiles stored through TMA on Hopper; `tiles` (block_m, block_n,
     block_k, group_m, num_warps, num_stages, tma_out) override them.
     """
+    unknown = set(tiles) - {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tma_out"}
+    if unknown:
+        raise TypeError(f"grouped_wgrad: unknown tile knobs {sorted(unknown)}")
     num_experts = expert_offsets.numel() - 1
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     out_dtype = out_dtype or a.dtype
@@ -71,9 +74,6 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     out_rows = None
     if use_tma(a) and num_experts and m_dim and (n_dim * out.element_size()) % 16 == 0:
         out_rows = (out.view(-1, n_dim), torch.arange(num_experts, dtype=torch.int32, device=a.device) * m_dim)
-    unknown = set(tiles) - {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tma_out"}
-    if unknown:
-        raise TypeError(f"grouped_wgrad: unknown tile knobs {sorted(unknown)}")
     knobs = {**grouped_wgrad_tiles(a, num_experts, m_dim, out_rows is not None), **tiles}
     grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, out_rows=out_rows, **knobs)
     return out
