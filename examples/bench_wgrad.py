@@ -12,6 +12,8 @@ after warm-up, L2 flushed, `triton.testing.do_bench`):
 * `cublas-addmm`: one cuBLAS GEMM per expert with beta = 1 into `main_grad` (`experts.accumulate_wgrad_gemms`);
 * `grouped+add`: cuBLAS's grouped GEMM to a bf16 [El, M, N] gradient, then one Triton add into the
   `main_grad`s (`kernels.accumulate`);
+* `gluon-ws` (`--ws-configs` variants): `kernels.gluon_wgrad.grouped_wgrad_ws`, the warp-specialised persistent
+  Gluon kernel (Hopper): main loop and `main_grad` epilogue in different warps, overlapped;
 * `triton` (and `--configs` variants): `kernels.wgrad.grouped_wgrad_accumulate`, one launch for every expert,
   with the epilogue the layer uses (`COMET_WGRAD_TMA_OUT`); `{"tma_out": true}` / `{"tma_out": false}`: its tiles
   leave through TMA (bulk reduce-add / store) / through registers.
@@ -58,6 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="[{}]",
                    help="JSON list of keyword sets for grouped_wgrad_accumulate, each timed as its own variant "
                         "({} = its Hopper tiles, kernels.wgrad.WGRAD_ACCUMULATE_TILES)")
+    p.add_argument("--ws-configs", default="[]",
+                   help="JSON list of keyword sets for kernels.gluon_wgrad.grouped_wgrad_ws (the warp-specialised "
+                        "Gluon kernel, Hopper), each timed as its own variant 'gluon-ws ...' ({} = its defaults)")
     p.add_argument("--rows", choices=("even", "routed"), default="even",
                    help="rows per expert: split evenly, or as a random top-k routing of the tokens assigns them "
                         "(uneven, as in the layer; seeded)")
@@ -82,6 +87,7 @@ def main(argv=None) -> int:
         print("bench_wgrad.py needs a CUDA GPU.", file=sys.stderr)
         return 2
     configs = json.loads(args.configs)
+    ws_configs = json.loads(args.ws_configs)
     bf16 = args.target == "bf16"
     dev = torch.device("cuda")
     records = []
@@ -127,6 +133,11 @@ def main(argv=None) -> int:
                     label = "triton" if not cfg else f"triton {json.dumps(cfg, sort_keys=True)}"
                     variants[label] = (lambda kw=kw: grouped_wgrad_accumulate(a, b, dev_offsets, base, out_offsets,
                                                                               overwrite=ow, out_rows=out_rows, **kw))
+                for cfg in ws_configs:
+                    from comet_megatron.kernels.gluon_wgrad import grouped_wgrad_ws
+
+                    variants[f"gluon-ws {json.dumps(cfg, sort_keys=True)}"] = (
+                        lambda cfg=cfg: grouped_wgrad_ws(a, b, dev_offsets, base, out_offsets, overwrite=ow, **cfg))
                 # correctness: each variant once from zero (overwrite: from NaN, never read) against cublas-addmm
                 start = float("nan") if ow else 0.0
                 flat.fill_(start)

@@ -1,0 +1,305 @@
+"""Expert weight gradients into fp32 `main_grad` on Hopper: a warp-specialised, persistent Gluon kernel.
+
+`C_e (+)= a[rows_e]^T @ b[rows_e]` for every local expert e (the accumulate kernel's job, `wgrad.py`). With few
+rows per expert (short K loops) that kernel, like cuBLAS with beta = 1, runs its main loop and then its
+epilogue (read the old fp32 tile, add, write it back) one after the other: on Mixtral's shapes at 512 rows per
+expert the two add up (~2.2 ms of tensor-core work + ~3.8 ms of `main_grad` traffic against ~6.1 ms measured,
+docs/BENCHMARKS.md). Here each program owns one SM and splits the work over four groups of warps that run at
+the same time:
+
+- a loader warp: TMA loads of a^T and b blocks into a ring of shared-memory stages, running ahead across tiles;
+- a tail warp: an expert's last, partial block of rows is loaded whole (the rows past it belong to the next
+  expert), so this warp zeroes those rows in shared memory before the block is released to the tensor cores;
+- the MMA warpgroup (default partition): wgmma over the ring, then hands the fp32 tile over through shared
+  memory (two buffers) and starts the next tile at once;
+- an epilogue warpgroup: reads the old `main_grad` tile, adds, writes it back (or writes, `OVERWRITE`) while
+  the MMA warpgroup runs the next tile's main loop.
+
+Hopper only (wgmma); the interpreter cannot run Gluon. `gluon_wgrad_supported` says when it applies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .gluon_gemm import HAVE_GLUON, gluon_unavailable
+from .launch import launch
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+BLOCK_M = 128
+SMEM_BYTES = 232448 - 1024
+
+
+def gluon_wgrad_supported(a: torch.Tensor, b: torch.Tensor, block_n: int = 128, block_m: int = 128) -> str | None:
+    """None when `grouped_wgrad_ws` can run with these operands (a: [R, M], b: [R, N]), else why not."""
+    if a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype:
+        return f"16-bit operands only (got {a.dtype} x {b.dtype})"
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        return f"rows [R, M] and [R, N] expected, got {tuple(a.shape)} and {tuple(b.shape)}"
+    for t in (a, b):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return "rows must be contiguous with 16-byte aligned rows (TMA)"
+    if block_m not in (64, 128) or block_m * block_n > 128 * 256 // 2:
+        return f"tiles {block_m} x {block_n}: the accumulator of one warpgroup holds at most 128 x 128 / 64 x 256"
+    if block_n not in (64, 128, 256):
+        return f"block_n={block_n}: 64, 128 or 256"
+    return gluon_unavailable(a.device)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _item(w, tiles_m, tiles_n, GROUP_M: gl.constexpr):
+        """Work item -> (expert, tile row, tile column): experts in order, GROUP_M-swizzled tiles within one."""
+        per_expert = tiles_m * tiles_n
+        e = w // per_expert
+        t = w % per_expert
+        per_group = GROUP_M * tiles_n
+        first_m = (t // per_group) * GROUP_M
+        size_m = gl.minimum(tiles_m - first_m, GROUP_M)
+        tm = first_m + (t % per_group) % size_m
+        tn = (t % per_group) // size_m
+        return e, tm, tn
+
+    @gluon.jit
+    def _load_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog, mine,
+                        tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr, NT: gl.constexpr):
+        BK: gl.constexpr = a_desc.block_type.shape[0]
+        BM: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[1]
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        producer = 0
+        tails = 0
+        for i in range(mine):
+            e, tm, tn = _item(pid + i * nprog, tiles_m, tiles_n, GROUP_M)
+            start = gl.load(row_offsets_ptr + e).to(gl.int32)
+            end = gl.load(row_offsets_ptr + e + 1).to(gl.int32)
+            nblk = gl.cdiv(end - start, BK)
+            for k in range(nblk):
+                s = producer % NB
+                mbarrier.wait(empty.index(s), ((producer // NB) & 1) ^ 1)
+                r0 = start + k * BK
+                # the partial last block goes to the tail warp (it zeroes the next expert's rows, then releases it)
+                tail = r0 + BK > end
+                bar_r = ready.index(s)
+                bar_t = tail_bars.index(tails % NT)
+                mbarrier.expect(bar_r, nbytes, pred=not tail)
+                mbarrier.expect(bar_t, nbytes, pred=tail)
+                tma.async_copy_global_to_shared(a_desc, [r0, tm * BM], bar_r, a_bufs.index(s), pred=not tail)
+                tma.async_copy_global_to_shared(b_desc, [r0, tn * BN], bar_r, b_bufs.index(s), pred=not tail)
+                tma.async_copy_global_to_shared(a_desc, [r0, tm * BM], bar_t, a_bufs.index(s), pred=tail)
+                tma.async_copy_global_to_shared(b_desc, [r0, tn * BN], bar_t, b_bufs.index(s), pred=tail)
+                tails += tail.to(gl.int32)
+                producer += 1
+
+    @gluon.jit
+    def _zero_rows(buf, valid, ROWS: gl.constexpr, COLS: gl.constexpr):
+        """Rows >= valid of a [ROWS, COLS] shared tile set to zero, 8 rows at a time (one warp)."""
+        TPW_N: gl.constexpr = COLS // 8 if COLS // 8 < 32 else 32
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [1, 1], [1, 0])
+        for c in gl.static_range(ROWS // 8):
+            if (c + 1) * 8 > valid:
+                chunk = buf.slice(c * 8, 8, dim=0)
+                x = chunk.load(layout)
+                rows = c * 8 + gl.arange(0, 8, layout=gl.SliceLayout(1, layout))
+                x = gl.where((rows < valid)[:, None], x, gl.zeros_like(x))
+                chunk.store(x)
+
+    @gluon.jit
+    def _tail_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog, mine,
+                        tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr, NT: gl.constexpr):
+        BK: gl.constexpr = a_desc.block_type.shape[0]
+        BM: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[1]
+        producer = 0
+        tails = 0
+        for i in range(mine):
+            e, tm, tn = _item(pid + i * nprog, tiles_m, tiles_n, GROUP_M)
+            start = gl.load(row_offsets_ptr + e).to(gl.int32)
+            end = gl.load(row_offsets_ptr + e + 1).to(gl.int32)
+            nblk = gl.cdiv(end - start, BK)
+            valid = (end - start) - (nblk - 1) * BK
+            if nblk > 0 and valid < BK:
+                s = (producer + nblk - 1) % NB
+                mbarrier.wait(tail_bars.index(tails % NT), (tails // NT) & 1)
+                _zero_rows(a_bufs.index(s), valid, BK, BM)
+                _zero_rows(b_bufs.index(s), valid, BK, BN)
+                fence_async_shared()
+                mbarrier.arrive(ready.index(s), count=1)
+                tails += 1
+            producer += nblk
+
+    @gluon.jit
+    def _epilogue_partition(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready, acc_empty,
+                            pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M: gl.constexpr,
+                            OVERWRITE: gl.constexpr, PRE: gl.constexpr, EPI_WARPS: gl.constexpr):
+        """The tile in two halves of BM / 2 rows; with PRE = 2 both halves of the old main_grad tile are read
+        before the accumulator is waited for (the reads run while the MMA warpgroup finishes the tile), with
+        PRE = 1 the first half only (fewer registers)."""
+        BM: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[1]
+        CH: gl.constexpr = BM // 2
+        TPW_N: gl.constexpr = BN // 4 if BN // 4 < 32 else 32
+        layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPW_N, TPW_N], [EPI_WARPS, 1], [1, 0])
+        rows_l: gl.constexpr = gl.SliceLayout(1, layout)
+        cols_l: gl.constexpr = gl.SliceLayout(0, layout)
+        for i in range(mine):
+            e, tm, tn = _item(pid + i * nprog, tiles_m, tiles_n, GROUP_M)
+            nrows = gl.load(row_offsets_ptr + e + 1) - gl.load(row_offsets_ptr + e)
+            live = nrows > 0
+            if OVERWRITE:
+                live = True
+            base = c_ptr + gl.load(c_offsets_ptr + e)
+            rows = tm * BM + gl.arange(0, CH, layout=rows_l)
+            cols = tn * BN + gl.arange(0, BN, layout=cols_l)
+            ptrs0 = base + rows.to(gl.int64)[:, None] * n_dim + cols[None, :]
+            ptrs1 = ptrs0 + CH * n_dim
+            cmask = (cols < n_dim)[None, :] & live
+            mask0 = (rows < m_dim)[:, None] & cmask
+            mask1 = (rows + CH < m_dim)[:, None] & cmask
+            if not OVERWRITE:
+                old0 = gl.load(ptrs0, mask=mask0, other=0.0)
+                if PRE == 2:
+                    old1 = gl.load(ptrs1, mask=mask1, other=0.0)
+            j = i % 2
+            mbarrier.wait(acc_ready.index(j), (i // 2) & 1)
+            x0 = acc_bufs.index(j).slice(0, CH, dim=0).load(layout)
+            if not OVERWRITE:
+                if PRE != 2:
+                    old1 = gl.load(ptrs1, mask=mask1, other=0.0)
+                x0 += old0
+            gl.store(ptrs0, x0.to(c_ptr.dtype.element_ty), mask=mask0)
+            x1 = acc_bufs.index(j).slice(CH, CH, dim=0).load(layout)
+            mbarrier.arrive(acc_empty.index(j), count=1)
+            if not OVERWRITE:
+                x1 += old1
+            gl.store(ptrs1, x1.to(c_ptr.dtype.element_ty), mask=mask1)
+
+    @gluon.constexpr_function
+    def _acc_layout(bm, bn):
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bn, 16])
+
+    @gluon.jit
+    def _mma_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
+                       acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr):
+        BK: gl.constexpr = a_desc.block_type.shape[0]
+        BM: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[1]
+        layout: gl.constexpr = _acc_layout(BM, BN)
+        consumer = 0
+        for i in range(mine):
+            e, tm, tn = _item(pid + i * nprog, tiles_m, tiles_n, GROUP_M)
+            start = gl.load(row_offsets_ptr + e).to(gl.int32)
+            end = gl.load(row_offsets_ptr + e + 1).to(gl.int32)
+            nblk = gl.cdiv(end - start, BK)
+            acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
+            for k in range(nblk):
+                s = consumer % NB
+                mbarrier.wait(ready.index(s), (consumer // NB) & 1)
+                acc = warpgroup_mma(a_bufs.index(s).permute((1, 0)), b_bufs.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(1, (acc,))
+                # the previous block's wgmma has finished: its stage goes back to the loader
+                mbarrier.arrive(empty.index((consumer + NB - 1) % NB), count=1, pred=k > 0)
+                consumer += 1
+            acc = warpgroup_mma_wait(0, (acc,))
+            mbarrier.arrive(empty.index((consumer + NB - 1) % NB), count=1, pred=nblk > 0)
+            j = i % 2
+            mbarrier.wait(acc_empty.index(j), ((i // 2) & 1) ^ 1)
+            acc_bufs.index(j).store(acc)
+            fence_async_shared()
+            mbarrier.arrive(acc_ready.index(j), count=1)
+
+    @gluon.jit
+    def _wgrad_ws_kernel(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, m_dim, n_dim, num_experts,
+                         GROUP_M: gl.constexpr, NB: gl.constexpr, OVERWRITE: gl.constexpr, PRE: gl.constexpr,
+                         EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
+        BK: gl.constexpr = a_desc.block_type.shape[0]
+        BM: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[1]
+        NT: gl.constexpr = NB  # tails in flight <= stages (each holds one)
+        gl.static_assert(BM == 64 or BM == 128)
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NB] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NB] + b_desc.block_type.shape, b_desc.layout)
+        acc_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], gl.float32)
+        acc_bufs = gl.allocate_shared_memory(gl.float32, [2, BM, BN], acc_smem_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        tail_bars = gl.allocate_shared_memory(gl.int64, [NT, 1], mbarrier.MBarrierLayout())
+        acc_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        acc_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(NB):
+            mbarrier.init(ready.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+        for s in gl.static_range(NT):
+            mbarrier.init(tail_bars.index(s), count=1)
+        for s in gl.static_range(2):
+            mbarrier.init(acc_ready.index(s), count=1)
+            mbarrier.init(acc_empty.index(s), count=1)
+
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        tiles_m = gl.cdiv(m_dim, BM)
+        tiles_n = gl.cdiv(n_dim, BN)
+        total = num_experts * tiles_m * tiles_n
+        mine = gl.cdiv(gl.maximum(total - pid, 0), nprog)
+        gl.warp_specialize([
+            (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
+                              acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB)),
+            (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
+                                   acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
+                                   PRE, EPI_WARPS)),
+            (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog,
+                               mine, tiles_m, tiles_n, GROUP_M, NB, NT)),
+            (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog,
+                               mine, tiles_m, tiles_n, GROUP_M, NB, NT)),
+        ], [EPI_WARPS, 1, 1], [EPI_REGS, LOAD_REGS, LOAD_REGS])
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+
+
+def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
+                     out_offsets: torch.Tensor, *, overwrite: bool = False, block_m: int = 128, block_n: int = 128, block_k: int = 64,
+                     num_stages: int = 3, group_m: int = 8, prefetch: int = 1, epilogue_warps: int | None = None,
+                     epilogue_regs: int | None = None, load_regs: int | None = None, maxnreg: int | None = None,
+                     programs: int | None = None) -> None:
+    """out_e (+)= a[rows_e]^T @ b[rows_e] for every expert e (`grouped_wgrad_accumulate`'s contract: a [R, M],
+    b [R, N] rows in expert order, row_offsets [El + 1] int32/int64 device tensor, out_base flat fp32 (any float
+    type with `overwrite`), out_offsets [El] int64 element offsets of each contiguous [M, N] output). Check
+    `gluon_wgrad_supported` first. No host synchronisation."""
+    (rows, m_dim), n_dim = a.shape, b.shape[1]
+    experts = out_offsets.numel()
+    # warps and registers: a 256-wide wgmma needs > 128 registers, so 12 warps (168 each at launch); else 16
+    wide = block_n > 128
+    epilogue_warps = epilogue_warps or (4 if wide else 8)
+    epilogue_regs = epilogue_regs or (200 if epilogue_warps == 4 else 152)
+    load_regs = load_regs or (40 if epilogue_warps == 4 else 24)
+    maxnreg = maxnreg or (168 if epilogue_warps == 4 else 128)
+    if experts == 0 or m_dim == 0 or n_dim == 0:
+        return
+    stage_bytes = (block_m + block_n) * block_k * a.element_size()
+    acc_bytes = 2 * block_m * block_n * 4
+    nb = min(num_stages, (SMEM_BYTES - acc_bytes) // stage_bytes)
+    if nb < 2:
+        raise ValueError(f"num_stages={num_stages}: {nb} stages of {block_k}-row blocks fit next to the epilogue")
+    gdt = _gl_dtype(a.dtype)
+    a_desc = GluonDescriptor.from_tensor(a, [block_k, block_m],
+                                         gl.NVMMASharedLayout.get_default_for([block_k, block_m], gdt))
+    b_desc = GluonDescriptor.from_tensor(b, [block_k, block_n],
+                                         gl.NVMMASharedLayout.get_default_for([block_k, block_n], gdt))
+    total = experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n)
+    sms = programs or torch.cuda.get_device_properties(a.device).multi_processor_count
+    grid = (max(1, min(sms, total)),)
+    launch(_wgrad_ws_kernel, grid, a_desc, b_desc, row_offsets, out_base, out_offsets, m_dim, n_dim, experts,
+           GROUP_M=group_m, NB=nb, OVERWRITE=bool(overwrite), PRE=prefetch, EPI_WARPS=epilogue_warps,
+           EPI_REGS=epilogue_regs, LOAD_REGS=load_regs,
+           num_warps=4, maxnreg=maxnreg)
