@@ -140,7 +140,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _epilogue_partition(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready, acc_empty,
                             pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M: gl.constexpr,
-                            OVERWRITE: gl.constexpr, PRE: gl.constexpr, EPI_WARPS: gl.constexpr):
+                            OVERWRITE: gl.constexpr, PRE: gl.constexpr, EPI_WARPS: gl.constexpr,
+                            NACC: gl.constexpr):
         """The tile in two halves of BM / 2 rows; with PRE = 2 both halves of the old main_grad tile are read
         before the accumulator is waited for (the reads run while the MMA warpgroup finishes the tile), with
         PRE = 1 the first half only (fewer registers)."""
@@ -169,8 +170,8 @@ if HAVE_GLUON:
                 old0 = gl.load(ptrs0, mask=mask0, other=0.0)
                 if PRE == 2:
                     old1 = gl.load(ptrs1, mask=mask1, other=0.0)
-            j = i % 2
-            mbarrier.wait(acc_ready.index(j), (i // 2) & 1)
+            j = i % NACC
+            mbarrier.wait(acc_ready.index(j), (i // NACC) & 1)
             x0 = acc_bufs.index(j).slice(0, CH, dim=0).load(layout)
             if not OVERWRITE:
                 if PRE != 2:
@@ -189,7 +190,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _mma_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
-                       acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr):
+                       acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr,
+                       NACC: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
@@ -211,8 +213,8 @@ if HAVE_GLUON:
                 consumer += 1
             acc = warpgroup_mma_wait(0, (acc,))
             mbarrier.arrive(empty.index((consumer + NB - 1) % NB), count=1, pred=nblk > 0)
-            j = i % 2
-            mbarrier.wait(acc_empty.index(j), ((i // 2) & 1) ^ 1)
+            j = i % NACC
+            mbarrier.wait(acc_empty.index(j), ((i // NACC) & 1) ^ 1)
             acc_bufs.index(j).store(acc)
             fence_async_shared()
             mbarrier.arrive(acc_ready.index(j), count=1)
@@ -220,7 +222,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _wgrad_ws_kernel(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, m_dim, n_dim, num_experts,
                          GROUP_M: gl.constexpr, NB: gl.constexpr, OVERWRITE: gl.constexpr, PRE: gl.constexpr,
-                         EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
+                         EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, NACC: gl.constexpr,
+                         num_warps: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
@@ -229,18 +232,18 @@ if HAVE_GLUON:
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NB] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NB] + b_desc.block_type.shape, b_desc.layout)
         acc_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], gl.float32)
-        acc_bufs = gl.allocate_shared_memory(gl.float32, [2, BM, BN], acc_smem_layout)
+        acc_bufs = gl.allocate_shared_memory(gl.float32, [NACC, BM, BN], acc_smem_layout)
         ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
         tail_bars = gl.allocate_shared_memory(gl.int64, [NT, 1], mbarrier.MBarrierLayout())
-        acc_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        acc_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        acc_ready = gl.allocate_shared_memory(gl.int64, [NACC, 1], mbarrier.MBarrierLayout())
+        acc_empty = gl.allocate_shared_memory(gl.int64, [NACC, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(NB):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
         for s in gl.static_range(NT):
             mbarrier.init(tail_bars.index(s), count=1)
-        for s in gl.static_range(2):
+        for s in gl.static_range(NACC):
             mbarrier.init(acc_ready.index(s), count=1)
             mbarrier.init(acc_empty.index(s), count=1)
 
@@ -252,10 +255,10 @@ if HAVE_GLUON:
         mine = gl.cdiv(gl.maximum(total - pid, 0), nprog)
         gl.warp_specialize([
             (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
-                              acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB)),
+                              acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC)),
             (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
                                    acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
-                                   PRE, EPI_WARPS)),
+                                   PRE, EPI_WARPS, NACC)),
             (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog,
                                mine, tiles_m, tiles_n, GROUP_M, NB, NT)),
             (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog,
@@ -268,27 +271,31 @@ def _gl_dtype(dtype: torch.dtype):
 
 
 def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
-                     out_offsets: torch.Tensor, *, overwrite: bool = False, block_m: int = 128, block_n: int = 128, block_k: int = 64,
-                     num_stages: int = 3, group_m: int = 8, prefetch: int = 1, epilogue_warps: int | None = None,
-                     epilogue_regs: int | None = None, load_regs: int | None = None, maxnreg: int | None = None,
-                     programs: int | None = None) -> None:
+                     out_offsets: torch.Tensor, *, overwrite: bool = False, block_m: int = 64, block_n: int = 256,
+                     block_k: int = 32, num_stages: int = 8, acc_buffers: int = 1, group_m: int = 8,
+                     prefetch: int = 1, epilogue_warps: int | None = None, epilogue_regs: int | None = None,
+                     load_regs: int | None = None, maxnreg: int | None = None, programs: int | None = None) -> None:
     """out_e (+)= a[rows_e]^T @ b[rows_e] for every expert e (`grouped_wgrad_accumulate`'s contract: a [R, M],
     b [R, N] rows in expert order, row_offsets [El + 1] int32/int64 device tensor, out_base flat fp32 (any float
     type with `overwrite`), out_offsets [El] int64 element offsets of each contiguous [M, N] output). Check
-    `gluon_wgrad_supported` first. No host synchronisation."""
+    `gluon_wgrad_supported` first. No host synchronisation.
+
+    Tiles block_m x block_n (64 x 256 or 128 x 128: one warpgroup's accumulator), K blocks of block_k rows in
+    up to num_stages shared-memory stages (as many as fit next to `acc_buffers` fp32 tiles handed to the
+    epilogue warps); prefetch: halves of the old main_grad tile read before the accumulator is waited for."""
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     experts = out_offsets.numel()
+    if experts == 0 or m_dim == 0 or n_dim == 0:
+        return
+    if acc_buffers not in (1, 2) or prefetch not in (1, 2):
+        raise ValueError(f"acc_buffers={acc_buffers}, prefetch={prefetch}: 1 or 2 each")
     # warps and registers: a 256-wide wgmma needs > 128 registers, so 12 warps (168 each at launch); else 16
-    wide = block_n > 128
-    epilogue_warps = epilogue_warps or (4 if wide else 8)
+    epilogue_warps = epilogue_warps or (4 if block_n > 128 else 8)
     epilogue_regs = epilogue_regs or (200 if epilogue_warps == 4 else 152)
     load_regs = load_regs or (40 if epilogue_warps == 4 else 24)
     maxnreg = maxnreg or (168 if epilogue_warps == 4 else 128)
-    if experts == 0 or m_dim == 0 or n_dim == 0:
-        return
     stage_bytes = (block_m + block_n) * block_k * a.element_size()
-    acc_bytes = 2 * block_m * block_n * 4
-    nb = min(num_stages, (SMEM_BYTES - acc_bytes) // stage_bytes)
+    nb = min(num_stages, (SMEM_BYTES - acc_buffers * block_m * block_n * 4) // stage_bytes)
     if nb < 2:
         raise ValueError(f"num_stages={num_stages}: {nb} stages of {block_k}-row blocks fit next to the epilogue")
     gdt = _gl_dtype(a.dtype)
@@ -301,5 +308,4 @@ def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor
     grid = (max(1, min(sms, total)),)
     launch(_wgrad_ws_kernel, grid, a_desc, b_desc, row_offsets, out_base, out_offsets, m_dim, n_dim, experts,
            GROUP_M=group_m, NB=nb, OVERWRITE=bool(overwrite), PRE=prefetch, EPI_WARPS=epilogue_warps,
-           EPI_REGS=epilogue_regs, LOAD_REGS=load_regs,
-           num_warps=4, maxnreg=maxnreg)
+           EPI_REGS=epilogue_regs, LOAD_REGS=load_regs, NACC=acc_buffers, num_warps=4, maxnreg=maxnreg)

@@ -34,9 +34,11 @@ def _main_grads(el, m_dim, n_dim, gap, gen, overwrite):
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["add", "write"])
-@pytest.mark.parametrize("knobs", [{}, {"block_k": 32, "num_stages": 4}, {"block_n": 64},
-                                   {"programs": 3}, {"prefetch": 2, "group_m": 1},
-                                   {"block_m": 64, "block_n": 256, "block_k": 32, "num_stages": 4}])
+@pytest.mark.parametrize("knobs", [{}, {"num_stages": 2}, {"programs": 3}, {"prefetch": 2, "group_m": 1},
+                                   {"acc_buffers": 2, "num_stages": 4},
+                                   {"block_m": 128, "block_n": 128}, {"block_m": 128, "block_n": 128, "block_k": 64,
+                                                                     "acc_buffers": 2, "programs": 5},
+                                   {"block_m": 128, "block_n": 64, "block_k": 64, "num_stages": 3}])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_grouped_wgrad_ws(overwrite, knobs, dtype, request):
     gen = torch.Generator(device="cuda").manual_seed(seed_from(request.node.nodeid))
@@ -47,7 +49,7 @@ def test_grouped_wgrad_ws(overwrite, knobs, dtype, request):
     b = torch.randn(total + 40, n_dim, device="cuda", generator=gen).to(dtype)
     a[total:] = float("inf")
     b[total:] = float("inf")
-    assert gluon_wgrad_supported(a, b, knobs.get("block_n", 128), knobs.get("block_m", 128)) is None
+    assert gluon_wgrad_supported(a, b, knobs.get("block_n", 128), knobs.get("block_m", 64)) is None
     el = len(rows)
     buffer, mains, before = _main_grads(el, m_dim, n_dim, gap, gen, overwrite)
     base = accumulate.flat_base(mains)
@@ -65,8 +67,8 @@ def test_grouped_wgrad_ws(overwrite, knobs, dtype, request):
 
 
 def test_grouped_wgrad_ws_repeated_calls_large():
-    """A Mixtral-like slice (many tiles per program, int64 row offsets), added twice: the second call adds on
-    top of the first (no state kept between launches), against float64."""
+    """A Mixtral-like slice (many tiles per program, int64 row offsets), added twice (two tile sets): the second
+    call adds on top of the first (no state kept between launches), against float64."""
     gen = torch.Generator(device="cuda").manual_seed(5)
     rows = [530, 489, 0, 511]
     m_dim, n_dim = 1024, 768
@@ -76,8 +78,8 @@ def test_grouped_wgrad_ws_repeated_calls_large():
     base = accumulate.flat_base(mains)
     out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device="cuda")
     offs = torch.tensor([0, 530, 1019, 1019, 1530], dtype=torch.int64, device="cuda")
-    for _ in range(2):
-        grouped_wgrad_ws(a, b, offs, base, out_offsets)
+    for knobs in ({}, {"block_m": 128, "block_n": 128}):
+        grouped_wgrad_ws(a, b, offs, base, out_offsets, **knobs)
     torch.cuda.synchronize()
     o = offs.tolist()
     for e in range(len(rows)):
