@@ -176,6 +176,12 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 #   a GPU: with few rows per expert the work is the read + write of fp32 main_grad, which it does at up to 2.45
 #   TB/s on an H100 against 1.8 TB/s for the grouped GEMM + add (1.23-1.39x on Qwen2-MoE at 2048-8192 tokens,
 #   1.14-1.19x on Phi-3.5-MoE at 2048; docs/BENCHMARKS.md);
+# * "gluon": `kernels.gluon_wgrad.grouped_wgrad_ws` (Hopper): the same sums by a persistent warp-specialised
+#   kernel whose epilogue warps read, add and write main_grad while its MMA warpgroup runs the next tile. H100,
+#   examples/bench_wgrad.py --rows routed (docs/BENCHMARKS.md, fourteenth session): adding, 1.05-1.21x over the
+#   pick before it from 192 to 768 mean rows per expert (Mixtral / Phi-3.5-MoE / Qwen2-MoE), behind from 1024
+#   (cuBLAS) and level at ~136 (the Triton kernel); writing, 1.23-1.47x over the Triton kernel wherever that was
+#   the pick, behind the per-expert cuBLAS GEMMs wherever those were;
 # * "add": the grouped GEMM to a bf16 stacked gradient, added into main_grad (`hand_to_main_grads`): many experts
 #   with many rows each (compute-bound), or where neither kernel can run.
 # In a step's first micro-batch (`main_grads_zeroed`) both kernels only write main_grad, and the per-expert cuBLAS
@@ -192,16 +198,25 @@ FUSED_WGRAD_MIN_ROWS_OVERWRITE = 256
 # Above this many mean rows per expert the weight gradient is bound by its GEMM, where cuBLAS is faster than
 # the Triton kernel (H100: even at 1024 on Qwen2-MoE, 0.6-0.67x at 2048 on Phi-3.5-MoE / Mixtral)
 TRITON_WGRAD_MAX_ROWS = 1024
-WGRAD_ACCUMULATION_MODES = ("auto", "gemm", "triton", "add")
+# the Gluon kernel when adding: from / up to this many mean rows per expert (see above)
+GLUON_WGRAD_ADD_ROWS = (192, 768)
+WGRAD_ACCUMULATION_MODES = ("auto", "gemm", "triton", "gluon", "add")
 
 
-def auto_wgrad_route(experts: int, rows: int, overwrite: bool, gemm_ok: bool = True, triton_ok: bool = True) -> str:
+def auto_wgrad_route(experts: int, rows: int, overwrite: bool, gemm_ok: bool = True, triton_ok: bool = True,
+                     gluon_ok: bool = False) -> str:
     """The measured choice (see above) for `experts` experts with `rows` rows in all on a GPU; `overwrite`: the
-    gradients are written, not added (a step's first micro-batch)."""
+    gradients are written, not added (a step's first micro-batch); `gluon_ok`: the Hopper Gluon kernel can run."""
     min_rows = FUSED_WGRAD_MIN_ROWS_OVERWRITE if overwrite else FUSED_WGRAD_MIN_ROWS
     if gemm_ok and experts <= FUSED_WGRAD_MAX_EXPERTS and rows >= min_rows * experts:
-        return "gemm"
-    return "triton" if triton_ok and rows <= TRITON_WGRAD_MAX_ROWS * experts else "add"
+        route = "gemm"
+    else:
+        route = "triton" if triton_ok and rows <= TRITON_WGRAD_MAX_ROWS * experts else "add"
+    if gluon_ok and route != "add":
+        lo, hi = GLUON_WGRAD_ADD_ROWS
+        if (overwrite and route == "triton") or (not overwrite and lo * experts <= rows <= hi * experts):
+            route = "gluon"
+    return route
 
 
 def _wgrad_accumulation(x: torch.Tensor, rows: int, mains, overwrite: bool = False) -> str:
@@ -221,9 +236,20 @@ def _wgrad_accumulation(x: torch.Tensor, rows: int, mains, overwrite: bool = Fal
     triton_ok = _triton_wgrad_ok(x, mains)
     if how == "triton":
         return "triton" if triton_ok else "add"
+    gluon_ok = triton_ok and _gluon_wgrad_ok(x)
+    if how == "gluon":
+        return "gluon" if gluon_ok else "add"
     if not x.is_cuda:
         return "add"
-    return auto_wgrad_route(experts, rows, overwrite, gemm_ok, triton_ok)
+    return auto_wgrad_route(experts, rows, overwrite, gemm_ok, triton_ok, gluon_ok)
+
+
+def _gluon_wgrad_ok(x: torch.Tensor) -> bool:
+    """The Gluon weight-gradient kernel can run for operands like `x` (16-bit, a Hopper GPU with Gluon; the
+    operands' TMA alignment is checked at the call, which falls back to the Triton kernel)."""
+    from comet_megatron.kernels.gluon_gemm import gluon_unavailable
+
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and gluon_unavailable(x.device) is None
 
 
 def _triton_wgrad_ok(x: torch.Tensor, mains) -> bool:
@@ -259,6 +285,20 @@ def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, device_offs
     base, out_offsets = flat_mains(mains)
     grouped_wgrad_accumulate(a, b, device_offsets, base, out_offsets, overwrite=overwrite,
                              out_rows=_tma_rows(mains, base), **wgrad_accumulate_tiles(a))
+
+
+def accumulate_wgrad_gluon(mains, a: torch.Tensor, b: torch.Tensor, device_offsets: torch.Tensor,
+                           overwrite: bool = False) -> None:
+    """The same sums by one launch of the warp-specialised Gluon kernel (`kernels.gluon_wgrad`, Hopper); operands
+    it cannot take (TMA alignment) go to `accumulate_wgrad_triton`."""
+    from comet_megatron.kernels.gluon_wgrad import grouped_wgrad_ws, gluon_wgrad_supported
+
+    a, b = a.contiguous(), b.contiguous()
+    if gluon_wgrad_supported(a, b, 256, 64) is not None:
+        accumulate_wgrad_triton(mains, a, b, device_offsets, overwrite)
+        return
+    base, out_offsets = flat_mains(mains)
+    grouped_wgrad_ws(a, b, device_offsets, base, out_offsets, overwrite=overwrite)
 
 
 _TMA_ROWS: dict = {}  # (device, data pointers, shape) -> kernels.wgrad.tma_output_rows(...) or None
@@ -328,7 +368,7 @@ def main_grads_zeroed(params) -> bool:
 
 def fused_wgrad_mains(params, a: torch.Tensor, rows: int):
     """(how, main_grads, overwrite) when the weight gradients of `params` (`rows` rows of `a` in all) should be
-    accumulated straight into their `main_grad`s ("gemm" or "triton", see above; `overwrite`: written, DDP
+    accumulated straight into their `main_grad`s ("gemm", "triton" or "gluon", see above; `overwrite`: written, DDP
     having just zeroed them, `main_grads_zeroed`): under Megatron's DDP; else None (the caller hands a stacked
     gradient over). Use it at once: the verdict holds until a gradient goes into these `main_grad`s."""
     mains = _main_grads(params)
@@ -349,6 +389,8 @@ def accumulate_into_mains(params, plan, a: torch.Tensor, b: torch.Tensor, offset
     how, mains, overwrite = plan
     if how == "gemm":
         accumulate_wgrad_gemms(mains, a, b, offsets(), overwrite)
+    elif how == "gluon":
+        accumulate_wgrad_gluon(mains, a, b, device_offsets, overwrite)
     else:
         accumulate_wgrad_triton(mains, a, b, device_offsets, overwrite)
     for p in params:

@@ -210,6 +210,27 @@ def test_auto_weight_gradient_route(experts, rows, overwrite, want):
     assert auto_wgrad_route(experts, rows, overwrite, gemm_ok=False, triton_ok=False) == "add"
 
 
+@pytest.mark.parametrize("experts,rows,overwrite,want", [
+    (8, 4096, False, "gluon"), (8, 4096, True, "gemm"),         # Mixtral, 2048 tokens: 512 rows per expert
+    (8, 8192, False, "gemm"),                                   # Mixtral, 4096 tokens: 1024 rows each
+    (16, 4096, False, "gluon"), (16, 4096, True, "gemm"),       # Phi-3.5-MoE, 2048 tokens: 256 rows each
+    (16, 8192, False, "gluon"), (16, 2048, True, "gluon"),      # Phi-3.5-MoE 4096 tokens; 128 rows each
+    (16, 16384, False, "gemm"),                                 # Phi-3.5-MoE 8192 tokens: 1024 rows each
+    (60, 8192, False, "triton"), (60, 8192, True, "gluon"),     # Qwen2-MoE 2048 tokens: ~136 rows each
+    (60, 16384, False, "gluon"), (60, 32768, False, "gluon"),   # Qwen2-MoE 4096 / 8192 tokens
+    (60, 131072, False, "add"), (60, 131072, True, "add"),      # many experts with many rows: compute-bound
+])
+def test_auto_weight_gradient_route_with_gluon(experts, rows, overwrite, want):
+    """Where the Hopper Gluon kernel can run (H100, examples/bench_wgrad.py --rows routed, docs/BENCHMARKS.md
+    fourteenth session): adding, it takes 192-768 mean rows per expert from the per-expert GEMMs and the Triton
+    kernel; writing, it takes the Triton kernel's cases and leaves the per-expert GEMMs theirs."""
+    from comet_megatron.experts import auto_wgrad_route
+
+    assert auto_wgrad_route(experts, rows, overwrite, gluon_ok=True) == want
+    assert auto_wgrad_route(experts, rows, overwrite, gluon_ok=False) != "gluon"
+    assert auto_wgrad_route(experts, rows, overwrite, gemm_ok=False, triton_ok=False, gluon_ok=True) == "add"
+
+
 def test_main_grads_zeroed_trusts_the_flag_and_checks_on_request(monkeypatch):
     """`main_grads_zeroed`: write only when every weight carries DDP's cleared flag; COMET_MAIN_GRAD_OVERWRITE=0
     never writes; `check` also verifies the buffers are zero and names the fix when they are not."""

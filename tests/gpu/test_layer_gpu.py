@@ -208,7 +208,7 @@ def _ddp_body(rank, transport, modes):
     dtype = torch.bfloat16
     out = {}
     for mode in ("megatron",) + tuple(modes):
-        os.environ["COMET_WGRAD_ACCUMULATION"] = mode if mode in ("gemm", "triton", "add") else "auto"
+        os.environ["COMET_WGRAD_ACCUMULATION"] = mode if mode in ("gemm", "triton", "gluon", "add") else "auto"
         os.environ["COMET_MAIN_GRAD_HANDOFF"] = "0" if mode == "off" else "1"
         ref, com = _layers(rank, transport, (1024, 1408, 4, 2), dtype, seed=11)
         layer = ref if mode == "megatron" else com
@@ -244,10 +244,10 @@ def test_main_grads_under_megatron_ddp_match_megatron(transport):
     """Expert weight gradients into main_grad: per-expert GEMMs accumulating into fp32 main_grad ("gemm",
     the choice for few large experts), the one-launch Triton kernel doing the same for all experts ("triton",
     the choice otherwise), one grouped GEMM + one Triton accumulation launch ("add"), and DDP's own
-    per-parameter hooks ("off"), and under the distributed optimizer's parameter layout ("do"); reference and
+    per-parameter hooks ("off"), the Hopper Gluon kernel ("gluon"; "add" where it cannot run), and under the distributed optimizer's parameter layout ("do"); reference and
     fused paths. Two micro-batches after `zero_grad_buffer()`: the first writes main_grad (poisoned with NaN
     before it, except where DDP's hook adds: "off"), the second adds."""
-    modes = ("gemm", "triton", "add", "off", "do")
+    modes = ("gemm", "triton", "gluon", "add", "off", "do")
     (res,) = run_distributed(_ddp_body, 1, ep=1, transport=transport, modes=modes)
     bad = {k: v for k, v in res["errs"].items() if not v <= 3e-2}
     assert not bad, bad
