@@ -1,7 +1,7 @@
 """Expert weight gradients into fp32 `main_grad` on Hopper: a warp-specialised, persistent Gluon kernel.
 
-`C_e (+)= a[rows_e]^T @ b[rows_e]` for every local expert e (the accumulate kernel's job, `wgrad.py`). With few
-rows per expert (short K loops) that kernel, like cuBLAS with beta = 1, runs its main loop and then its
+`C_e (+)= a[rows_e]^T @ b[rows_e]` for every local expert e (the Triton accumulate kernel's job, `wgrad.py`).
+With few rows per expert (short K loops) that kernel, like cuBLAS with beta = 1, runs its main loop and then its
 epilogue (read the old fp32 tile, add, write it back) one after the other: on Mixtral's shapes at 512 rows per
 expert the two add up (~2.2 ms of tensor-core work + ~3.8 ms of `main_grad` traffic against ~6.1 ms measured,
 docs/BENCHMARKS.md). Here each program owns one SM and splits the work over four groups of warps that run at
@@ -9,11 +9,19 @@ the same time:
 
 - a loader warp: TMA loads of a^T and b blocks into a ring of shared-memory stages, running ahead across tiles;
 - a tail warp: an expert's last, partial block of rows is loaded whole (the rows past it belong to the next
-  expert), so this warp zeroes those rows in shared memory before the block is released to the tensor cores;
-- the MMA warpgroup (default partition): wgmma over the ring, then hands the fp32 tile over through shared
-  memory (two buffers) and starts the next tile at once;
-- an epilogue warpgroup: reads the old `main_grad` tile, adds, writes it back (or writes, `OVERWRITE`) while
-  the MMA warpgroup runs the next tile's main loop.
+  expert, or lie past the operands: TMA zero-fills those), so this warp zeroes them in shared memory (both
+  operands: an inf there must not reach this expert's sums) before the block is released to the tensor cores;
+- the MMA warpgroup (default partition): wgmma over the ring (a^T read transposed from shared memory), then
+  hands the fp32 tile to the epilogue through shared memory and starts the next tile;
+- the epilogue warps: read the old `main_grad` tile (its first half before the tile is ready), add, write it
+  back (`OVERWRITE`: write only) while the MMA warpgroup runs the next tile's main loop.
+
+Default tiles 64 x 256 (1 KB `main_grad` row segments, one 64 KB accumulator buffer) with an 8-deep ring of
+32-row K blocks: on an H100 the ring's depth mattered most (4 stages next to two accumulator buffers: Mixtral
+0.98x of cuBLAS per expert; 8 next to one: 1.07x), 128 x 128 tiles came second, 64-wide ones last; the epilogue
+traffic alone runs at the copy rate for any of these tile shapes (3.0 TB/s), so what is left is overlap.
+Two MMA warpgroups taking turns with register epilogues (a ping-pong schedule, no accumulator buffer) ran
+0.76-0.81x of cuBLAS and was dropped. docs/BENCHMARKS.md, fourteenth session.
 
 Hopper only (wgmma); the interpreter cannot run Gluon. `gluon_wgrad_supported` says when it applies.
 """
@@ -34,11 +42,10 @@ if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-BLOCK_M = 128
 SMEM_BYTES = 232448 - 1024
 
 
-def gluon_wgrad_supported(a: torch.Tensor, b: torch.Tensor, block_n: int = 128, block_m: int = 128) -> str | None:
+def gluon_wgrad_supported(a: torch.Tensor, b: torch.Tensor, block_n: int = 256, block_m: int = 64) -> str | None:
     """None when `grouped_wgrad_ws` can run with these operands (a: [R, M], b: [R, N]), else why not."""
     if a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype:
         return f"16-bit operands only (got {a.dtype} x {b.dtype})"
@@ -215,8 +222,7 @@ if HAVE_GLUON:
             mbarrier.arrive(empty.index((consumer + NB - 1) % NB), count=1, pred=nblk > 0)
             j = i % NACC
             mbarrier.wait(acc_empty.index(j), ((i // NACC) & 1) ^ 1)
-            acc_bufs.index(j).store(acc)
-            fence_async_shared()
+            acc_bufs.index(j).store(acc)  # read back by the epilogue warps' generic loads: no proxy fence
             mbarrier.arrive(acc_ready.index(j), count=1)
 
     @gluon.jit
@@ -283,9 +289,23 @@ def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor
     Tiles block_m x block_n (64 x 256 or 128 x 128: one warpgroup's accumulator), K blocks of block_k rows in
     up to num_stages shared-memory stages (as many as fit next to `acc_buffers` fp32 tiles handed to the
     epilogue warps); prefetch: halves of the old main_grad tile read before the accumulator is waited for."""
+    why = gluon_wgrad_supported(a, b, block_n, block_m)
+    if why is not None:
+        raise ValueError(f"grouped_wgrad_ws: {why}")
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     experts = out_offsets.numel()
+    if row_offsets.numel() != experts + 1 or row_offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"grouped_wgrad_ws: {row_offsets.numel()} row offsets ({row_offsets.dtype}) for {experts} "
+                         "experts: give El + 1 int32/int64 offsets")
+    if (out_base.dtype != torch.float32 and not overwrite) or not out_base.dtype.is_floating_point \
+            or out_offsets.dtype != torch.int64:
+        raise ValueError("grouped_wgrad_ws: fp32 outputs (any float type when writing), int64 element offsets")
     if experts == 0 or m_dim == 0 or n_dim == 0:
+        return
+    if rows == 0:  # no operand rows to describe: every product is zero
+        if overwrite:
+            for off in out_offsets.tolist():
+                out_base[off:off + m_dim * n_dim].zero_()
         return
     if acc_buffers not in (1, 2) or prefetch not in (1, 2):
         raise ValueError(f"acc_buffers={acc_buffers}, prefetch={prefetch}: 1 or 2 each")

@@ -49,7 +49,7 @@ def test_grouped_wgrad_ws(overwrite, knobs, dtype, request):
     b = torch.randn(total + 40, n_dim, device="cuda", generator=gen).to(dtype)
     a[total:] = float("inf")
     b[total:] = float("inf")
-    assert gluon_wgrad_supported(a, b, knobs.get("block_n", 128), knobs.get("block_m", 64)) is None
+    assert gluon_wgrad_supported(a, b, knobs.get("block_n", 256), knobs.get("block_m", 64)) is None
     el = len(rows)
     buffer, mains, before = _main_grads(el, m_dim, n_dim, gap, gen, overwrite)
     base = accumulate.flat_base(mains)
@@ -85,3 +85,23 @@ def test_grouped_wgrad_ws_repeated_calls_large():
     for e in range(len(rows)):
         want = before[e] + 2 * (a[o[e]:o[e + 1]].double().t() @ b[o[e]:o[e + 1]].double())
         assert rel_err(mains[e].double(), want) < 1e-5, e
+
+
+def test_grouped_wgrad_ws_without_rows_and_bad_input():
+    """No operand rows: writing zeroes every output, adding leaves them alone; wrong offsets or outputs are
+    refused with the fix named."""
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    a = torch.empty(0, 64, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty(0, 32, device="cuda", dtype=torch.bfloat16)
+    offs = torch.zeros(3, dtype=torch.int32, device="cuda")
+    for overwrite in (False, True):
+        buffer, mains, before = _main_grads(2, 64, 32, 5, gen, overwrite)
+        base = accumulate.flat_base(mains)
+        out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device="cuda")
+        grouped_wgrad_ws(a, b, offs, base, out_offsets, overwrite=overwrite)
+        for m, want in zip(mains, before):
+            assert torch.equal(m.double(), want)
+        with pytest.raises(ValueError, match="El \\+ 1"):
+            grouped_wgrad_ws(a, b, offs[:2], base, out_offsets, overwrite=overwrite)
+        with pytest.raises(ValueError, match="int64 element offsets"):
+            grouped_wgrad_ws(a, b, offs, base, out_offsets.int(), overwrite=overwrite)
