@@ -178,9 +178,9 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 #   1.14-1.19x on Phi-3.5-MoE at 2048; docs/BENCHMARKS.md);
 # * "gluon": `kernels.gluon_wgrad.grouped_wgrad_ws` (Hopper): the same sums by a persistent warp-specialised
 #   kernel whose epilogue warps read, add and write main_grad while its MMA warpgroup runs the next tile. H100,
-#   examples/bench_wgrad.py --rows routed (docs/BENCHMARKS.md, fourteenth session): adding, 1.05-1.21x over the
+#   examples/bench_wgrad.py --rows routed (docs/BENCHMARKS.md, fourteenth session): adding, 1.02-1.21x over the
 #   pick before it from 192 to 768 mean rows per expert (Mixtral / Phi-3.5-MoE / Qwen2-MoE), behind from 1024
-#   (cuBLAS) and level at ~136 (the Triton kernel); writing, 1.23-1.47x over the Triton kernel wherever that was
+#   (cuBLAS) and 0.94-0.99x of the Triton kernel at ~136; writing, 1.20-1.47x over the Triton kernel wherever that was
 #   the pick, behind the per-expert cuBLAS GEMMs wherever those were;
 # * "add": the grouped GEMM to a bf16 stacked gradient, added into main_grad (`hand_to_main_grads`): many experts
 #   with many rows each (compute-bound), or where neither kernel can run.

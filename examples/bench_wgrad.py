@@ -74,6 +74,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.target == "bf16" and args.overwrite:
         p.error("--overwrite is for --target main-grad (a fresh bf16 gradient is always written)")
+    try:
+        ws_configs = json.loads(args.ws_configs)
+    except json.JSONDecodeError as exc:
+        p.error(f"--ws-configs: not JSON ({exc}); give a list of keyword sets, e.g. '[{{}}, {{\"block_k\": 64}}]'")
+    if not isinstance(ws_configs, list) or not all(isinstance(c, dict) for c in ws_configs):
+        p.error("--ws-configs: give a JSON list of keyword sets (objects)")
+    if args.target == "bf16" and ws_configs:
+        p.error("--ws-configs is for --target main-grad (the Gluon kernel adds into / writes fp32 main_grads)")
 
     import torch
     import triton
@@ -87,7 +95,6 @@ def main(argv=None) -> int:
         print("bench_wgrad.py needs a CUDA GPU.", file=sys.stderr)
         return 2
     configs = json.loads(args.configs)
-    ws_configs = json.loads(args.ws_configs)
     bf16 = args.target == "bf16"
     dev = torch.device("cuda")
     records = []
