@@ -28,7 +28,8 @@ not added (cuBLAS beta = 0, the Triton kernels' `overwrite`), traffic = the fp32
 reference path's backward computes where no `main_grad` takes them, and `bench kernels`' `wgrad` rows): `grouped_mm`
 (cuBLAS's grouped GEMM, K split by expert), `triton` (the Triton backend with its tiles, `grouped_wgrad_tiles`)
 and `--configs` variants (keyword sets for `grouped_wgrad`: block_m, block_n, block_k, group_m, num_warps,
-num_stages, tma_out); speed vs `grouped_mm`, each result checked against it.
+num_stages, tma_out), `--ws-configs` variants (the Gluon kernel writing the bf16 output); speed vs `grouped_mm`,
+each result checked against it.
 """
 
 from __future__ import annotations
@@ -80,8 +81,6 @@ def main(argv=None) -> int:
         p.error(f"--ws-configs: not JSON ({exc}); give a list of keyword sets, e.g. '[{{}}, {{\"block_k\": 64}}]'")
     if not isinstance(ws_configs, list) or not all(isinstance(c, dict) for c in ws_configs):
         p.error("--ws-configs: give a JSON list of keyword sets (objects)")
-    if args.target == "bf16" and ws_configs:
-        p.error("--ws-configs is for --target main-grad (the Gluon kernel adds into / writes fp32 main_grads)")
 
     import torch
     import triton
@@ -114,7 +113,8 @@ def main(argv=None) -> int:
                 a = torch.randn(rows, m_dim, device=dev, dtype=torch.bfloat16)
                 b = torch.randn(rows, n_dim, device=dev, dtype=torch.bfloat16)
                 if bf16:
-                    records += _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, args.rows)
+                    records += _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, args.rows,
+                                             ws_configs)
                     del a, b
                     continue
                 # main_grads in reversed order in one flat buffer, as Megatron's DDP lays them out
@@ -183,9 +183,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, rows_split) -> list:
+def _gluon_bf16(a, b, dev_offsets, cfg):
+    """The Gluon weight-gradient kernel writing a fresh [El, M, N] gradient in a's dtype (its `overwrite` mode)."""
+    import torch
+
+    from comet_megatron.kernels.gluon_wgrad import grouped_wgrad_ws
+
+    el, m_dim, n_dim = dev_offsets.numel() - 1, a.shape[1], b.shape[1]
+    out = torch.empty(el, m_dim, n_dim, dtype=a.dtype, device=a.device)
+    offs = torch.arange(el, dtype=torch.int64, device=a.device) * (m_dim * n_dim)
+    grouped_wgrad_ws(a, b, dev_offsets, out.view(-1), offs, overwrite=True, **cfg)
+    return out
+
+
+def _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, rows_split, ws_configs=()) -> list:
     """`--target bf16`: the fresh bf16 weight gradient by cuBLAS's grouped GEMM and by grouped_wgrad's Triton
-    backend (+ configs), each checked against cuBLAS's, timed, printed."""
+    backend (+ configs, + the Gluon kernel writing it: `ws_configs`), each checked against cuBLAS's, timed,
+    printed."""
     import torch
     import triton
 
@@ -199,6 +213,9 @@ def _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, rows
         if cfg:
             variants[f"triton {json.dumps(cfg, sort_keys=True)}"] = (
                 lambda cfg=cfg: grouped_wgrad(a, b, dev_offsets, backend="triton", **cfg))
+    for cfg in ws_configs:
+        variants[f"gluon-ws {json.dumps(cfg, sort_keys=True)}"] = (
+            lambda cfg=cfg: _gluon_bf16(a, b, dev_offsets, cfg))
     want = cublas().float()
     scale = want.abs().max().clamp_min(1e-30)
     out = []

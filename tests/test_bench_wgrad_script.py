@@ -48,12 +48,11 @@ def test_bf16_target_refuses_overwrite(capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--target", "bf16", "--ws-configs", "[{}]"], "--ws-configs is for --target main-grad"),
     (["--ws-configs", "[{block_k: 64}]"], "--ws-configs: not JSON"),
     (["--ws-configs", "{}"], "a JSON list of keyword sets"),
 ])
 def test_ws_configs_usage_errors(argv, message, capsys):
-    """The Gluon kernel's --ws-configs: a clear usage error for the bf16 target and for malformed sets."""
+    """The Gluon kernel's --ws-configs: a clear usage error for malformed sets."""
     with pytest.raises(SystemExit) as exc:
         _module().main(argv)
     assert exc.value.code == 2
