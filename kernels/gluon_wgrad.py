@@ -77,6 +77,14 @@ if HAVE_GLUON:
         return e, tm, tn
 
     @gluon.jit
+    def _work(i, pid, nprog, row_offsets_ptr, tiles_m, tiles_n, GROUP_M: gl.constexpr, BK: gl.constexpr):
+        """This program's i-th item: (expert, tile row, tile column, the expert's first and end row, its K blocks)."""
+        e, tm, tn = _item(pid + i * nprog, tiles_m, tiles_n, GROUP_M)
+        start = gl.load(row_offsets_ptr + e).to(gl.int32)
+        end = gl.load(row_offsets_ptr + e + 1).to(gl.int32)
+        return e, tm, tn, start, end, gl.cdiv(end - start, BK)
+
+    @gluon.jit
     def _load_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog, mine,
                         tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr, NT: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[0]
@@ -86,10 +94,7 @@ if HAVE_GLUON:
         producer = 0
         tails = 0
         for i in range(mine):
-            e, tm, tn = _item(pid + i * nprog, tiles_m, tiles_n, GROUP_M)
-            start = gl.load(row_offsets_ptr + e).to(gl.int32)
-            end = gl.load(row_offsets_ptr + e + 1).to(gl.int32)
-            nblk = gl.cdiv(end - start, BK)
+            e, tm, tn, start, end, nblk = _work(i, pid, nprog, row_offsets_ptr, tiles_m, tiles_n, GROUP_M, BK)
             for k in range(nblk):
                 s = producer % NB
                 mbarrier.wait(empty.index(s), ((producer // NB) & 1) ^ 1)
@@ -129,10 +134,7 @@ if HAVE_GLUON:
         producer = 0
         tails = 0
         for i in range(mine):
-            e, tm, tn = _item(pid + i * nprog, tiles_m, tiles_n, GROUP_M)
-            start = gl.load(row_offsets_ptr + e).to(gl.int32)
-            end = gl.load(row_offsets_ptr + e + 1).to(gl.int32)
-            nblk = gl.cdiv(end - start, BK)
+            e, tm, tn, start, end, nblk = _work(i, pid, nprog, row_offsets_ptr, tiles_m, tiles_n, GROUP_M, BK)
             valid = (end - start) - (nblk - 1) * BK
             if nblk > 0 and valid < BK:
                 s = (producer + nblk - 1) % NB
@@ -205,10 +207,7 @@ if HAVE_GLUON:
         layout: gl.constexpr = _acc_layout(BM, BN)
         consumer = 0
         for i in range(mine):
-            e, tm, tn = _item(pid + i * nprog, tiles_m, tiles_n, GROUP_M)
-            start = gl.load(row_offsets_ptr + e).to(gl.int32)
-            end = gl.load(row_offsets_ptr + e + 1).to(gl.int32)
-            nblk = gl.cdiv(end - start, BK)
+            e, tm, tn, start, end, nblk = _work(i, pid, nprog, row_offsets_ptr, tiles_m, tiles_n, GROUP_M, BK)
             acc = gl.zeros((BM, BN), dtype=gl.float32, layout=layout)
             for k in range(nblk):
                 s = consumer % NB

@@ -106,3 +106,65 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     denom = expected.double().norm().item()
     diff = (actual - expected.double()).norm().item()
     return diff / denom if denom > 0 else diff
+
+
+def reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite):
+    """(buffer, main_grads, float64 values before) for `el` fp32 [M, N] main_grads in reverse order in one
+    NaN-filled buffer with `gap` elements between them, as Megatron's DDP buffer holds expert weights; random
+    values, or NaN with `overwrite` (the kernel must not read them; `before` is then zero)."""
+    n = m_dim * n_dim
+    buffer = torch.full((el * (n + gap) + gap,), float("nan"), device=gen.device)
+    mains = [buffer[gap + (el - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(el)]
+    for m in mains:
+        m.normal_(generator=gen)
+        if overwrite:
+            m.fill_(float("nan"))
+    before = [torch.zeros_like(m, dtype=torch.float64) if overwrite else m.double() for m in mains]
+    return buffer, mains, before
+
+
+@dataclass
+class WgradCase:
+    """Operands and main_grads for an expert weight-gradient kernel: a [R + pad, M], b [R + pad, N] with rows of
+    inf past the last expert's (a partial last block must not reach them), row offsets, and the experts'
+    main_grads reversed in one NaN-gapped buffer (`reversed_main_grads`) with their flat base and offsets."""
+    a: torch.Tensor
+    b: torch.Tensor
+    offsets: list
+    buffer: torch.Tensor
+    mains: list
+    before: list
+    base: torch.Tensor
+    out_offsets: torch.Tensor
+    gap: int
+
+    @property
+    def device_offsets(self) -> torch.Tensor:
+        return torch.tensor(self.offsets, dtype=torch.int32, device=self.a.device)
+
+    def check(self, times: int = 1, tol: float = 1e-5) -> None:
+        """Every main_grad = its value before + times * a_e^T b_e (float64); the gaps still NaN."""
+        o = self.offsets
+        for e, main in enumerate(self.mains):
+            want = self.before[e] + times * (self.a[o[e]:o[e + 1]].double().t() @ self.b[o[e]:o[e + 1]].double())
+            assert rel_err(main.double(), want) < tol, e
+        assert int(torch.isnan(self.buffer).sum()) == self.gap * (len(self.mains) + 1)  # the gaps were not written
+
+
+def wgrad_case(rows, m_dim, n_dim, gap, gen, overwrite, dtype=torch.bfloat16, pad=40) -> WgradCase:
+    """A `WgradCase` with len(rows) experts of rows[e] rows each (random operands from `gen`, on its device)."""
+    from comet_megatron.kernels import accumulate
+
+    total = sum(rows)
+    a = torch.randn(total + pad, m_dim, device=gen.device, generator=gen).to(dtype)
+    b = torch.randn(total + pad, n_dim, device=gen.device, generator=gen).to(dtype)
+    a[total:] = float("inf")
+    b[total:] = float("inf")
+    buffer, mains, before = reversed_main_grads(len(rows), m_dim, n_dim, gap, gen, overwrite)
+    base = accumulate.flat_base(mains)
+    out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device=gen.device)
+    offsets = [0]
+    for r in rows:
+        offsets.append(offsets[-1] + r)
+    return WgradCase(a, b, offsets, buffer, mains, before, base, out_offsets, gap)
+

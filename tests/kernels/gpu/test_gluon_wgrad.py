@@ -11,7 +11,7 @@ import torch
 
 from comet_megatron.kernels import accumulate
 from comet_megatron.kernels.gluon_wgrad import grouped_wgrad_ws, gluon_wgrad_supported
-from moe_reference import rel_err, seed_from
+from moe_reference import rel_err, reversed_main_grads, seed_from, wgrad_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,18 +19,6 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9,
                        reason="the Gluon weight-gradient kernel is Hopper-only (other GPUs keep the Triton one)"),
 ]
-
-
-def _main_grads(el, m_dim, n_dim, gap, gen, overwrite):
-    n = m_dim * n_dim
-    buffer = torch.full((el * (n + gap) + gap,), float("nan"), device="cuda")
-    mains = [buffer[gap + (el - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(el)]
-    for m in mains:
-        m.normal_(generator=gen)
-        if overwrite:
-            m.fill_(float("nan"))
-    before = [torch.zeros_like(m, dtype=torch.float64) if overwrite else m.double() for m in mains]
-    return buffer, mains, before
 
 
 @pytest.mark.parametrize("overwrite", [False, True], ids=["add", "write"])
@@ -42,49 +30,23 @@ def _main_grads(el, m_dim, n_dim, gap, gen, overwrite):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_grouped_wgrad_ws(overwrite, knobs, dtype, request):
     gen = torch.Generator(device="cuda").manual_seed(seed_from(request.node.nodeid))
-    rows = [300, 0, 17, 517, 64, 128, 1]
-    m_dim, n_dim, gap = 328, 200, 77
-    total = sum(rows)
-    a = torch.randn(total + 40, m_dim, device="cuda", generator=gen).to(dtype)
-    b = torch.randn(total + 40, n_dim, device="cuda", generator=gen).to(dtype)
-    a[total:] = float("inf")
-    b[total:] = float("inf")
-    assert gluon_wgrad_supported(a, b, knobs.get("block_n", 256), knobs.get("block_m", 64)) is None
-    el = len(rows)
-    buffer, mains, before = _main_grads(el, m_dim, n_dim, gap, gen, overwrite)
-    base = accumulate.flat_base(mains)
-    out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device="cuda")
-    offs = [0]
-    for r in rows:
-        offs.append(offs[-1] + r)
-    grouped_wgrad_ws(a, b, torch.tensor(offs, dtype=torch.int32, device="cuda"), base, out_offsets,
-                     overwrite=overwrite, **knobs)
+    case = wgrad_case([300, 0, 17, 517, 64, 128, 1], 328, 200, 77, gen, overwrite, dtype)
+    assert gluon_wgrad_supported(case.a, case.b, knobs.get("block_n", 256), knobs.get("block_m", 64)) is None
+    grouped_wgrad_ws(case.a, case.b, case.device_offsets, case.base, case.out_offsets, overwrite=overwrite, **knobs)
     torch.cuda.synchronize()
-    for e in range(el):
-        want = before[e] + a[offs[e]:offs[e + 1]].double().t() @ b[offs[e]:offs[e + 1]].double()
-        assert rel_err(mains[e].double(), want) < 1e-5, e
-    assert int(torch.isnan(buffer).sum()) == gap * (el + 1)  # the gaps were not written
+    case.check()
 
 
 def test_grouped_wgrad_ws_repeated_calls_large():
     """A Mixtral-like slice (many tiles per program, int64 row offsets), added twice (two tile sets): the second
     call adds on top of the first (no state kept between launches), against float64."""
     gen = torch.Generator(device="cuda").manual_seed(5)
-    rows = [530, 489, 0, 511]
-    m_dim, n_dim = 1024, 768
-    a = torch.randn(sum(rows), m_dim, device="cuda", generator=gen).to(torch.bfloat16)
-    b = torch.randn(sum(rows), n_dim, device="cuda", generator=gen).to(torch.bfloat16)
-    buffer, mains, before = _main_grads(len(rows), m_dim, n_dim, 0, gen, False)
-    base = accumulate.flat_base(mains)
-    out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device="cuda")
-    offs = torch.tensor([0, 530, 1019, 1019, 1530], dtype=torch.int64, device="cuda")
+    case = wgrad_case([530, 489, 0, 511], 1024, 768, 0, gen, False, pad=0)
+    offs = torch.tensor(case.offsets, dtype=torch.int64, device="cuda")
     for knobs in ({}, {"block_m": 128, "block_n": 128}):
-        grouped_wgrad_ws(a, b, offs, base, out_offsets, **knobs)
+        grouped_wgrad_ws(case.a, case.b, offs, case.base, case.out_offsets, **knobs)
     torch.cuda.synchronize()
-    o = offs.tolist()
-    for e in range(len(rows)):
-        want = before[e] + 2 * (a[o[e]:o[e + 1]].double().t() @ b[o[e]:o[e + 1]].double())
-        assert rel_err(mains[e].double(), want) < 1e-5, e
+    case.check(times=2)
 
 
 def test_grouped_wgrad_ws_without_rows_and_bad_input():
@@ -95,7 +57,7 @@ def test_grouped_wgrad_ws_without_rows_and_bad_input():
     b = torch.empty(0, 32, device="cuda", dtype=torch.bfloat16)
     offs = torch.zeros(3, dtype=torch.int32, device="cuda")
     for overwrite in (False, True):
-        buffer, mains, before = _main_grads(2, 64, 32, 5, gen, overwrite)
+        buffer, mains, before = reversed_main_grads(2, 64, 32, 5, gen, overwrite)
         base = accumulate.flat_base(mains)
         out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device="cuda")
         grouped_wgrad_ws(a, b, offs, base, out_offsets, overwrite=overwrite)

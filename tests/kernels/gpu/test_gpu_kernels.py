@@ -8,7 +8,8 @@ import torch
 
 from comet_megatron.kernels import (EmulatedGroup, KernelConfig, combine_reduce, dispatch_gemm, gemm_combine,
                                     publish, receive_layout)
-from moe_reference import make_problem, reference_grads, reference_rank_outputs, rel_err, seed_from
+from moe_reference import (make_problem, reference_grads, reference_rank_outputs, rel_err, reversed_main_grads,
+                            seed_from, wgrad_case)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -217,21 +218,6 @@ def test_accumulate_into_compiled():
     assert int(torch.isnan(buffer).sum()) == gap * (groups + 1)
 
 
-def _reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite):
-    """(buffer, main_grads, float64 values before) for `el` fp32 [M, N] main_grads in reverse order in one
-    NaN-filled buffer with `gap` elements between them, as Megatron's DDP buffer holds expert weights; random
-    values, or NaN with `overwrite` (the kernel must not read them; `before` is then zero)."""
-    n = m_dim * n_dim
-    buffer = torch.full((el * (n + gap) + gap,), float("nan"), device="cuda")
-    mains = [buffer[gap + (el - 1 - e) * (n + gap):][:n].view(m_dim, n_dim) for e in range(el)]
-    for m in mains:
-        m.normal_(generator=gen)
-        if overwrite:
-            m.fill_(float("nan"))
-    before = [torch.zeros_like(m, dtype=torch.float64) if overwrite else m.double() for m in mains]
-    return buffer, mains, before
-
-
 @pytest.mark.parametrize("knobs", [{}, {"use_tma_loads": False}, {"prefetch_c": True},
                                    {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4},
                                    {"overwrite": True}, {"overwrite": True, "use_tma_loads": False}])
@@ -240,31 +226,13 @@ def test_grouped_wgrad_accumulate_compiled(knobs):
     Hopper tiles (TMA loads) and variants, against float64: experts without rows, with fewer rows than a K
     block, with whole blocks and a tail; M and N not multiples of the tiles; rows of inf past the last expert's.
     `overwrite`: written over main_grads holding NaN (never read)."""
-    from comet_megatron.kernels import accumulate
     from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate
 
     gen = torch.Generator(device="cuda").manual_seed(11)
-    rows = [300, 0, 17, 517, 64, 100]
-    m_dim, n_dim, gap = 328, 200, 77
-    # rows of inf past the last expert's: its partial last block must not read them
-    a = torch.randn(sum(rows) + 40, m_dim, device="cuda", generator=gen).to(torch.bfloat16)
-    b = torch.randn(sum(rows) + 40, n_dim, device="cuda", generator=gen).to(torch.bfloat16)
-    a[sum(rows):] = float("inf")
-    b[sum(rows):] = float("inf")
-    el = len(rows)
-    overwrite = knobs.get("overwrite", False)
-    buffer, mains, before = _reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite)
-    base = accumulate.flat_base(mains)
-    out_offsets = torch.tensor(accumulate.element_offsets(base, mains), dtype=torch.int64, device="cuda")
-    offs = [0]
-    for r in rows:
-        offs.append(offs[-1] + r)
-    grouped_wgrad_accumulate(a, b, torch.tensor(offs, dtype=torch.int32, device="cuda"), base, out_offsets,
+    case = wgrad_case([300, 0, 17, 517, 64, 100], 328, 200, 77, gen, knobs.get("overwrite", False))
+    grouped_wgrad_accumulate(case.a, case.b, case.device_offsets, case.base, case.out_offsets,
                              **{**WGRAD_ACCUMULATE_TILES, **knobs})
-    for e in range(el):
-        want = before[e] + a[offs[e]:offs[e + 1]].double().t() @ b[offs[e]:offs[e + 1]].double()
-        assert rel_err(mains[e].double(), want) < 1e-5, e
-    assert int(torch.isnan(buffer).sum()) == gap * (el + 1)  # the gaps were not written
+    case.check()
 
 
 @pytest.mark.parametrize("knobs", [{}, {"overwrite": True},
@@ -291,7 +259,7 @@ def test_grouped_wgrad_accumulate_tma_epilogue_compiled(knobs):
         offs.append(offs[-1] + r)
     row_offsets = torch.tensor(offs, dtype=torch.int32, device="cuda")
     for tma_out in (True, False):
-        buffer, mains, before = _reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite)
+        buffer, mains, before = reversed_main_grads(el, m_dim, n_dim, gap, gen, overwrite)
         base = accumulate.flat_base(mains)
         host = accumulate.element_offsets(base, mains)
         out_rows = tma_output_rows(base, host, m_dim, n_dim)
