@@ -259,6 +259,10 @@ def _triton_wgrad_ok(x: torch.Tensor, mains) -> bool:
         return False
     if mains[0].dtype != torch.float32 or mains[0].device != x.device:
         return False  # flat_mains: all of one dtype and device
+    from comet_megatron.kernels.config import interpreter_bf16
+
+    if interpreter_bf16(x.dtype):
+        return False  # Triton's interpreter gets bf16 products wrong (kernels.config.INTERPRETER_BF16)
     return x.dtype in (torch.bfloat16, torch.float16, torch.float32) and flat_mains(mains) is not None
 
 

@@ -62,8 +62,12 @@ def _is_hopper(device) -> bool:
     return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] == 9
 
 
-def fused_support(config, expert_tp_size: int) -> tuple[bool, str]:
-    """(ok, reason) whether the fused kernels implement this layer's expert MLP."""
+def fused_support(config, expert_tp_size: int, dtype: torch.dtype | None = None) -> tuple[bool, str]:
+    """(ok, reason) whether the fused kernels implement this layer's expert MLP (activations in `dtype`)."""
+    from comet_megatron.kernels.config import INTERPRETER_BF16, interpreter_bf16
+
+    if dtype is not None and interpreter_bf16(dtype):
+        return False, INTERPRETER_BF16
     if expert_tp_size != 1:
         return False, f"expert tensor parallel size {expert_tp_size} (fused kernels need 1)"
     if config.activation_func not in ACTIVATION_NAMES:

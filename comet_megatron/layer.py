@@ -103,7 +103,7 @@ class CometMoELayer(MoELayer):
         from comet_megatron.fused import FusedExperts, fused_support
         from comet_megatron.transport import resolve_transport
 
-        support = fused_support(self.config, self.token_dispatcher.tp_size)
+        support = fused_support(self.config, self.token_dispatcher.tp_size, hidden_states.dtype)
         transport, why = resolve_transport(self.comet_config, self.ep_group, hidden_states.device, support)
         if transport != "nccl":
             self._fused = FusedExperts(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -122,8 +123,21 @@ def combine_programs(device: torch.device, world_size: int, num_comm: int | None
     return default_programs(device, num_comm, num_compute)
 
 
+INTERPRETER_BF16 = ("bf16 operands under TRITON_INTERPRET=1: Triton's interpreter computes bf16 tl.dot products "
+                    "wrongly (seen with Triton 3.6 and 3.8: errors of 1e10 on unit-scale inputs); run the kernels with "
+                    "fp32 or fp16 operands on the CPU, or compiled on a GPU")
+
+
+def interpreter_bf16(dtype: torch.dtype) -> bool:
+    """True where a dot kernel would run bf16 operands in Triton's interpreter, which gets them wrong."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands: full-precision products (tests compare against float64); bf16/fp16 ignore it."""
+    """fp32 operands: full-precision products (tests compare against float64); bf16/fp16 ignore it. Every kernel
+    with a tl.dot asks it at launch, so it also refuses bf16 in Triton's interpreter (`INTERPRETER_BF16`)."""
+    if interpreter_bf16(dtype):
+        raise ValueError(INTERPRETER_BF16)
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -125,3 +125,22 @@ def test_bench_auto_rows_copy_what_auto_runs():
         if r.variant == AUTO:  # right after its group, with the picked row's time
             assert out[i - 1].shape == r.shape and out[i - 1].tokens == r.tokens
             assert r.ms == next(q.ms for q in out if (q.shape, q.tokens, q.variant) == (r.shape, r.tokens, r.picks))
+
+
+def test_fused_support_names_bf16_under_the_interpreter(monkeypatch):
+    """bf16 activations in Triton's interpreter: the fused kernels would compute wrong products, so the layer's
+    fused path is declined with that reason (auto then runs the reference path, an explicit transport errs)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from comet_megatron.fused import fused_support
+
+    config = SimpleNamespace(activation_func=torch.nn.functional.silu, add_bias_linear=False, gated_linear_unit=True,
+                             glu_linear_offset=0.0, activation_func_clamp_value=None, moe_apply_probs_on_input=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ok, why = fused_support(config, 1, torch.bfloat16)
+    assert not ok and "interpreter" in why and "fp32 or fp16" in why
+    assert fused_support(config, 1, torch.float32) == (True, "")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert fused_support(config, 1, torch.bfloat16) == (True, "")

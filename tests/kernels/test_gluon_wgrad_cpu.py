@@ -36,3 +36,52 @@ def test_grouped_wgrad_ws_refuses_with_the_reason():
         grouped_wgrad_ws(a.float(), b.float(), offs, out, torch.tensor([0, 128 * 64]))
     with pytest.raises(ValueError, match="grouped_wgrad_ws: "):
         grouped_wgrad_ws(a, b, offs, out, torch.tensor([0, 128 * 64]))
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["add", "write"])
+def test_gluon_route_falls_back_to_the_triton_kernel(overwrite):
+    """`experts.accumulate_wgrad_gluon` with operands the Gluon kernel cannot take (here: not on a Hopper GPU)
+    hands the same sums to the Triton kernel: main_grads right against float64, gaps untouched."""
+    from comet_megatron.experts import accumulate_wgrad_gluon
+    from moe_reference import wgrad_case
+
+    # fp16: Triton's interpreter gets bf16 products wrong (kernels.config.INTERPRETER_BF16)
+    case = wgrad_case([0, 5, 37, 16, 7], 40, 24, 13, torch.Generator().manual_seed(4), overwrite, torch.float16)
+    assert gluon_wgrad_supported(case.a, case.b) is not None
+    accumulate_wgrad_gluon(case.mains, case.a, case.b, case.device_offsets, overwrite)
+    case.check(tol=1e-3)
+
+
+def test_forced_gluon_route_without_it_is_the_grouped_add(monkeypatch):
+    """COMET_WGRAD_ACCUMULATION=gluon where the Gluon kernel cannot run (no Hopper GPU) takes the route that
+    always runs (grouped GEMM + add), as the other forced routes do; an unknown mode names the choices."""
+    from comet_megatron.experts import _wgrad_accumulation
+
+    mains = [t for t in torch.zeros(2, 8, 4).unbind(0)]
+    x = torch.zeros(6, 4, dtype=torch.bfloat16)
+    monkeypatch.setenv("COMET_WGRAD_ACCUMULATION", "gluon")
+    assert _wgrad_accumulation(x, 6, mains) == "add"
+    monkeypatch.setenv("COMET_WGRAD_ACCUMULATION", "cutlass")
+    with pytest.raises(ValueError, match="gluon"):
+        _wgrad_accumulation(x, 6, mains)
+
+
+def test_bf16_in_the_interpreter_is_refused_not_miscomputed(monkeypatch):
+    """Triton's interpreter computes bf16 tl.dot products wrongly; every dot kernel refuses them there, naming
+    the fix, the fused path reports it as the reason to take the reference path, and the weight-gradient
+    route does not pick the Triton kernel for them."""
+    from comet_megatron.experts import _triton_wgrad_ok
+    from comet_megatron.kernels.config import dot_precision
+    from comet_megatron.kernels.wgrad import INTERPRETER_TILES, grouped_wgrad_accumulate
+    from moe_reference import wgrad_case
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    case = wgrad_case([3, 20], 16, 16, 0, torch.Generator().manual_seed(1), False)  # bf16 operands
+    with pytest.raises(ValueError, match="fp32 or fp16 operands on the CPU"):
+        grouped_wgrad_accumulate(case.a, case.b, case.device_offsets, case.base, case.out_offsets,
+                                 **INTERPRETER_TILES)
+    assert not _triton_wgrad_ok(case.a, case.mains)
+    assert _triton_wgrad_ok(case.a.half(), case.mains)
+    assert dot_precision(torch.float16) == "tf32" and dot_precision(torch.float32) == "ieee"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert dot_precision(torch.bfloat16) == "tf32"  # compiled kernels take bf16
