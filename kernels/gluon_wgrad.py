@@ -276,21 +276,38 @@ def _gl_dtype(dtype: torch.dtype):
 
 
 def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
-                     out_offsets: torch.Tensor, *, overwrite: bool = False, block_m: int = 64, block_n: int = 256,
-                     block_k: int = 32, num_stages: int = 8, acc_buffers: int = 1, group_m: int = 8,
-                     prefetch: int = 1, epilogue_warps: int | None = None, epilogue_regs: int | None = None,
-                     load_regs: int | None = None, maxnreg: int | None = None, programs: int | None = None) -> None:
+                     out_offsets: torch.Tensor, *, overwrite: bool = False, **knobs) -> None:
     """out_e (+)= a[rows_e]^T @ b[rows_e] for every expert e (`grouped_wgrad_accumulate`'s contract: a [R, M],
     b [R, N] rows in expert order, row_offsets [El + 1] int32/int64 device tensor, out_base flat fp32 (any float
-    type with `overwrite`), out_offsets [El] int64 element offsets of each contiguous [M, N] output). Check
-    `gluon_wgrad_supported` first. No host synchronisation.
+    type with `overwrite`), out_offsets [El] int64 element offsets of each contiguous [M, N] output). Refuses what
+    `gluon_wgrad_supported` refuses, with its reason. No host synchronisation. `knobs`: `wgrad_ws_plan`'s."""
+    why = gluon_wgrad_supported(a, b, knobs.get("block_n", 256), knobs.get("block_m", 64))
+    if why is not None:
+        raise ValueError(f"grouped_wgrad_ws: {why}")
+    plan = wgrad_ws_plan(a, b, row_offsets, out_base, out_offsets, overwrite=overwrite, **knobs)
+    if plan is None:
+        (rows, m_dim), n_dim = a.shape, b.shape[1]
+        if overwrite and rows == 0 and m_dim and n_dim:  # no operand rows: every product is zero
+            for off in out_offsets.tolist():
+                out_base[off:off + m_dim * n_dim].zero_()
+        return
+    kernel, grid, args, constexprs = plan
+    launch(kernel, grid, *args, **constexprs)
+
+
+def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
+                  out_offsets: torch.Tensor, *, overwrite: bool = False, block_m: int = 64, block_n: int = 256,
+                  block_k: int = 32, num_stages: int = 8, acc_buffers: int = 1, group_m: int = 8, prefetch: int = 1,
+                  epilogue_warps: int | None = None, epilogue_regs: int | None = None, load_regs: int | None = None,
+                  maxnreg: int | None = None, programs: int | None = None, sms: int | None = None):
+    """The checked launch of `grouped_wgrad_ws`: (kernel, grid, args, constexprs), or None when there is nothing
+    to compute (no experts, an empty dimension, no operand rows). Also what examples/compile_sm90.py compiles
+    without a GPU (`sms`: the program count when `a` is not on one).
 
     Tiles block_m x block_n (64 x 256 or 128 x 128: one warpgroup's accumulator), K blocks of block_k rows in
     up to num_stages shared-memory stages (as many as fit next to `acc_buffers` fp32 tiles handed to the
-    epilogue warps); prefetch: halves of the old main_grad tile read before the accumulator is waited for."""
-    why = gluon_wgrad_supported(a, b, block_n, block_m)
-    if why is not None:
-        raise ValueError(f"grouped_wgrad_ws: {why}")
+    epilogue warps); prefetch: halves of the old main_grad tile read before the accumulator is waited for;
+    programs: at most this many persistent programs (default: one per SM)."""
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     experts = out_offsets.numel()
     if row_offsets.numel() != experts + 1 or row_offsets.dtype not in (torch.int32, torch.int64):
@@ -299,15 +316,10 @@ def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor
     if (out_base.dtype != torch.float32 and not overwrite) or not out_base.dtype.is_floating_point \
             or out_offsets.dtype != torch.int64:
         raise ValueError("grouped_wgrad_ws: fp32 outputs (any float type when writing), int64 element offsets")
-    if experts == 0 or m_dim == 0 or n_dim == 0:
-        return
-    if rows == 0:  # no operand rows to describe: every product is zero
-        if overwrite:
-            for off in out_offsets.tolist():
-                out_base[off:off + m_dim * n_dim].zero_()
-        return
     if acc_buffers not in (1, 2) or prefetch not in (1, 2):
         raise ValueError(f"acc_buffers={acc_buffers}, prefetch={prefetch}: 1 or 2 each")
+    if experts == 0 or m_dim == 0 or n_dim == 0 or rows == 0:
+        return None
     # warps and registers: a 256-wide wgmma needs > 128 registers, so 12 warps (168 each at launch); else 16
     epilogue_warps = epilogue_warps or (4 if block_n > 128 else 8)
     epilogue_regs = epilogue_regs or (200 if epilogue_warps == 4 else 152)
@@ -323,8 +335,9 @@ def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor
     b_desc = GluonDescriptor.from_tensor(b, [block_k, block_n],
                                          gl.NVMMASharedLayout.get_default_for([block_k, block_n], gdt))
     total = experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n)
-    sms = programs or torch.cuda.get_device_properties(a.device).multi_processor_count
-    grid = (max(1, min(sms, total)),)
-    launch(_wgrad_ws_kernel, grid, a_desc, b_desc, row_offsets, out_base, out_offsets, m_dim, n_dim, experts,
-           GROUP_M=group_m, NB=nb, OVERWRITE=bool(overwrite), PRE=prefetch, EPI_WARPS=epilogue_warps,
-           EPI_REGS=epilogue_regs, LOAD_REGS=load_regs, NACC=acc_buffers, num_warps=4, maxnreg=maxnreg)
+    sms = sms or torch.cuda.get_device_properties(a.device).multi_processor_count
+    grid = (max(1, min(programs or sms, total)),)
+    args = (a_desc, b_desc, row_offsets, out_base, out_offsets, m_dim, n_dim, experts)
+    constexprs = dict(GROUP_M=group_m, NB=nb, OVERWRITE=bool(overwrite), PRE=prefetch, EPI_WARPS=epilogue_warps,
+                      EPI_REGS=epilogue_regs, LOAD_REGS=load_regs, NACC=acc_buffers, num_warps=4, maxnreg=maxnreg)
+    return _wgrad_ws_kernel, grid, args, constexprs
