@@ -31,18 +31,17 @@ from __future__ import annotations
 import torch
 import triton
 
-from .gluon_gemm import HAVE_GLUON, gluon_unavailable
+from .gluon_gemm import HAVE_GLUON, SMEM_BYTES, gluon_unavailable
 from .launch import launch
 
 if HAVE_GLUON:
+    from .gluon_gemm import _acc_layout, _gl_dtype
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.language.nvidia.hopper import tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
-
-SMEM_BYTES = 232448 - 1024
 
 
 def gluon_wgrad_supported(a: torch.Tensor, b: torch.Tensor, block_n: int = 256, block_m: int = 64) -> str | None:
@@ -193,10 +192,6 @@ if HAVE_GLUON:
                 x1 += old1
             gl.store(ptrs1, x1.to(c_ptr.dtype.element_ty), mask=mask1)
 
-    @gluon.constexpr_function
-    def _acc_layout(bm, bn):
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, bn, 16])
-
     @gluon.jit
     def _mma_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
                        acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr,
@@ -204,7 +199,7 @@ if HAVE_GLUON:
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
-        layout: gl.constexpr = _acc_layout(BM, BN)
+        layout: gl.constexpr = _acc_layout(BM, BN, 4)  # one warpgroup: 64-row wgmma stacked along M
         consumer = 0
         for i in range(mine):
             e, tm, tn, start, end, nblk = _work(i, pid, nprog, row_offsets_ptr, tiles_m, tiles_n, GROUP_M, BK)
@@ -269,10 +264,6 @@ if HAVE_GLUON:
             (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog,
                                mine, tiles_m, tiles_n, GROUP_M, NB, NT)),
         ], [EPI_WARPS, 1, 1], [EPI_REGS, LOAD_REGS, LOAD_REGS])
-
-
-def _gl_dtype(dtype: torch.dtype):
-    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
 
 def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
