@@ -85,11 +85,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _load_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog, mine,
-                        tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr, NT: gl.constexpr):
+                        tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr, NT: gl.constexpr,
+                        SPLIT: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        nbytes: gl.constexpr = SPLIT * a_desc.block_type.nbytes + b_desc.block_type.nbytes
         producer = 0
         tails = 0
         for i in range(mine):
@@ -104,9 +105,11 @@ if HAVE_GLUON:
                 bar_t = tail_bars.index(tails % NT)
                 mbarrier.expect(bar_r, nbytes, pred=not tail)
                 mbarrier.expect(bar_t, nbytes, pred=tail)
-                tma.async_copy_global_to_shared(a_desc, [r0, tm * BM], bar_r, a_bufs.index(s), pred=not tail)
+                for h in gl.static_range(SPLIT):
+                    col = (tm * SPLIT + h) * BM
+                    tma.async_copy_global_to_shared(a_desc, [r0, col], bar_r, a_bufs.index(s * SPLIT + h), pred=not tail)
+                    tma.async_copy_global_to_shared(a_desc, [r0, col], bar_t, a_bufs.index(s * SPLIT + h), pred=tail)
                 tma.async_copy_global_to_shared(b_desc, [r0, tn * BN], bar_r, b_bufs.index(s), pred=not tail)
-                tma.async_copy_global_to_shared(a_desc, [r0, tm * BM], bar_t, a_bufs.index(s), pred=tail)
                 tma.async_copy_global_to_shared(b_desc, [r0, tn * BN], bar_t, b_bufs.index(s), pred=tail)
                 tails += tail.to(gl.int32)
                 producer += 1
@@ -126,7 +129,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _tail_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog, mine,
-                        tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr, NT: gl.constexpr):
+                        tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr, NT: gl.constexpr,
+                        SPLIT: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
@@ -138,7 +142,8 @@ if HAVE_GLUON:
             if nblk > 0 and valid < BK:
                 s = (producer + nblk - 1) % NB
                 mbarrier.wait(tail_bars.index(tails % NT), (tails // NT) & 1)
-                _zero_rows(a_bufs.index(s), valid, BK, BM)
+                for h in gl.static_range(SPLIT):
+                    _zero_rows(a_bufs.index(s * SPLIT + h), valid, BK, BM)
                 _zero_rows(b_bufs.index(s), valid, BK, BN)
                 fence_async_shared()
                 mbarrier.arrive(ready.index(s), count=1)
@@ -149,13 +154,15 @@ if HAVE_GLUON:
     def _epilogue_partition(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready, acc_empty,
                             pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M: gl.constexpr,
                             OVERWRITE: gl.constexpr, PRE: gl.constexpr, EPI_WARPS: gl.constexpr,
-                            NACC: gl.constexpr):
-        """The tile in two halves of BM / 2 rows; with PRE = 2 both halves of the old main_grad tile are read
-        before the accumulator is waited for (the reads run while the MMA warpgroup finishes the tile), with
-        PRE = 1 the first half only (fewer registers)."""
+                            NACC: gl.constexpr, SPLIT: gl.constexpr, NCH: gl.constexpr, ATOMIC: gl.constexpr,
+                            ALIGNED: gl.constexpr):
+        """Each MMA warpgroup's BM x BN part of the tile in NCH chunks of rows: the old main_grad chunk is read PRE
+        chunks ahead of the one added and stored (PRE = 2: the first two read before the accumulator is waited for,
+        so those reads run while the MMA warpgroup finishes the tile; PRE = 1 fewer registers). The parts come
+        through the NACC buffers in order, tile by tile, warpgroup by warpgroup."""
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
-        CH: gl.constexpr = BM // 2
+        CH: gl.constexpr = BM // NCH
         TPW_N: gl.constexpr = BN // 4 if BN // 4 < 32 else 32
         layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPW_N, TPW_N], [EPI_WARPS, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
@@ -166,36 +173,50 @@ if HAVE_GLUON:
             live = nrows > 0
             if OVERWRITE:
                 live = True
-            base = c_ptr + gl.load(c_offsets_ptr + e)
-            rows = tm * BM + gl.arange(0, CH, layout=rows_l)
+            offset = gl.load(c_offsets_ptr + e)
+            if ALIGNED:  # every output starts on a 16-byte boundary (checked on the host): 16-byte accesses
+                offset = gl.multiple_of(offset, 128 // c_ptr.dtype.element_ty.primitive_bitwidth)
+            base = c_ptr + offset
             cols = tn * BN + gl.arange(0, BN, layout=cols_l)
-            ptrs0 = base + rows.to(gl.int64)[:, None] * n_dim + cols[None, :]
-            ptrs1 = ptrs0 + CH * n_dim
             cmask = (cols < n_dim)[None, :] & live
-            mask0 = (rows < m_dim)[:, None] & cmask
-            mask1 = (rows + CH < m_dim)[:, None] & cmask
-            if not OVERWRITE:
-                old0 = gl.load(ptrs0, mask=mask0, other=0.0)
-                if PRE == 2:
-                    old1 = gl.load(ptrs1, mask=mask1, other=0.0)
-            j = i % NACC
-            mbarrier.wait(acc_ready.index(j), (i // NACC) & 1)
-            x0 = acc_bufs.index(j).slice(0, CH, dim=0).load(layout)
-            if not OVERWRITE:
-                if PRE != 2:
-                    old1 = gl.load(ptrs1, mask=mask1, other=0.0)
-                x0 += old0
-            gl.store(ptrs0, x0.to(c_ptr.dtype.element_ty), mask=mask0)
-            x1 = acc_bufs.index(j).slice(CH, CH, dim=0).load(layout)
-            mbarrier.arrive(acc_empty.index(j), count=1)
-            if not OVERWRITE:
-                x1 += old1
-            gl.store(ptrs1, x1.to(c_ptr.dtype.element_ty), mask=mask1)
+            for h in gl.static_range(SPLIT):
+                rows = (tm * SPLIT + h) * BM + gl.arange(0, CH, layout=rows_l)
+                ptrs = base + rows.to(gl.int64)[:, None] * n_dim + cols[None, :]
+                if not OVERWRITE and not ATOMIC:
+                    old0 = gl.load(ptrs, mask=(rows < m_dim)[:, None] & cmask, other=0.0)
+                    if PRE == 2 and NCH > 1:
+                        old1 = gl.load(ptrs + CH * n_dim, mask=(rows + CH < m_dim)[:, None] & cmask, other=0.0)
+                u = i * SPLIT + h
+                j = u % NACC
+                mbarrier.wait(acc_ready.index(j), (u // NACC) & 1)
+                for c in gl.static_range(NCH):
+                    x = acc_bufs.index(j).slice(c * CH, CH, dim=0).load(layout)
+                    if c == NCH - 1:
+                        mbarrier.arrive(acc_empty.index(j), count=1)
+                    if ATOMIC:  # one relaxed reduction per element: L2 adds it, nothing comes back
+                        gl.atomic_add(ptrs + c * CH * n_dim, x, mask=(rows + c * CH < m_dim)[:, None] & cmask,
+                                      sem="relaxed")
+                    elif not OVERWRITE:
+                        if c + PRE < NCH:  # the read PRE chunks ahead goes out before this chunk's store
+                            nxt = gl.load(ptrs + (c + PRE) * CH * n_dim,
+                                          mask=(rows + (c + PRE) * CH < m_dim)[:, None] & cmask, other=0.0)
+                        x += old0
+                        if PRE == 2:
+                            if c + 1 < NCH:
+                                old0 = old1
+                            if c + PRE < NCH:
+                                old1 = nxt
+                        elif c + PRE < NCH:
+                            old0 = nxt
+                    if not ATOMIC:
+                        gl.store(ptrs + c * CH * n_dim, x.to(c_ptr.dtype.element_ty),
+                                 mask=(rows + c * CH < m_dim)[:, None] & cmask)
 
     @gluon.jit
     def _mma_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
                        acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr,
-                       NACC: gl.constexpr):
+                       NACC: gl.constexpr, SPLIT: gl.constexpr, H: gl.constexpr):
+        """One warpgroup's BM rows of each tile: the H-th of SPLIT warpgroups sharing the ring's b blocks."""
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
@@ -207,15 +228,18 @@ if HAVE_GLUON:
             for k in range(nblk):
                 s = consumer % NB
                 mbarrier.wait(ready.index(s), (consumer // NB) & 1)
-                acc = warpgroup_mma(a_bufs.index(s).permute((1, 0)), b_bufs.index(s), acc, is_async=True)
+                acc = warpgroup_mma(a_bufs.index(s * SPLIT + H).permute((1, 0)), b_bufs.index(s), acc,
+                                    is_async=True)
                 acc = warpgroup_mma_wait(1, (acc,))
-                # the previous block's wgmma has finished: its stage goes back to the loader
+                # the previous block's wgmma has finished: its stage goes back to the loader (once every
+                # warpgroup has said so)
                 mbarrier.arrive(empty.index((consumer + NB - 1) % NB), count=1, pred=k > 0)
                 consumer += 1
             acc = warpgroup_mma_wait(0, (acc,))
             mbarrier.arrive(empty.index((consumer + NB - 1) % NB), count=1, pred=nblk > 0)
-            j = i % NACC
-            mbarrier.wait(acc_empty.index(j), ((i // NACC) & 1) ^ 1)
+            u = i * SPLIT + H
+            j = u % NACC
+            mbarrier.wait(acc_empty.index(j), ((u // NACC) & 1) ^ 1)
             acc_bufs.index(j).store(acc)  # read back by the epilogue warps' generic loads: no proxy fence
             mbarrier.arrive(acc_ready.index(j), count=1)
 
@@ -223,13 +247,14 @@ if HAVE_GLUON:
     def _wgrad_ws_kernel(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, m_dim, n_dim, num_experts,
                          GROUP_M: gl.constexpr, NB: gl.constexpr, OVERWRITE: gl.constexpr, PRE: gl.constexpr,
                          EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, NACC: gl.constexpr,
-                         num_warps: gl.constexpr):
+                         SPLIT: gl.constexpr, MMA_REGS: gl.constexpr, NCH: gl.constexpr, ATOMIC: gl.constexpr,
+                         ALIGNED: gl.constexpr, num_warps: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
         NT: gl.constexpr = NB  # tails in flight <= stages (each holds one)
         gl.static_assert(BM == 64 or BM == 128)
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NB] + a_desc.block_type.shape, a_desc.layout)
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NB * SPLIT] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NB] + b_desc.block_type.shape, b_desc.layout)
         acc_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], gl.float32)
         acc_bufs = gl.allocate_shared_memory(gl.float32, [NACC, BM, BN], acc_smem_layout)
@@ -240,7 +265,7 @@ if HAVE_GLUON:
         acc_empty = gl.allocate_shared_memory(gl.int64, [NACC, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(NB):
             mbarrier.init(ready.index(s), count=1)
-            mbarrier.init(empty.index(s), count=1)
+            mbarrier.init(empty.index(s), count=SPLIT)
         for s in gl.static_range(NT):
             mbarrier.init(tail_bars.index(s), count=1)
         for s in gl.static_range(NACC):
@@ -249,21 +274,38 @@ if HAVE_GLUON:
 
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
-        tiles_m = gl.cdiv(m_dim, BM)
+        tiles_m = gl.cdiv(m_dim, BM * SPLIT)
         tiles_n = gl.cdiv(n_dim, BN)
         total = num_experts * tiles_m * tiles_n
         mine = gl.cdiv(gl.maximum(total - pid, 0), nprog)
-        gl.warp_specialize([
-            (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
-                              acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC)),
-            (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
-                                   acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
-                                   PRE, EPI_WARPS, NACC)),
-            (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog,
-                               mine, tiles_m, tiles_n, GROUP_M, NB, NT)),
-            (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid, nprog,
-                               mine, tiles_m, tiles_n, GROUP_M, NB, NT)),
-        ], [EPI_WARPS, 1, 1], [EPI_REGS, LOAD_REGS, LOAD_REGS])
+        H0: gl.constexpr = 0
+        H1: gl.constexpr = 1
+        if SPLIT == 1:
+            gl.warp_specialize([
+                (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
+                                  acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H0)),
+                (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
+                                       acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
+                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ATOMIC, ALIGNED)),
+                (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
+                                   nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
+                (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
+                                   nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
+            ], [EPI_WARPS, 1, 1], [EPI_REGS, LOAD_REGS, LOAD_REGS])
+        else:  # the second MMA warpgroup first among the workers: warps 4-7, an aligned warpgroup
+            gl.warp_specialize([
+                (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
+                                  acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H0)),
+                (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
+                                  acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H1)),
+                (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
+                                       acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
+                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ATOMIC, ALIGNED)),
+                (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
+                                   nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
+                (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
+                                   nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
+            ], [4, EPI_WARPS, 1, 1], [MMA_REGS, EPI_REGS, LOAD_REGS, LOAD_REGS])
 
 
 def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
@@ -290,7 +332,9 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
                   out_offsets: torch.Tensor, *, overwrite: bool = False, block_m: int = 64, block_n: int = 256,
                   block_k: int = 32, num_stages: int = 8, acc_buffers: int = 1, group_m: int = 8, prefetch: int = 1,
                   epilogue_warps: int | None = None, epilogue_regs: int | None = None, load_regs: int | None = None,
-                  maxnreg: int | None = None, programs: int | None = None, sms: int | None = None):
+                  maxnreg: int | None = None, mma_warpgroups: int = 1, mma_regs: int | None = None,
+                  epilogue_chunks: int = 2, atomic: bool = False, aligned: bool = False,
+                  programs: int | None = None, sms: int | None = None):
     """The checked launch of `grouped_wgrad_ws`: (kernel, grid, args, constexprs), or None when there is nothing
     to compute (no experts, an empty dimension, no operand rows). Also what examples/compile_sm90.py compiles
     without a GPU (`sms`: the program count when `a` is not on one).
@@ -307,16 +351,24 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     if (out_base.dtype != torch.float32 and not overwrite) or not out_base.dtype.is_floating_point \
             or out_offsets.dtype != torch.int64:
         raise ValueError("grouped_wgrad_ws: fp32 outputs (any float type when writing), int64 element offsets")
-    if acc_buffers not in (1, 2) or prefetch not in (1, 2):
-        raise ValueError(f"acc_buffers={acc_buffers}, prefetch={prefetch}: 1 or 2 each")
+    if acc_buffers not in (1, 2) or prefetch not in (1, 2) or mma_warpgroups not in (1, 2):
+        raise ValueError(f"acc_buffers={acc_buffers}, prefetch={prefetch}, mma_warpgroups={mma_warpgroups}: "
+                         "1 or 2 each")
+    if epilogue_chunks not in (1, 2, 4, 8) or epilogue_chunks * 8 > block_m:
+        raise ValueError(f"epilogue_chunks={epilogue_chunks}: 1, 2, 4 or 8, at least 8 rows each")
     if experts == 0 or m_dim == 0 or n_dim == 0 or rows == 0:
         return None
     # warps and registers: a 256-wide wgmma needs > 128 registers, so 12 warps (168 each at launch); else 16
-    epilogue_warps = epilogue_warps or (4 if block_n > 128 else 8)
+    epilogue_warps = epilogue_warps or (4 if block_n > 128 or mma_warpgroups == 2 else 8)
+    if mma_warpgroups == 2:  # 16 warps (14 + 2 idle): 4 x 128 registers at launch, handed out again
+        epilogue_regs = epilogue_regs or 152
+        load_regs = load_regs or 24
+        mma_regs = mma_regs or 168
+        maxnreg = maxnreg or 128
     epilogue_regs = epilogue_regs or (200 if epilogue_warps == 4 else 152)
     load_regs = load_regs or (40 if epilogue_warps == 4 else 24)
     maxnreg = maxnreg or (168 if epilogue_warps == 4 else 128)
-    stage_bytes = (block_m + block_n) * block_k * a.element_size()
+    stage_bytes = (mma_warpgroups * block_m + block_n) * block_k * a.element_size()
     nb = min(num_stages, (SMEM_BYTES - acc_buffers * block_m * block_n * 4) // stage_bytes)
     if nb < 2:
         raise ValueError(f"num_stages={num_stages}: {nb} stages of {block_k}-row blocks fit next to the epilogue")
@@ -325,10 +377,12 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
                                          gl.NVMMASharedLayout.get_default_for([block_k, block_m], gdt))
     b_desc = GluonDescriptor.from_tensor(b, [block_k, block_n],
                                          gl.NVMMASharedLayout.get_default_for([block_k, block_n], gdt))
-    total = experts * triton.cdiv(m_dim, block_m) * triton.cdiv(n_dim, block_n)
+    total = experts * triton.cdiv(m_dim, block_m * mma_warpgroups) * triton.cdiv(n_dim, block_n)
     sms = sms or torch.cuda.get_device_properties(a.device).multi_processor_count
     grid = (max(1, min(programs or sms, total)),)
     args = (a_desc, b_desc, row_offsets, out_base, out_offsets, m_dim, n_dim, experts)
     constexprs = dict(GROUP_M=group_m, NB=nb, OVERWRITE=bool(overwrite), PRE=prefetch, EPI_WARPS=epilogue_warps,
-                      EPI_REGS=epilogue_regs, LOAD_REGS=load_regs, NACC=acc_buffers, num_warps=4, maxnreg=maxnreg)
+                      EPI_REGS=epilogue_regs, LOAD_REGS=load_regs, NACC=acc_buffers, SPLIT=mma_warpgroups,
+                      MMA_REGS=mma_regs or 0, NCH=epilogue_chunks,
+                      ATOMIC=bool(atomic) and not overwrite, ALIGNED=bool(aligned), num_warps=4, maxnreg=maxnreg)
     return _wgrad_ws_kernel, grid, args, constexprs

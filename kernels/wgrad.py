@@ -84,7 +84,8 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
                              a_desc, b_desc, c_desc, c_rows_ptr,
                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                              USE_DESC: tl.constexpr, PREFETCH_C: tl.constexpr, NUM_STAGES: tl.constexpr,
-                             DOT_PRECISION: tl.constexpr, OVERWRITE: tl.constexpr, C_DESC: tl.constexpr):
+                             DOT_PRECISION: tl.constexpr, OVERWRITE: tl.constexpr, C_DESC: tl.constexpr,
+                             ALIGNED: tl.constexpr = False):
     """C_j[m, n] += sum over rows r of expert j of a[r, m] * b[r, n] (OVERWRITE: C_j = the sum, C never read);
     C_j at c_ptr + c_offsets[j], [M, N] row-major, fp32 (any float type with OVERWRITE). Grid (tiles of [M, N],
     experts).
@@ -106,7 +107,10 @@ def _wgrad_accumulate_kernel(a_ptr, stride_a, b_ptr, stride_b, c_ptr, c_offsets_
     ncols = tn * BN + tl.arange(0, BN)
     mmask = mcols < m_dim
     nmask = ncols < n_dim
-    c_ptrs = (c_ptr + tl.load(c_offsets_ptr + j) + mcols[:, None].to(tl.int64) * n_dim + ncols[None, :])
+    c_offset = tl.load(c_offsets_ptr + j)
+    if ALIGNED:  # every output starts on a 16-byte boundary (the caller knows): 16-byte accesses
+        c_offset = tl.multiple_of(c_offset, 128 // c_ptr.dtype.element_ty.primitive_bitwidth)
+    c_ptrs = (c_ptr + c_offset + mcols[:, None].to(tl.int64) * n_dim + ncols[None, :])
     cmask = mmask[:, None] & nmask[None, :]
     start = tl.load(row_offsets_ptr + j)
     end = tl.load(row_offsets_ptr + j + 1)
@@ -200,7 +204,8 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
                              out_offsets: torch.Tensor, *, block_m: int = 64, block_n: int = 64,
                              block_k: int = 32, group_m: int = 8, num_warps: int = 4, num_stages: int = 2,
                              prefetch_c: bool = True, use_tma_loads: bool | None = None,
-                             overwrite: bool = False, out_rows: tuple | None = None, tma_out: bool = True) -> None:
+                             overwrite: bool = False, out_rows: tuple | None = None, tma_out: bool = True,
+                             aligned: bool = False) -> None:
     """out_e += a[rows_e]^T @ b[rows_e] for every expert e, accumulated in fp32; with `overwrite`,
     out_e = a[rows_e]^T @ b[rows_e] (the outputs are written, never read: an expert without rows gets zeros).
 
@@ -213,6 +218,8 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
     out_rows: `tma_output_rows(...)` for these outputs, or None. Given, on Hopper (compiled, TMA loads) and with
     M a multiple of block_m, the tiles leave through TMA (`C_DESC`: reduce-add in L2, or store) unless
     `tma_out=False`; otherwise through the program's registers (read, add, write back).
+    aligned: `outputs_aligned(...)` is true for these outputs (lets the registers' accesses be 16 bytes wide;
+    a promise the kernel cannot check without a host copy of the offsets).
     """
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     experts = out_offsets.numel()
@@ -258,7 +265,14 @@ def grouped_wgrad_accumulate(a: torch.Tensor, b: torch.Tensor, row_offsets: torc
            m_dim, n_dim, a_desc if desc else a, b_desc if desc else b, c_desc, c_rows,
            BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, USE_DESC=desc, PREFETCH_C=prefetch_c,
            NUM_STAGES=num_stages, DOT_PRECISION=dot_precision(a.dtype), OVERWRITE=bool(overwrite), C_DESC=c_tma,
-           num_warps=num_warps, num_stages=num_stages)
+           ALIGNED=bool(aligned), num_warps=num_warps, num_stages=num_stages)
+
+
+def outputs_aligned(out_base: torch.Tensor, offsets, n_dim: int) -> bool:
+    """Whether every output at these element offsets (host ints) of `out_base`, with rows of `n_dim`, starts on a
+    16-byte boundary with 16-byte rows: then the weight-gradient kernels' `aligned` may be set."""
+    size = out_base.element_size()
+    return (n_dim * size) % 16 == 0 and all((out_base.data_ptr() + int(o) * size) % 16 == 0 for o in offsets)
 
 
 def tma_output_rows(out_base: torch.Tensor, offsets, m_dim: int, n_dim: int) -> tuple | None:

@@ -11,6 +11,7 @@ import torch
 
 from comet_megatron.kernels import accumulate
 from comet_megatron.kernels.gluon_wgrad import grouped_wgrad_ws, gluon_wgrad_supported
+from comet_megatron.kernels.wgrad import outputs_aligned
 from moe_reference import rel_err, reversed_main_grads, seed_from, wgrad_case
 
 pytestmark = [
@@ -21,18 +22,34 @@ pytestmark = [
 ]
 
 
+# two MMA warpgroups sharing the b blocks of 128-row tiles: 12 warps at 168 registers, 2 epilogue warps
+TWO_MMA = {"mma_warpgroups": 2, "epilogue_warps": 2, "maxnreg": 168, "epilogue_regs": 168, "load_regs": 168,
+           "epilogue_chunks": 8}
+
+
+KNOB_SETS = [{}, {"num_stages": 2}, {"programs": 3}, {"prefetch": 2, "group_m": 1}, {"acc_buffers": 2, "num_stages": 4},
+             {"block_m": 128, "block_n": 128},
+             {"block_m": 128, "block_n": 128, "block_k": 64, "acc_buffers": 2, "programs": 5},
+             {"block_m": 128, "block_n": 64, "block_k": 64, "num_stages": 3},
+             {"atomic": True}, {"epilogue_chunks": 4, "prefetch": 2}, {"epilogue_chunks": 1},
+             TWO_MMA, {**TWO_MMA, "atomic": True, "epilogue_chunks": 4},
+             {**TWO_MMA, "acc_buffers": 2, "num_stages": 4, "programs": 5}]
+# bf16: every knob set with outputs off 16-byte boundaries (gap 77: scalar accesses) and on them (gap 64, told
+# so: 16-byte accesses); fp16: every set unaligned, the default aligned
+CASES = ([(k, torch.bfloat16, gap) for k in KNOB_SETS for gap in (77, 64)]
+         + [(k, torch.float16, 77) for k in KNOB_SETS] + [({}, torch.float16, 64)])
+
+
 @pytest.mark.parametrize("overwrite", [False, True], ids=["add", "write"])
-@pytest.mark.parametrize("knobs", [{}, {"num_stages": 2}, {"programs": 3}, {"prefetch": 2, "group_m": 1},
-                                   {"acc_buffers": 2, "num_stages": 4},
-                                   {"block_m": 128, "block_n": 128}, {"block_m": 128, "block_n": 128, "block_k": 64,
-                                                                     "acc_buffers": 2, "programs": 5},
-                                   {"block_m": 128, "block_n": 64, "block_k": 64, "num_stages": 3}])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_grouped_wgrad_ws(overwrite, knobs, dtype, request):
+@pytest.mark.parametrize("knobs,dtype,gap", CASES)
+def test_grouped_wgrad_ws(overwrite, knobs, dtype, gap, request):
     gen = torch.Generator(device="cuda").manual_seed(seed_from(request.node.nodeid))
-    case = wgrad_case([300, 0, 17, 517, 64, 128, 1], 328, 200, 77, gen, overwrite, dtype)
+    case = wgrad_case([300, 0, 17, 517, 64, 128, 1], 328, 200, gap, gen, overwrite, dtype)
     assert gluon_wgrad_supported(case.a, case.b, knobs.get("block_n", 256), knobs.get("block_m", 64)) is None
-    grouped_wgrad_ws(case.a, case.b, case.device_offsets, case.base, case.out_offsets, overwrite=overwrite, **knobs)
+    aligned = outputs_aligned(case.base, case.out_offsets.tolist(), 200)
+    assert aligned == (gap == 64)
+    grouped_wgrad_ws(case.a, case.b, case.device_offsets, case.base, case.out_offsets, overwrite=overwrite,
+                     aligned=aligned, **knobs)
     torch.cuda.synchronize()
     case.check()
 

@@ -220,16 +220,21 @@ def test_accumulate_into_compiled():
 
 @pytest.mark.parametrize("knobs", [{}, {"use_tma_loads": False}, {"prefetch_c": True},
                                    {"block_m": 64, "block_n": 64, "block_k": 32, "num_warps": 4},
-                                   {"overwrite": True}, {"overwrite": True, "use_tma_loads": False}])
+                                   {"overwrite": True}, {"overwrite": True, "use_tma_loads": False},
+                                   {"aligned": True}, {"aligned": True, "overwrite": True},
+                                   {"aligned": True, "prefetch_c": True}])
 def test_grouped_wgrad_accumulate_compiled(knobs):
     """Expert weight gradients added into fp32 main_grads (reversed in one buffer, NaN gaps), bf16 operands, the
     Hopper tiles (TMA loads) and variants, against float64: experts without rows, with fewer rows than a K
     block, with whole blocks and a tail; M and N not multiples of the tiles; rows of inf past the last expert's.
-    `overwrite`: written over main_grads holding NaN (never read)."""
-    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate
+    `overwrite`: written over main_grads holding NaN (never read). `aligned`: gaps of 64 elements, so every
+    output starts on a 16-byte boundary (16-byte accesses), else 77 (off them)."""
+    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate, outputs_aligned
 
     gen = torch.Generator(device="cuda").manual_seed(11)
-    case = wgrad_case([300, 0, 17, 517, 64, 100], 328, 200, 77, gen, knobs.get("overwrite", False))
+    gap = 64 if knobs.get("aligned") else 77
+    case = wgrad_case([300, 0, 17, 517, 64, 100], 328, 200, gap, gen, knobs.get("overwrite", False))
+    assert outputs_aligned(case.base, case.out_offsets.tolist(), 200) == (gap == 64)
     grouped_wgrad_accumulate(case.a, case.b, case.device_offsets, case.base, case.out_offsets,
                              **{**WGRAD_ACCUMULATE_TILES, **knobs})
     case.check()
