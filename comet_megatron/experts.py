@@ -288,7 +288,8 @@ def accumulate_wgrad_triton(mains, a: torch.Tensor, b: torch.Tensor, device_offs
 
     base, out_offsets = flat_mains(mains)
     grouped_wgrad_accumulate(a, b, device_offsets, base, out_offsets, overwrite=overwrite,
-                             out_rows=_tma_rows(mains, base), **wgrad_accumulate_tiles(a))
+                             out_rows=_tma_rows(mains, base), aligned=mains_aligned(mains),
+                             **wgrad_accumulate_tiles(a))
 
 
 def accumulate_wgrad_gluon(mains, a: torch.Tensor, b: torch.Tensor, device_offsets: torch.Tensor,
@@ -302,7 +303,15 @@ def accumulate_wgrad_gluon(mains, a: torch.Tensor, b: torch.Tensor, device_offse
         accumulate_wgrad_triton(mains, a, b, device_offsets, overwrite)
         return
     base, out_offsets = flat_mains(mains)
-    grouped_wgrad_ws(a, b, device_offsets, base, out_offsets, overwrite=overwrite)
+    grouped_wgrad_ws(a, b, device_offsets, base, out_offsets, overwrite=overwrite, aligned=mains_aligned(mains))
+
+
+def mains_aligned(mains) -> bool:
+    """Whether every main_grad starts on a 16-byte boundary with 16-byte rows (the weight-gradient kernels'
+    `aligned`: 16-byte accesses to main_grad, 1.05-1.14x faster adding on an H100, docs/BENCHMARKS.md fifteenth
+    session). Megatron's DDP buffers usually hold them so; an odd parameter size before them may not."""
+    return all(m.data_ptr() % 16 == 0 and (m.dim() < 2 or (m.shape[-1] * m.element_size()) % 16 == 0)
+               for m in mains)
 
 
 _TMA_ROWS: dict = {}  # (device, data pointers, shape) -> kernels.wgrad.tma_output_rows(...) or None

@@ -88,7 +88,8 @@ def main(argv=None) -> int:
     from comet_megatron.bench import load_shape
     from comet_megatron.experts import accumulate_wgrad_gemms, wgrad_tma_out
     from comet_megatron.kernels import accumulate
-    from comet_megatron.kernels.wgrad import WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate, tma_output_rows
+    from comet_megatron.kernels.wgrad import (WGRAD_ACCUMULATE_TILES, grouped_wgrad_accumulate, outputs_aligned,
+                                              tma_output_rows)
 
     if not torch.cuda.is_available():
         print("bench_wgrad.py needs a CUDA GPU.", file=sys.stderr)
@@ -124,6 +125,7 @@ def main(argv=None) -> int:
                 host_offsets = accumulate.element_offsets(base, mains)
                 out_offsets = torch.tensor(host_offsets, dtype=torch.int64, device=dev)
                 out_rows = tma_output_rows(base, host_offsets, m_dim, n_dim)
+                aligned = outputs_aligned(base, host_offsets, n_dim)  # as the layer tells the kernels
 
                 ow = args.overwrite
 
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
 
                 variants = {"cublas-addmm": cublas, "grouped+add": grouped_add}
                 for i, cfg in enumerate(configs):
-                    kw = {**WGRAD_ACCUMULATE_TILES, "tma_out": wgrad_tma_out(), **cfg}  # as the layer runs it
+                    # as the layer runs it
+                    kw = {**WGRAD_ACCUMULATE_TILES, "tma_out": wgrad_tma_out(), "aligned": aligned, **cfg}
                     label = "triton" if not cfg else f"triton {json.dumps(cfg, sort_keys=True)}"
                     variants[label] = (lambda kw=kw: grouped_wgrad_accumulate(a, b, dev_offsets, base, out_offsets,
                                                                               overwrite=ow, out_rows=out_rows, **kw))
@@ -144,7 +147,8 @@ def main(argv=None) -> int:
                     from comet_megatron.kernels.gluon_wgrad import grouped_wgrad_ws
 
                     variants[f"gluon-ws {json.dumps(cfg, sort_keys=True)}"] = (
-                        lambda cfg=cfg: grouped_wgrad_ws(a, b, dev_offsets, base, out_offsets, overwrite=ow, **cfg))
+                        lambda cfg=cfg: grouped_wgrad_ws(a, b, dev_offsets, base, out_offsets, overwrite=ow,
+                                                         **{"aligned": aligned, **cfg}))
                 # correctness: each variant once from zero (overwrite: from NaN, never read) against cublas-addmm
                 start = float("nan") if ow else 0.0
                 flat.fill_(start)
@@ -188,11 +192,13 @@ def _gluon_bf16(a, b, dev_offsets, cfg):
     import torch
 
     from comet_megatron.kernels.gluon_wgrad import grouped_wgrad_ws
+    from comet_megatron.kernels.wgrad import outputs_aligned
 
     el, m_dim, n_dim = dev_offsets.numel() - 1, a.shape[1], b.shape[1]
     out = torch.empty(el, m_dim, n_dim, dtype=a.dtype, device=a.device)
     offs = torch.arange(el, dtype=torch.int64, device=a.device) * (m_dim * n_dim)
-    grouped_wgrad_ws(a, b, dev_offsets, out.view(-1), offs, overwrite=True, **cfg)
+    aligned = outputs_aligned(out.view(-1), [e * m_dim * n_dim for e in range(el)], n_dim)
+    grouped_wgrad_ws(a, b, dev_offsets, out.view(-1), offs, overwrite=True, **{"aligned": aligned, **cfg})
     return out
 
 

@@ -75,7 +75,9 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     if use_tma(a) and num_experts and m_dim and (n_dim * out.element_size()) % 16 == 0:
         out_rows = (out.view(-1, n_dim), torch.arange(num_experts, dtype=torch.int32, device=a.device) * m_dim)
     knobs = {**grouped_wgrad_tiles(a, num_experts, m_dim, out_rows is not None), **tiles}
-    grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, out_rows=out_rows, **knobs)
+    aligned = outputs_aligned(out.view(-1), [e * m_dim * n_dim for e in range(num_experts)], n_dim)
+    grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, out_rows=out_rows,
+                             aligned=aligned, **knobs)
     return out
 
 
