@@ -154,7 +154,7 @@ if HAVE_GLUON:
     def _epilogue_partition(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready, acc_empty,
                             pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M: gl.constexpr,
                             OVERWRITE: gl.constexpr, PRE: gl.constexpr, EPI_WARPS: gl.constexpr,
-                            NACC: gl.constexpr, SPLIT: gl.constexpr, NCH: gl.constexpr, ATOMIC: gl.constexpr,
+                            NACC: gl.constexpr, SPLIT: gl.constexpr, NCH: gl.constexpr,
                             ALIGNED: gl.constexpr):
         """Each MMA warpgroup's BM x BN part of the tile in NCH chunks of rows: the old main_grad chunk is read PRE
         chunks ahead of the one added and stored (PRE = 2: the first two read before the accumulator is waited for,
@@ -182,21 +182,25 @@ if HAVE_GLUON:
             for h in gl.static_range(SPLIT):
                 rows = (tm * SPLIT + h) * BM + gl.arange(0, CH, layout=rows_l)
                 ptrs = base + rows.to(gl.int64)[:, None] * n_dim + cols[None, :]
-                if not OVERWRITE and not ATOMIC:
+                if not OVERWRITE:
                     old0 = gl.load(ptrs, mask=(rows < m_dim)[:, None] & cmask, other=0.0)
                     if PRE == 2 and NCH > 1:
                         old1 = gl.load(ptrs + CH * n_dim, mask=(rows + CH < m_dim)[:, None] & cmask, other=0.0)
-                u = i * SPLIT + h
-                j = u % NACC
-                mbarrier.wait(acc_ready.index(j), (u // NACC) & 1)
+                # which buffer and barrier pair: see _mma_partition
+                if SPLIT == 1:
+                    j = i % NACC
+                    bar = j
+                    phase = (i // NACC) & 1
+                else:
+                    j = h % NACC
+                    bar = h
+                    phase = i & 1
+                mbarrier.wait(acc_ready.index(bar), phase)
                 for c in gl.static_range(NCH):
                     x = acc_bufs.index(j).slice(c * CH, CH, dim=0).load(layout)
                     if c == NCH - 1:
-                        mbarrier.arrive(acc_empty.index(j), count=1)
-                    if ATOMIC:  # one relaxed reduction per element: L2 adds it, nothing comes back
-                        gl.atomic_add(ptrs + c * CH * n_dim, x, mask=(rows + c * CH < m_dim)[:, None] & cmask,
-                                      sem="relaxed")
-                    elif not OVERWRITE:
+                        mbarrier.arrive(acc_empty.index(bar), count=1)
+                    if not OVERWRITE:
                         if c + PRE < NCH:  # the read PRE chunks ahead goes out before this chunk's store
                             nxt = gl.load(ptrs + (c + PRE) * CH * n_dim,
                                           mask=(rows + (c + PRE) * CH < m_dim)[:, None] & cmask, other=0.0)
@@ -208,9 +212,8 @@ if HAVE_GLUON:
                                 old1 = nxt
                         elif c + PRE < NCH:
                             old0 = nxt
-                    if not ATOMIC:
-                        gl.store(ptrs + c * CH * n_dim, x.to(c_ptr.dtype.element_ty),
-                                 mask=(rows + c * CH < m_dim)[:, None] & cmask)
+                    gl.store(ptrs + c * CH * n_dim, x.to(c_ptr.dtype.element_ty),
+                             mask=(rows + c * CH < m_dim)[:, None] & cmask)
 
     @gluon.jit
     def _mma_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
@@ -237,17 +240,34 @@ if HAVE_GLUON:
                 consumer += 1
             acc = warpgroup_mma_wait(0, (acc,))
             mbarrier.arrive(empty.index((consumer + NB - 1) % NB), count=1, pred=nblk > 0)
-            u = i * SPLIT + H
-            j = u % NACC
-            mbarrier.wait(acc_empty.index(j), ((u // NACC) & 1) ^ 1)
+            # The hand-off: one barrier pair per buffer (SPLIT = 1: tiles take the NACC buffers in turn), or per
+            # warpgroup (SPLIT = 2). With two warpgroups and one buffer, warpgroup 0 waits until the epilogue has
+            # read warpgroup 1's part of the previous tile and warpgroup 1 until it has read warpgroup 0's part
+            # of this one: each waits for a phase at most one ahead of the barrier's, so the wait's parity
+            # cannot alias (a shared barrier pair would let warpgroup 0 run two hand-offs ahead and hang).
+            if SPLIT == 1:
+                j = i % NACC
+                mbarrier.wait(acc_empty.index(j), ((i // NACC) & 1) ^ 1)
+                bar = j
+            elif NACC == 2:
+                j = H
+                mbarrier.wait(acc_empty.index(H), (i & 1) ^ 1)
+                bar = H
+            else:
+                j = 0
+                if H == 0:
+                    mbarrier.wait(acc_empty.index(1), (i & 1) ^ 1)
+                else:
+                    mbarrier.wait(acc_empty.index(0), i & 1)
+                bar = H
             acc_bufs.index(j).store(acc)  # read back by the epilogue warps' generic loads: no proxy fence
-            mbarrier.arrive(acc_ready.index(j), count=1)
+            mbarrier.arrive(acc_ready.index(bar), count=1)
 
     @gluon.jit
     def _wgrad_ws_kernel(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, m_dim, n_dim, num_experts,
                          GROUP_M: gl.constexpr, NB: gl.constexpr, OVERWRITE: gl.constexpr, PRE: gl.constexpr,
                          EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, NACC: gl.constexpr,
-                         SPLIT: gl.constexpr, MMA_REGS: gl.constexpr, NCH: gl.constexpr, ATOMIC: gl.constexpr,
+                         SPLIT: gl.constexpr, MMA_REGS: gl.constexpr, NCH: gl.constexpr,
                          ALIGNED: gl.constexpr, num_warps: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
@@ -261,14 +281,15 @@ if HAVE_GLUON:
         ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
         tail_bars = gl.allocate_shared_memory(gl.int64, [NT, 1], mbarrier.MBarrierLayout())
-        acc_ready = gl.allocate_shared_memory(gl.int64, [NACC, 1], mbarrier.MBarrierLayout())
-        acc_empty = gl.allocate_shared_memory(gl.int64, [NACC, 1], mbarrier.MBarrierLayout())
+        NBAR: gl.constexpr = NACC if NACC > SPLIT else SPLIT  # hand-off barrier pairs (see _mma_partition)
+        acc_ready = gl.allocate_shared_memory(gl.int64, [NBAR, 1], mbarrier.MBarrierLayout())
+        acc_empty = gl.allocate_shared_memory(gl.int64, [NBAR, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(NB):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=SPLIT)
         for s in gl.static_range(NT):
             mbarrier.init(tail_bars.index(s), count=1)
-        for s in gl.static_range(NACC):
+        for s in gl.static_range(NBAR):
             mbarrier.init(acc_ready.index(s), count=1)
             mbarrier.init(acc_empty.index(s), count=1)
 
@@ -286,7 +307,7 @@ if HAVE_GLUON:
                                   acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H0)),
                 (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
                                        acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
-                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ATOMIC, ALIGNED)),
+                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED)),
                 (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
                                    nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
                 (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
@@ -300,7 +321,7 @@ if HAVE_GLUON:
                                   acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H1)),
                 (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
                                        acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
-                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ATOMIC, ALIGNED)),
+                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED)),
                 (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
                                    nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
                 (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
@@ -333,7 +354,7 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
                   block_k: int = 32, num_stages: int = 8, acc_buffers: int = 1, group_m: int = 8, prefetch: int = 1,
                   epilogue_warps: int | None = None, epilogue_regs: int | None = None, load_regs: int | None = None,
                   maxnreg: int | None = None, mma_warpgroups: int = 1, mma_regs: int | None = None,
-                  epilogue_chunks: int = 2, atomic: bool = False, aligned: bool = False,
+                  epilogue_chunks: int = 2, aligned: bool = False,
                   programs: int | None = None, sms: int | None = None):
     """The checked launch of `grouped_wgrad_ws`: (kernel, grid, args, constexprs), or None when there is nothing
     to compute (no experts, an empty dimension, no operand rows). Also what examples/compile_sm90.py compiles
@@ -384,5 +405,5 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     constexprs = dict(GROUP_M=group_m, NB=nb, OVERWRITE=bool(overwrite), PRE=prefetch, EPI_WARPS=epilogue_warps,
                       EPI_REGS=epilogue_regs, LOAD_REGS=load_regs, NACC=acc_buffers, SPLIT=mma_warpgroups,
                       MMA_REGS=mma_regs or 0, NCH=epilogue_chunks,
-                      ATOMIC=bool(atomic) and not overwrite, ALIGNED=bool(aligned), num_warps=4, maxnreg=maxnreg)
+                      ALIGNED=bool(aligned), num_warps=4, maxnreg=maxnreg)
     return _wgrad_ws_kernel, grid, args, constexprs

@@ -31,8 +31,8 @@ KNOB_SETS = [{}, {"num_stages": 2}, {"programs": 3}, {"prefetch": 2, "group_m": 
              {"block_m": 128, "block_n": 128},
              {"block_m": 128, "block_n": 128, "block_k": 64, "acc_buffers": 2, "programs": 5},
              {"block_m": 128, "block_n": 64, "block_k": 64, "num_stages": 3},
-             {"atomic": True}, {"epilogue_chunks": 4, "prefetch": 2}, {"epilogue_chunks": 1},
-             TWO_MMA, {**TWO_MMA, "atomic": True, "epilogue_chunks": 4},
+             {"epilogue_chunks": 4, "prefetch": 2}, {"epilogue_chunks": 1},
+             TWO_MMA, {**TWO_MMA, "epilogue_chunks": 4, "programs": 3},
              {**TWO_MMA, "acc_buffers": 2, "num_stages": 4, "programs": 5}]
 # bf16: every knob set with outputs off 16-byte boundaries (gap 77: scalar accesses) and on them (gap 64, told
 # so: 16-byte accesses); fp16: every set unaligned, the default aligned
