@@ -181,7 +181,10 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 #   examples/bench_wgrad.py --rows routed (docs/BENCHMARKS.md, fourteenth session): adding, 1.02-1.21x over the
 #   pick before it from 192 to 768 mean rows per expert (Mixtral / Phi-3.5-MoE / Qwen2-MoE), behind from 1024
 #   (cuBLAS) and 0.94-0.99x of the Triton kernel at ~136; writing, 1.20-1.47x over the Triton kernel wherever that was
-#   the pick, behind the per-expert cuBLAS GEMMs wherever those were;
+#   the pick, behind the per-expert cuBLAS GEMMs wherever those were. Fifteenth session: 16-byte main_grad
+#   accesses and, from 384 mean rows per expert, two MMA warpgroups on 128 x 256 tiles: adding, Mixtral 1.15-1.17x
+#   of cuBLAS at 512 rows and 1.05-1.13x at 1024 (the route's bound moved to 1024), 0.96-1.03x at 2048; writing
+#   level with cuBLAS's per-expert GEMMs for Mixtral / Phi-3.5-MoE (0.92-1.03x: those keep them);
 # * "add": the grouped GEMM to a bf16 stacked gradient, added into main_grad (`hand_to_main_grads`): many experts
 #   with many rows each (compute-bound), or where neither kernel can run.
 # In a step's first micro-batch (`main_grads_zeroed`) both kernels only write main_grad, and the per-expert cuBLAS
@@ -198,8 +201,9 @@ FUSED_WGRAD_MIN_ROWS_OVERWRITE = 256
 # Above this many mean rows per expert the weight gradient is bound by its GEMM, where cuBLAS is faster than
 # the Triton kernel (H100: even at 1024 on Qwen2-MoE, 0.6-0.67x at 2048 on Phi-3.5-MoE / Mixtral)
 TRITON_WGRAD_MAX_ROWS = 1024
-# the Gluon kernel when adding: from / up to this many mean rows per expert (see above)
-GLUON_WGRAD_ADD_ROWS = (192, 768)
+# the Gluon kernel when adding: from / up to this many mean rows per expert (see above; up to 1024 since its
+# two-warpgroup tiles, fifteenth session: Mixtral at 4096 tokens 1.05-1.13x of cuBLAS, at 8192 0.96-1.03x)
+GLUON_WGRAD_ADD_ROWS = (192, 1024)
 WGRAD_ACCUMULATION_MODES = ("auto", "gemm", "triton", "gluon", "add")
 
 

@@ -349,21 +349,33 @@ def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor
     launch(kernel, grid, *args, **constexprs)
 
 
+# Two MMA warpgroups (128 x 256 tiles) from this many mean rows per expert, one (64 x 256) below: H100,
+# examples/bench_wgrad.py --rows routed (docs/BENCHMARKS.md, fifteenth session): adding, Mixtral at 512-1024 rows
+# 1.03-1.20x of one warpgroup, Phi-3.5-MoE at 256 and Qwen2-MoE at ~136 rows 0.90-0.93x; writing, 1.16-1.33x at
+# 512-2048 rows.
+TWO_MMA_MIN_ROWS = 384
+
+
 def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
                   out_offsets: torch.Tensor, *, overwrite: bool = False, block_m: int = 64, block_n: int = 256,
                   block_k: int = 32, num_stages: int = 8, acc_buffers: int = 1, group_m: int = 8, prefetch: int = 1,
-                  epilogue_warps: int | None = None, epilogue_regs: int | None = None, load_regs: int | None = None,
-                  maxnreg: int | None = None, mma_warpgroups: int = 1, mma_regs: int | None = None,
-                  epilogue_chunks: int = 2, aligned: bool = False,
+                  mma_warpgroups: int | None = None, epilogue_warps: int | None = None,
+                  epilogue_chunks: int | None = None, epilogue_regs: int | None = None, load_regs: int | None = None,
+                  mma_regs: int | None = None, maxnreg: int | None = None, aligned: bool = False,
                   programs: int | None = None, sms: int | None = None):
     """The checked launch of `grouped_wgrad_ws`: (kernel, grid, args, constexprs), or None when there is nothing
     to compute (no experts, an empty dimension, no operand rows). Also what examples/compile_sm90.py compiles
     without a GPU (`sms`: the program count when `a` is not on one).
 
-    Tiles block_m x block_n (64 x 256 or 128 x 128: one warpgroup's accumulator), K blocks of block_k rows in
-    up to num_stages shared-memory stages (as many as fit next to `acc_buffers` fp32 tiles handed to the
-    epilogue warps); prefetch: halves of the old main_grad tile read before the accumulator is waited for;
-    programs: at most this many persistent programs (default: one per SM)."""
+    Each MMA warpgroup's part of a tile is block_m x block_n (64 x 256 or 128 x 128: one warpgroup's
+    accumulator); mma_warpgroups = 2 stacks two such parts (128 x 256 tiles with 64-row parts: the b blocks are
+    loaded once for both, which halves the operand traffic per FLOP of a's) and hands both through the buffer(s)
+    to 2 epilogue warps (12 warps of 168 registers in all); default: 2 from TWO_MMA_MIN_ROWS mean rows per expert
+    (a.shape[0] / experts: no host sync). K blocks of block_k rows in up to num_stages shared-memory stages (as
+    many as fit next to `acc_buffers` fp32 parts handed to the epilogue warps); the epilogue reads, adds and
+    writes each part in `epilogue_chunks` chunks of rows, the old main_grad `prefetch` chunks ahead; `aligned`:
+    the caller promises 16-byte aligned outputs (`kernels.wgrad.outputs_aligned`: 16-byte accesses); programs:
+    at most this many persistent programs (default: one per SM)."""
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     experts = out_offsets.numel()
     if row_offsets.numel() != experts + 1 or row_offsets.dtype not in (torch.int32, torch.int64):
@@ -372,20 +384,27 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     if (out_base.dtype != torch.float32 and not overwrite) or not out_base.dtype.is_floating_point \
             or out_offsets.dtype != torch.int64:
         raise ValueError("grouped_wgrad_ws: fp32 outputs (any float type when writing), int64 element offsets")
+    if mma_warpgroups is None:
+        mma_warpgroups = 2 if block_m == 64 and rows >= TWO_MMA_MIN_ROWS * max(experts, 1) else 1
     if acc_buffers not in (1, 2) or prefetch not in (1, 2) or mma_warpgroups not in (1, 2):
         raise ValueError(f"acc_buffers={acc_buffers}, prefetch={prefetch}, mma_warpgroups={mma_warpgroups}: "
                          "1 or 2 each")
+    if mma_warpgroups == 2 and (block_m != 64 or (epilogue_warps or 2) != 2):
+        raise ValueError(f"mma_warpgroups=2 takes block_m=64 (64-row parts of 128-row tiles) and 2 epilogue warps "
+                         f"(12 warps of 168 registers; got block_m={block_m}, epilogue_warps={epilogue_warps})")
+    epilogue_chunks = epilogue_chunks or (8 if mma_warpgroups == 2 else 2)
     if epilogue_chunks not in (1, 2, 4, 8) or epilogue_chunks * 8 > block_m:
         raise ValueError(f"epilogue_chunks={epilogue_chunks}: 1, 2, 4 or 8, at least 8 rows each")
     if experts == 0 or m_dim == 0 or n_dim == 0 or rows == 0:
         return None
     # warps and registers: a 256-wide wgmma needs > 128 registers, so 12 warps (168 each at launch); else 16
-    epilogue_warps = epilogue_warps or (4 if block_n > 128 or mma_warpgroups == 2 else 8)
-    if mma_warpgroups == 2:  # 16 warps (14 + 2 idle): 4 x 128 registers at launch, handed out again
-        epilogue_regs = epilogue_regs or 152
-        load_regs = load_regs or 24
+    if mma_warpgroups == 2:  # MMA 4 + 4, epilogue 2, loader 1, tail 1: every warpgroup at 168
+        epilogue_warps = 2
+        epilogue_regs = epilogue_regs or 168
+        load_regs = load_regs or 168
         mma_regs = mma_regs or 168
-        maxnreg = maxnreg or 128
+        maxnreg = maxnreg or 168
+    epilogue_warps = epilogue_warps or (4 if block_n > 128 else 8)
     epilogue_regs = epilogue_regs or (200 if epilogue_warps == 4 else 152)
     load_regs = load_regs or (40 if epilogue_warps == 4 else 24)
     maxnreg = maxnreg or (168 if epilogue_warps == 4 else 128)

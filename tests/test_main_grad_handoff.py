@@ -212,18 +212,18 @@ def test_auto_weight_gradient_route(experts, rows, overwrite, want):
 
 @pytest.mark.parametrize("experts,rows,overwrite,want", [
     (8, 4096, False, "gluon"), (8, 4096, True, "gemm"),         # Mixtral, 2048 tokens: 512 rows per expert
-    (8, 8192, False, "gemm"),                                   # Mixtral, 4096 tokens: 1024 rows each
+    (8, 8192, False, "gluon"), (8, 16384, False, "gemm"),      # Mixtral, 4096 / 8192 tokens: 1024 / 2048 rows each
     (16, 4096, False, "gluon"), (16, 4096, True, "gemm"),       # Phi-3.5-MoE, 2048 tokens: 256 rows each
     (16, 8192, False, "gluon"), (16, 2048, True, "gluon"),      # Phi-3.5-MoE 4096 tokens; 128 rows each
-    (16, 16384, False, "gemm"),                                 # Phi-3.5-MoE 8192 tokens: 1024 rows each
+    (16, 16384, False, "gluon"), (16, 16448, False, "gemm"),   # Phi-3.5-MoE 8192 tokens: 1024 rows each
     (60, 8192, False, "triton"), (60, 8192, True, "gluon"),     # Qwen2-MoE 2048 tokens: ~136 rows each
     (60, 16384, False, "gluon"), (60, 32768, False, "gluon"),   # Qwen2-MoE 4096 / 8192 tokens
     (60, 131072, False, "add"), (60, 131072, True, "add"),      # many experts with many rows: compute-bound
 ])
 def test_auto_weight_gradient_route_with_gluon(experts, rows, overwrite, want):
     """Where the Hopper Gluon kernel can run (H100, examples/bench_wgrad.py --rows routed, docs/BENCHMARKS.md
-    fourteenth session): adding, it takes 192-768 mean rows per expert from the per-expert GEMMs and the Triton
-    kernel; writing, it takes the Triton kernel's cases and leaves the per-expert GEMMs theirs."""
+    fourteenth and fifteenth sessions): adding, it takes 192-1024 mean rows per expert from the per-expert GEMMs
+    and the Triton kernel; writing, it takes the Triton kernel's cases and leaves the per-expert GEMMs theirs."""
     from comet_megatron.experts import auto_wgrad_route
 
     assert auto_wgrad_route(experts, rows, overwrite, gluon_ok=True) == want

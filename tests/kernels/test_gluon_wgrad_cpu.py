@@ -85,3 +85,58 @@ def test_bf16_in_the_interpreter_is_refused_not_miscomputed(monkeypatch):
     assert dot_precision(torch.float16) == "tf32" and dot_precision(torch.float32) == "ieee"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert dot_precision(torch.bfloat16) == "tf32"  # compiled kernels take bf16
+
+
+def _plan(rows, experts=4, m=128, n=256, **knobs):
+    """`wgrad_ws_plan` on CPU tensors (it builds descriptors and constexprs; only the launch needs a GPU)."""
+    from comet_megatron.kernels.gluon_wgrad import wgrad_ws_plan
+
+    a, b = torch.zeros(rows, m, dtype=torch.bfloat16), torch.zeros(rows, n, dtype=torch.bfloat16)
+    offs = torch.zeros(experts + 1, dtype=torch.int32)
+    out = torch.zeros(experts * m * n)
+    return wgrad_ws_plan(a, b, offs, out, torch.arange(experts, dtype=torch.int64) * (m * n), sms=132, **knobs)
+
+
+def test_plan_picks_two_mma_warpgroups_from_the_mean_rows_per_expert():
+    """Two MMA warpgroups (128-row tiles: 12 warps, 2 of them epilogue warps, 8 chunks, every warpgroup at 168
+    registers) from TWO_MMA_MIN_ROWS mean rows per expert; one (64-row tiles, 4 epilogue warps) below; the
+    caller's choice wins; the grid counts tiles of the chosen height."""
+    from comet_megatron.kernels.gluon_wgrad import TWO_MMA_MIN_ROWS
+
+    _, grid, _, two = _plan(TWO_MMA_MIN_ROWS * 4)
+    assert (two["SPLIT"], two["EPI_WARPS"], two["NCH"], two["maxnreg"], two["MMA_REGS"]) == (2, 2, 8, 168, 168)
+    assert grid == (4 * 1 * 1,)  # 4 experts x one 128 x 256 tile each
+    _, grid, _, one = _plan(TWO_MMA_MIN_ROWS * 4 - 1)
+    assert (one["SPLIT"], one["EPI_WARPS"], one["NCH"]) == (1, 4, 2) and grid == (4 * 2 * 1,)
+    assert _plan(TWO_MMA_MIN_ROWS * 4, mma_warpgroups=1)[3]["SPLIT"] == 1
+    assert _plan(8, mma_warpgroups=2)[3]["SPLIT"] == 2
+    # 128 x 128 parts keep one warpgroup by default
+    assert _plan(TWO_MMA_MIN_ROWS * 4, block_m=128, block_n=128)[3]["SPLIT"] == 1
+
+
+def test_plan_refuses_what_two_mma_warpgroups_cannot_take():
+    with pytest.raises(ValueError, match="mma_warpgroups=2 takes block_m=64"):
+        _plan(64, mma_warpgroups=2, block_m=128, block_n=128)
+    with pytest.raises(ValueError, match="2 epilogue warps"):
+        _plan(64, mma_warpgroups=2, epilogue_warps=4)
+    with pytest.raises(ValueError, match="mma_warpgroups=3"):
+        _plan(64, mma_warpgroups=3)
+    with pytest.raises(ValueError, match="epilogue_chunks=16"):
+        _plan(64, epilogue_chunks=16)
+    with pytest.raises(ValueError, match="epilogue_chunks=3"):
+        _plan(64, epilogue_chunks=3)
+
+
+def test_outputs_aligned_is_what_the_kernels_may_be_told():
+    """16-byte aligned outputs with 16-byte rows: the `aligned` promise (experts.mains_aligned for main_grads)."""
+    from comet_megatron.experts import mains_aligned
+    from comet_megatron.kernels.wgrad import outputs_aligned
+
+    buf = torch.zeros(4096)
+    assert outputs_aligned(buf, [0, 64, 1024], 8)
+    assert not outputs_aligned(buf, [0, 66], 8)  # 264 bytes in: off 16-byte boundaries
+    assert not outputs_aligned(buf, [0, 64], 6)  # 24-byte rows
+    assert not outputs_aligned(buf[1:], [0], 8)  # the base itself 4 bytes in
+    assert mains_aligned([buf[:64].view(8, 8), buf[128:192].view(8, 8)])
+    assert not mains_aligned([buf[:64].view(8, 8), buf[130:194].view(8, 8)])
+    assert not mains_aligned([buf[:48].view(8, 6)])
