@@ -4,24 +4,31 @@
 With few rows per expert (short K loops) that kernel, like cuBLAS with beta = 1, runs its main loop and then its
 epilogue (read the old fp32 tile, add, write it back) one after the other: on Mixtral's shapes at 512 rows per
 expert the two add up (~2.2 ms of tensor-core work + ~3.8 ms of `main_grad` traffic against ~6.1 ms measured,
-docs/BENCHMARKS.md). Here each program owns one SM and splits the work over four groups of warps that run at
-the same time:
+docs/BENCHMARKS.md). Here each program owns one SM and splits the work over groups of warps that run at the
+same time:
 
 - a loader warp: TMA loads of a^T and b blocks into a ring of shared-memory stages, running ahead across tiles;
 - a tail warp: an expert's last, partial block of rows is loaded whole (the rows past it belong to the next
   expert, or lie past the operands: TMA zero-fills those), so this warp zeroes them in shared memory (both
   operands: an inf there must not reach this expert's sums) before the block is released to the tensor cores;
-- the MMA warpgroup (default partition): wgmma over the ring (a^T read transposed from shared memory), then
-  hands the fp32 tile to the epilogue through shared memory and starts the next tile;
-- the epilogue warps: read the old `main_grad` tile (its first half before the tile is ready), add, write it
-  back (`OVERWRITE`: write only) while the MMA warpgroup runs the next tile's main loop.
+- the MMA warpgroup(s): wgmma over the ring (a^T read transposed from shared memory), then hand the fp32 tile to
+  the epilogue through shared memory and start the next tile;
+- the epilogue warps: read the old `main_grad` tile (its first chunk before the tile is ready), add, write it
+  back (`OVERWRITE`: write only) while the MMA warpgroup(s) run the next tile's main loop.
 
-Default tiles 64 x 256 (1 KB `main_grad` row segments, one 64 KB accumulator buffer) with an 8-deep ring of
-32-row K blocks: on an H100 the ring's depth mattered most (4 stages next to two accumulator buffers: Mixtral
-0.98x of cuBLAS per expert; 8 next to one: 1.07x), 128 x 128 tiles came second, 64-wide ones last; the epilogue
-traffic alone runs at the copy rate for any of these tile shapes (3.0 TB/s), so what is left is overlap.
-Two MMA warpgroups taking turns with register epilogues (a ping-pong schedule, no accumulator buffer) ran
-0.76-0.81x of cuBLAS and was dropped. docs/BENCHMARKS.md, fourteenth session.
+Two layouts (`wgrad_ws_plan`): one MMA warpgroup on 64 x 256 tiles (1 KB `main_grad` row segments, one 64 KB
+accumulator buffer, an 8-deep ring of 32-row K blocks, 4 epilogue warps), and, from TWO_MMA_MIN_ROWS mean rows
+per expert, two MMA warpgroups on 128 x 256 tiles: each owns 64 rows, both read the same b blocks, so the
+operand traffic from L2 per FLOP drops by 40% (the one-warpgroup kernel's MMA side had run at 390-490 TFLOP/s
+where cuBLAS reaches 500-660; with two it matches cuBLAS writing Mixtral's gradients); their two 64 x 256 parts
+pass through the one 64 KB buffer in turn (a barrier pair per warpgroup, see `_mma_partition`) to 2 epilogue
+warps working in 8-row chunks (12 warps of 168 registers in all: wgmma's 64 x 256 accumulator needs them).
+With `aligned` (the caller's promise that every output starts on a 16-byte boundary) the epilogue's accesses
+are 16 bytes wide instead of 4: 1.04-1.15x adding. On an H100 the ring's depth mattered most for the first
+layout, then the tile shape; the epilogue traffic alone runs at the copy rate (3.0 TB/s) for any tile shape.
+Measured and dropped: two MMA warpgroups taking turns with register epilogues (ping-pong, 0.76-0.81x of
+cuBLAS), relaxed vector atomics instead of read-add-write (0.85-0.95x). docs/BENCHMARKS.md, fourteenth and
+fifteenth sessions.
 
 Hopper only (wgmma); the interpreter cannot run Gluon. `gluon_wgrad_supported` says when it applies.
 """
@@ -349,11 +356,11 @@ def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor
     launch(kernel, grid, *args, **constexprs)
 
 
-# Two MMA warpgroups (128 x 256 tiles) from this many mean rows per expert, one (64 x 256) below: H100,
-# examples/bench_wgrad.py --rows routed (docs/BENCHMARKS.md, fifteenth session): adding, Mixtral at 512-1024 rows
-# 1.03-1.20x of one warpgroup, Phi-3.5-MoE at 256 and Qwen2-MoE at ~136 rows 0.90-0.93x; writing, 1.16-1.33x at
-# 512-2048 rows.
-TWO_MMA_MIN_ROWS = 384
+# Two MMA warpgroups (128 x 256 tiles) from this many mean rows per expert when adding / writing, one (64 x 256)
+# below: H100, examples/bench_wgrad.py --rows routed (docs/BENCHMARKS.md, fifteenth session), two against one:
+# adding 1.03-1.50x from 512 rows (Mixtral, Phi-3.5-MoE, Qwen2-MoE), 1.00x at ~273, 0.91-0.93x at 256 and ~136;
+# writing 1.02-1.30x from 256 rows, 0.94-1.02x at ~136.
+TWO_MMA_MIN_ROWS = {"add": 384, "write": 256}
 
 
 def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
@@ -371,7 +378,7 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     accumulator); mma_warpgroups = 2 stacks two such parts (128 x 256 tiles with 64-row parts: the b blocks are
     loaded once for both, which halves the operand traffic per FLOP of a's) and hands both through the buffer(s)
     to 2 epilogue warps (12 warps of 168 registers in all); default: 2 from TWO_MMA_MIN_ROWS mean rows per expert
-    (a.shape[0] / experts: no host sync). K blocks of block_k rows in up to num_stages shared-memory stages (as
+    (a.shape[0] / experts: no host sync; fewer when writing). K blocks of block_k rows in up to num_stages shared-memory stages (as
     many as fit next to `acc_buffers` fp32 parts handed to the epilogue warps); the epilogue reads, adds and
     writes each part in `epilogue_chunks` chunks of rows, the old main_grad `prefetch` chunks ahead; `aligned`:
     the caller promises 16-byte aligned outputs (`kernels.wgrad.outputs_aligned`: 16-byte accesses); programs:
@@ -385,7 +392,8 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
             or out_offsets.dtype != torch.int64:
         raise ValueError("grouped_wgrad_ws: fp32 outputs (any float type when writing), int64 element offsets")
     if mma_warpgroups is None:
-        mma_warpgroups = 2 if block_m == 64 and rows >= TWO_MMA_MIN_ROWS * max(experts, 1) else 1
+        min_rows = TWO_MMA_MIN_ROWS["write" if overwrite else "add"]
+        mma_warpgroups = 2 if block_m == 64 and rows >= min_rows * max(experts, 1) else 1
     if acc_buffers not in (1, 2) or prefetch not in (1, 2) or mma_warpgroups not in (1, 2):
         raise ValueError(f"acc_buffers={acc_buffers}, prefetch={prefetch}, mma_warpgroups={mma_warpgroups}: "
                          "1 or 2 each")

@@ -99,19 +99,23 @@ def _plan(rows, experts=4, m=128, n=256, **knobs):
 
 def test_plan_picks_two_mma_warpgroups_from_the_mean_rows_per_expert():
     """Two MMA warpgroups (128-row tiles: 12 warps, 2 of them epilogue warps, 8 chunks, every warpgroup at 168
-    registers) from TWO_MMA_MIN_ROWS mean rows per expert; one (64-row tiles, 4 epilogue warps) below; the
-    caller's choice wins; the grid counts tiles of the chosen height."""
+    registers) from TWO_MMA_MIN_ROWS mean rows per expert (fewer when writing); one (64-row tiles, 4 epilogue
+    warps) below; the caller's choice wins; the grid counts tiles of the chosen height."""
     from comet_megatron.kernels.gluon_wgrad import TWO_MMA_MIN_ROWS
 
-    _, grid, _, two = _plan(TWO_MMA_MIN_ROWS * 4)
+    add, write = TWO_MMA_MIN_ROWS["add"], TWO_MMA_MIN_ROWS["write"]
+    assert write < add
+    _, grid, _, two = _plan(add * 4)
     assert (two["SPLIT"], two["EPI_WARPS"], two["NCH"], two["maxnreg"], two["MMA_REGS"]) == (2, 2, 8, 168, 168)
     assert grid == (4 * 1 * 1,)  # 4 experts x one 128 x 256 tile each
-    _, grid, _, one = _plan(TWO_MMA_MIN_ROWS * 4 - 1)
+    _, grid, _, one = _plan(add * 4 - 1)
     assert (one["SPLIT"], one["EPI_WARPS"], one["NCH"]) == (1, 4, 2) and grid == (4 * 2 * 1,)
-    assert _plan(TWO_MMA_MIN_ROWS * 4, mma_warpgroups=1)[3]["SPLIT"] == 1
+    assert _plan(write * 4, overwrite=True)[3]["SPLIT"] == 2
+    assert _plan(write * 4 - 1, overwrite=True)[3]["SPLIT"] == 1
+    assert _plan(add * 4, mma_warpgroups=1)[3]["SPLIT"] == 1
     assert _plan(8, mma_warpgroups=2)[3]["SPLIT"] == 2
     # 128 x 128 parts keep one warpgroup by default
-    assert _plan(TWO_MMA_MIN_ROWS * 4, block_m=128, block_n=128)[3]["SPLIT"] == 1
+    assert _plan(add * 4, block_m=128, block_n=128)[3]["SPLIT"] == 1
 
 
 def test_plan_refuses_what_two_mma_warpgroups_cannot_take():
