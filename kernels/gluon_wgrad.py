@@ -113,9 +113,10 @@ if HAVE_GLUON:
                 mbarrier.expect(bar_r, nbytes, pred=not tail)
                 mbarrier.expect(bar_t, nbytes, pred=tail)
                 for h in gl.static_range(SPLIT):
-                    col = (tm * SPLIT + h) * BM
-                    tma.async_copy_global_to_shared(a_desc, [r0, col], bar_r, a_bufs.index(s * SPLIT + h), pred=not tail)
-                    tma.async_copy_global_to_shared(a_desc, [r0, col], bar_t, a_bufs.index(s * SPLIT + h), pred=tail)
+                    col = (tm * SPLIT + h) * BM  # warpgroup h's rows of the tile
+                    buf = a_bufs.index(s * SPLIT + h)
+                    tma.async_copy_global_to_shared(a_desc, [r0, col], bar_r, buf, pred=not tail)
+                    tma.async_copy_global_to_shared(a_desc, [r0, col], bar_t, buf, pred=tail)
                 tma.async_copy_global_to_shared(b_desc, [r0, tn * BN], bar_r, b_bufs.index(s), pred=not tail)
                 tma.async_copy_global_to_shared(b_desc, [r0, tn * BN], bar_t, b_bufs.index(s), pred=tail)
                 tails += tail.to(gl.int32)
@@ -375,14 +376,14 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     without a GPU (`sms`: the program count when `a` is not on one).
 
     Each MMA warpgroup's part of a tile is block_m x block_n (64 x 256 or 128 x 128: one warpgroup's
-    accumulator); mma_warpgroups = 2 stacks two such parts (128 x 256 tiles with 64-row parts: the b blocks are
-    loaded once for both, which halves the operand traffic per FLOP of a's) and hands both through the buffer(s)
-    to 2 epilogue warps (12 warps of 168 registers in all); default: 2 from TWO_MMA_MIN_ROWS mean rows per expert
-    (a.shape[0] / experts: no host sync; fewer when writing). K blocks of block_k rows in up to num_stages shared-memory stages (as
-    many as fit next to `acc_buffers` fp32 parts handed to the epilogue warps); the epilogue reads, adds and
-    writes each part in `epilogue_chunks` chunks of rows, the old main_grad `prefetch` chunks ahead; `aligned`:
-    the caller promises 16-byte aligned outputs (`kernels.wgrad.outputs_aligned`: 16-byte accesses); programs:
-    at most this many persistent programs (default: one per SM)."""
+    accumulator); mma_warpgroups = 2 stacks two 64-row parts into 128 x 256 tiles (both read the same b blocks:
+    40% less operand traffic per FLOP) handed in turn through the buffer(s) to 2 epilogue warps (12 warps of 168
+    registers in all); default: 2 from TWO_MMA_MIN_ROWS mean rows per expert (a.shape[0] / experts, no host
+    sync). K blocks of block_k rows in up to num_stages shared-memory stages (as many as fit next to
+    `acc_buffers` fp32 parts handed to the epilogue warps); the epilogue reads, adds and writes each part in
+    `epilogue_chunks` chunks of rows, the old main_grad `prefetch` chunks ahead; `aligned`: the caller promises
+    16-byte aligned outputs (`kernels.wgrad.outputs_aligned`: 16-byte accesses); programs: at most this many
+    persistent programs (default: one per SM)."""
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     experts = out_offsets.numel()
     if row_offsets.numel() != experts + 1 or row_offsets.dtype not in (torch.int32, torch.int64):

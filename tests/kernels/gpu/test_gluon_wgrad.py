@@ -22,9 +22,8 @@ pytestmark = [
 ]
 
 
-# two MMA warpgroups sharing the b blocks of 128-row tiles: 12 warps at 168 registers, 2 epilogue warps
-TWO_MMA = {"mma_warpgroups": 2, "epilogue_warps": 2, "maxnreg": 168, "epilogue_regs": 168, "load_regs": 168,
-           "epilogue_chunks": 8}
+# two MMA warpgroups sharing the b blocks of 128-row tiles (12 warps at 168 registers, 2 epilogue warps)
+TWO_MMA = {"mma_warpgroups": 2}
 
 
 KNOB_SETS = [{}, {"num_stages": 2}, {"programs": 3}, {"prefetch": 2, "group_m": 1}, {"acc_buffers": 2, "num_stages": 4},
