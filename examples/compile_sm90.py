@@ -2,7 +2,7 @@
 registers, the stack (spills) and the shared memory ptxas reports, before any device time is spent.
 
     python examples/compile_sm90.py                                   # the default knobs, adding and writing
-    python examples/compile_sm90.py --knobs '[{}, {"block_m": 128, "block_n": 128, "num_stages": 10}]'
+    python examples/compile_sm90.py --knobs '[{}, {"mma_warpgroups": 1}, {"block_m": 128, "block_n": 128}]'
     python examples/compile_sm90.py --triton /tmp/triton-3.6          # another Triton (an unpacked wheel), e.g.
                                                                       # the device's, whose code generation differs
 

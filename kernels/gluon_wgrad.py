@@ -321,7 +321,8 @@ if HAVE_GLUON:
                 (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
                                    nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
             ], [EPI_WARPS, 1, 1], [EPI_REGS, LOAD_REGS, LOAD_REGS])
-        else:  # the second MMA warpgroup first among the workers: warps 4-7, an aligned warpgroup
+        else:  # the second MMA warpgroup first among the workers: warps 4-7, an aligned warpgroup. (The lists
+            # are written out: Gluon (3.6, 3.8) cannot bind these argument tuples to names and reuse them.)
             gl.warp_specialize([
                 (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
                                   acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H0)),
