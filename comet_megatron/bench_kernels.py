@@ -8,7 +8,8 @@ to the unfused GEMM it replaces, `torch._grouped_mm` on the same rows (pre-sorte
     L1 fwd   gemm_combine + reduce    fc2 + prob scale + combine     vs  grouped_mm fc2
     L0 bwd   dispatch_gemm_backward   pull grads + fc2 dgrad + act'  vs  grouped_mm fc2 dgrad
     L1 bwd   gemm_combine + reduce    fc1 dgrad + return of grads    vs  grouped_mm fc1 dgrad
-    wgrad    grouped_wgrad (triton)   dW1, dW2                       vs  grouped_mm (K split by expert)
+    wgrad    grouped_wgrad            dW1, dW2                       vs  grouped_mm (K split by expert)
+             (the Gluon kernel on Hopper, else the Triton backend: `programs["wgrad"]` says which)
 
 Reported per kernel: ms, TFLOP/s, `vs cuBLAS` = t_cublas / t_ours (>= 0.95 is the single-GPU issue's
 target for plain GEMMs) and `vs SM share` = t_cublas * SMs / compute programs / t_ours: the fused
@@ -293,10 +294,12 @@ class KernelBench:
             return out
         d, b, offsets = st["d"], st["b"], st["layout"].expert_offsets
 
+        wgrad_backend = _our_wgrad_backend(d.recv, b.out)
+
         def wg(a, bb):
             def fn(rec):
                 rec(0)
-                grouped_wgrad(a, bb, offsets, backend="triton")
+                grouped_wgrad(a, bb, offsets, backend=wgrad_backend)
                 rec(1)
             return _events_ms(fn, reps, warmup)
 
@@ -305,7 +308,7 @@ class KernelBench:
         gluon = st.get("gluon", False)  # the Gluon layer 1 uses every SM, no communication program
         out["_programs"] = {"comm_dispatch": nc_d, "comm_combine": 0 if gluon else nc_c, "compute": np_,
                             "compute_combine": self.sms if gluon and self.sms else np_c,
-                            "layer1": "gluon" if gluon else "triton"}
+                            "layer1": "gluon" if gluon else "triton", "wgrad": wgrad_backend}
         check_errors(view, "bench kernels")  # a timed-out wait would make the timings meaningless
         self.check(cfg)
         return out
@@ -447,6 +450,14 @@ def run(shapes, tokens_list, configs, reps: int, warmup: int, progress=None, wor
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return records
+
+
+def _our_wgrad_backend(a, b) -> str:
+    """Which of our weight-gradient kernels `bench kernels` times: the Gluon kernel where it runs (Hopper, 16-bit
+    operands TMA can load), else grouped_wgrad's Triton backend."""
+    from comet_megatron.kernels.gluon_wgrad import gluon_wgrad_supported
+
+    return "gluon" if a.is_cuda and gluon_wgrad_supported(a, b) is None else "triton"
 
 
 def _grouped_loop(a, w, offs):

@@ -71,7 +71,8 @@ def resource_usage(cubin: bytes) -> dict:
     return {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", out)}
 
 
-def compile_knobs(knobs: dict, overwrite: bool, shape=(4096, 512, 1024), experts: int = 8, sms: int = 132) -> dict:
+def compile_knobs(knobs: dict, overwrite: bool, shape=(4096, 512, 1024), experts: int = 8, sms: int = 132,
+                  out_dtype: str = "float32") -> dict:
     """Compile `_wgrad_ws_kernel` for one knob set (`wgrad_ws_plan`'s keywords); returns its resources."""
     import torch
 
@@ -81,7 +82,7 @@ def compile_knobs(knobs: dict, overwrite: bool, shape=(4096, 512, 1024), experts
     a = torch.empty(rows, m_dim, dtype=torch.bfloat16)
     b = torch.empty(rows, n_dim, dtype=torch.bfloat16)
     row_offsets = torch.zeros(experts + 1, dtype=torch.int32)
-    out = torch.empty(experts * m_dim * n_dim, dtype=torch.float32)
+    out = torch.empty(experts * m_dim * n_dim, dtype=getattr(torch, out_dtype))
     out_offsets = torch.arange(experts, dtype=torch.int64) * (m_dim * n_dim)
     kernel, grid, args, constexprs = gluon_wgrad.wgrad_ws_plan(a, b, row_offsets, out, out_offsets,
                                                                 overwrite=overwrite, sms=sms, **knobs)
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=("add", "write", "both"), default="both")
     p.add_argument("--shape", nargs=3, type=int, default=[4096, 512, 1024], metavar=("R", "M", "N"))
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--out-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the outputs' type: fp32 main_grad, or a fresh bf16 gradient (grouped_wgrad; write only)")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: Hopper)")
     p.add_argument("--triton", default=None, help="import Triton from this directory (an unpacked wheel)")
     p.add_argument("--max-stack", type=int, default=128,
@@ -117,12 +120,16 @@ def main(argv=None) -> int:
     _stand_in_driver(args.arch)
     print(f"triton {triton.__version__} ({Path(triton.__file__).parent}), target sm_{args.arch}")
     modes = {"add": [False], "write": [True], "both": [False, True]}[args.mode]
+    if args.out_dtype != "float32":
+        if args.mode == "add":
+            p.error("--out-dtype bfloat16 is written, not added: use --mode write")
+        modes = [True]
     failed = 0
     for knobs in knob_sets:
         for overwrite in modes:
             label = f"{json.dumps(knobs, sort_keys=True)} {'write' if overwrite else 'add'}"
             try:
-                u = compile_knobs(knobs, overwrite, tuple(args.shape), args.experts)
+                u = compile_knobs(knobs, overwrite, tuple(args.shape), args.experts, out_dtype=args.out_dtype)
             except Exception as exc:  # a knob set that does not compile: report it, go on
                 failed += 1
                 print(f"{label}: FAILED {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")

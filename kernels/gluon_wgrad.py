@@ -163,7 +163,7 @@ if HAVE_GLUON:
                             pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M: gl.constexpr,
                             OVERWRITE: gl.constexpr, PRE: gl.constexpr, EPI_WARPS: gl.constexpr,
                             NACC: gl.constexpr, SPLIT: gl.constexpr, NCH: gl.constexpr,
-                            ALIGNED: gl.constexpr):
+                            ALIGNED: gl.constexpr, VEC: gl.constexpr):
         """Each MMA warpgroup's BM x BN part of the tile in NCH chunks of rows: the old main_grad chunk is read PRE
         chunks ahead of the one added and stored (PRE = 2: the first two read before the accumulator is waited for,
         so those reads run while the MMA warpgroup finishes the tile; PRE = 1 fewer registers). The parts come
@@ -171,8 +171,8 @@ if HAVE_GLUON:
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
         CH: gl.constexpr = BM // NCH
-        TPW_N: gl.constexpr = BN // 4 if BN // 4 < 32 else 32
-        layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // TPW_N, TPW_N], [EPI_WARPS, 1], [1, 0])
+        TPW_N: gl.constexpr = BN // VEC if BN // VEC < 32 else 32
+        layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [EPI_WARPS, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
         cols_l: gl.constexpr = gl.SliceLayout(0, layout)
         for i in range(mine):
@@ -276,7 +276,7 @@ if HAVE_GLUON:
                          GROUP_M: gl.constexpr, NB: gl.constexpr, OVERWRITE: gl.constexpr, PRE: gl.constexpr,
                          EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, NACC: gl.constexpr,
                          SPLIT: gl.constexpr, MMA_REGS: gl.constexpr, NCH: gl.constexpr,
-                         ALIGNED: gl.constexpr, num_warps: gl.constexpr):
+                         ALIGNED: gl.constexpr, VEC: gl.constexpr, num_warps: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
@@ -315,7 +315,7 @@ if HAVE_GLUON:
                                   acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H0)),
                 (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
                                        acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
-                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED)),
+                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED, VEC)),
                 (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
                                    nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
                 (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
@@ -330,7 +330,7 @@ if HAVE_GLUON:
                                   acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H1)),
                 (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
                                        acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
-                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED)),
+                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED, VEC)),
                 (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
                                    nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
                 (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
@@ -371,6 +371,7 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
                   mma_warpgroups: int | None = None, epilogue_warps: int | None = None,
                   epilogue_chunks: int | None = None, epilogue_regs: int | None = None, load_regs: int | None = None,
                   mma_regs: int | None = None, maxnreg: int | None = None, aligned: bool = False,
+                  epilogue_vec: int | None = None,
                   programs: int | None = None, sms: int | None = None):
     """The checked launch of `grouped_wgrad_ws`: (kernel, grid, args, constexprs), or None when there is nothing
     to compute (no experts, an empty dimension, no operand rows). Also what examples/compile_sm90.py compiles
@@ -403,6 +404,10 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
         raise ValueError(f"mma_warpgroups=2 takes block_m=64 (64-row parts of 128-row tiles) and 2 epilogue warps "
                          f"(12 warps of 168 registers; got block_m={block_m}, epilogue_warps={epilogue_warps})")
     epilogue_chunks = epilogue_chunks or (8 if mma_warpgroups == 2 else 2)
+    # elements per epilogue access: 16 bytes of the output where `aligned`
+    epilogue_vec = epilogue_vec or (16 // out_base.element_size() if aligned else 4)
+    if epilogue_vec not in (1, 2, 4, 8) or epilogue_vec > block_n:
+        raise ValueError(f"epilogue_vec={epilogue_vec}: 1, 2, 4 or 8 elements per access")
     if epilogue_chunks not in (1, 2, 4, 8) or epilogue_chunks * 8 > block_m:
         raise ValueError(f"epilogue_chunks={epilogue_chunks}: 1, 2, 4 or 8, at least 8 rows each")
     if experts == 0 or m_dim == 0 or n_dim == 0 or rows == 0:
@@ -434,5 +439,5 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     constexprs = dict(GROUP_M=group_m, NB=nb, OVERWRITE=bool(overwrite), PRE=prefetch, EPI_WARPS=epilogue_warps,
                       EPI_REGS=epilogue_regs, LOAD_REGS=load_regs, NACC=acc_buffers, SPLIT=mma_warpgroups,
                       MMA_REGS=mma_regs or 0, NCH=epilogue_chunks,
-                      ALIGNED=bool(aligned), num_warps=4, maxnreg=maxnreg)
+                      ALIGNED=bool(aligned), VEC=epilogue_vec, num_warps=4, maxnreg=maxnreg)
     return _wgrad_ws_kernel, grid, args, constexprs

@@ -5,7 +5,8 @@ caller may defer (Megatron's `backward_dw` / `--delay-wgrad-compute`) to overlap
 
 Backends: "triton" (`grouped_wgrad_accumulate` writing into the output: one program per output tile and
 expert, K loop over the expert's rows, no waits), "grouped_mm" (CUDA `torch._grouped_mm` with offsets,
-bf16), "loop" (a torch loop over experts; the CPU fallback). "auto" = grouped_mm on Hopper in bf16, else triton.
+bf16), "gluon" (`gluon_wgrad.grouped_wgrad_ws` writing: the warp-specialised Hopper kernel), "loop" (a torch loop
+over experts; the CPU fallback). "auto" = grouped_mm on Hopper in bf16, else triton.
 
 `grouped_wgrad_accumulate`: the same products ADDED into fp32 buffers (Megatron's `main_grad`s, separate
 slices of one storage, in any order) in one launch for all experts: each program starts its accumulator from
@@ -43,11 +44,13 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     (`ReceiveLayout.expert_offsets`). Returns [El, M, N] in `out_dtype` (default a.dtype); experts
     without rows get zeros. The "triton" backend is `grouped_wgrad_accumulate` writing (not adding) into the
     fresh output with `grouped_wgrad_tiles`, its tiles stored through TMA on Hopper; `tiles` (block_m, block_n,
-    block_k, group_m, num_warps, num_stages, tma_out) override them.
+    block_k, group_m, num_warps, num_stages, tma_out) override them. The "gluon" backend (Hopper, 16-bit operands)
+    is the warp-specialised kernel of `gluon_wgrad` writing the output (`tiles` are then `wgrad_ws_plan`'s knobs).
     """
-    unknown = set(tiles) - {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tma_out"}
-    if unknown:
-        raise TypeError(f"grouped_wgrad: unknown tile knobs {sorted(unknown)}")
+    if backend != "gluon":  # the Gluon kernel's knobs are `wgrad_ws_plan`'s, checked there
+        unknown = set(tiles) - {"block_m", "block_n", "block_k", "group_m", "num_warps", "num_stages", "tma_out"}
+        if unknown:
+            raise TypeError(f"grouped_wgrad: unknown tile knobs {sorted(unknown)}")
     num_experts = expert_offsets.numel() - 1
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     out_dtype = out_dtype or a.dtype
@@ -65,17 +68,27 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
         if not a.is_cuda:
             raise ValueError("backend='grouped_mm' needs CUDA tensors")
         return torch._grouped_mm(a.t(), b, offs=expert_offsets[1:].contiguous()).to(out_dtype)
-    if backend != "triton":
-        raise ValueError(f"unknown backend {backend!r}")
+    if backend not in ("triton", "gluon"):
+        raise ValueError(f"unknown backend {backend!r}: auto, grouped_mm, triton, gluon or loop")
     out = torch.empty(num_experts, m_dim, n_dim, dtype=out_dtype, device=a.device)
     offsets = torch.arange(num_experts, dtype=torch.int64, device=a.device) * (m_dim * n_dim)
+    aligned = outputs_aligned(out.view(-1), [e * m_dim * n_dim for e in range(num_experts)], n_dim)
+    if backend == "gluon":
+        from .gluon_wgrad import gluon_wgrad_supported, grouped_wgrad_ws
+
+        why = gluon_wgrad_supported(a, b, tiles.get("block_n", 256), tiles.get("block_m", 64))
+        if why is not None:
+            raise ValueError(f"grouped_wgrad: backend='gluon' cannot run here ({why}); use backend='auto'")
+        if num_experts:
+            grouped_wgrad_ws(a, b, expert_offsets, out.view(-1), offsets, overwrite=True,
+                             **{"aligned": aligned, **tiles})
+        return out
     # the fresh output seen as [El * M, N] rows, expert e's from row e * M, for the TMA store epilogue (TMA's
     # rule: 16-byte rows)
     out_rows = None
     if use_tma(a) and num_experts and m_dim and (n_dim * out.element_size()) % 16 == 0:
         out_rows = (out.view(-1, n_dim), torch.arange(num_experts, dtype=torch.int32, device=a.device) * m_dim)
     knobs = {**grouped_wgrad_tiles(a, num_experts, m_dim, out_rows is not None), **tiles}
-    aligned = outputs_aligned(out.view(-1), [e * m_dim * n_dim for e in range(num_experts)], n_dim)
     grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, out_rows=out_rows,
                              aligned=aligned, **knobs)
     return out

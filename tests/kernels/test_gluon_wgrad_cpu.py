@@ -87,13 +87,13 @@ def test_bf16_in_the_interpreter_is_refused_not_miscomputed(monkeypatch):
     assert dot_precision(torch.bfloat16) == "tf32"  # compiled kernels take bf16
 
 
-def _plan(rows, experts=4, m=128, n=256, **knobs):
+def _plan(rows, experts=4, m=128, n=256, out_dtype=torch.float32, **knobs):
     """`wgrad_ws_plan` on CPU tensors (it builds descriptors and constexprs; only the launch needs a GPU)."""
     from comet_megatron.kernels.gluon_wgrad import wgrad_ws_plan
 
     a, b = torch.zeros(rows, m, dtype=torch.bfloat16), torch.zeros(rows, n, dtype=torch.bfloat16)
     offs = torch.zeros(experts + 1, dtype=torch.int32)
-    out = torch.zeros(experts * m * n)
+    out = torch.zeros(experts * m * n, dtype=out_dtype)
     return wgrad_ws_plan(a, b, offs, out, torch.arange(experts, dtype=torch.int64) * (m * n), sms=132, **knobs)
 
 
@@ -129,6 +129,21 @@ def test_plan_refuses_what_two_mma_warpgroups_cannot_take():
         _plan(64, epilogue_chunks=16)
     with pytest.raises(ValueError, match="epilogue_chunks=3"):
         _plan(64, epilogue_chunks=3)
+
+
+def test_plan_epilogue_accesses_are_16_bytes_where_aligned():
+    """The epilogue's elements per access: 16 bytes of the output type where the caller promises alignment (4
+    fp32, 8 bf16: a fresh bf16 gradient, `grouped_wgrad(backend="gluon")`), 4 otherwise; the knob wins; bad
+    values and adding into a bf16 output are refused."""
+    assert _plan(64)[3]["VEC"] == 4
+    assert _plan(64, aligned=True)[3]["VEC"] == 4
+    assert _plan(64, aligned=True, overwrite=True, out_dtype=torch.bfloat16)[3]["VEC"] == 8
+    assert _plan(64, overwrite=True, out_dtype=torch.bfloat16)[3]["VEC"] == 4
+    assert _plan(64, aligned=True, overwrite=True, out_dtype=torch.bfloat16, epilogue_vec=4)[3]["VEC"] == 4
+    with pytest.raises(ValueError, match="epilogue_vec=3"):
+        _plan(64, epilogue_vec=3)
+    with pytest.raises(ValueError, match="fp32 outputs"):
+        _plan(64, out_dtype=torch.bfloat16)
 
 
 def test_outputs_aligned_is_what_the_kernels_may_be_told():

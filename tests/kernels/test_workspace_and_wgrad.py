@@ -273,3 +273,17 @@ def test_grouped_wgrad_refuses_unknown_tile_knobs():
     a, b = torch.zeros(4, 8), torch.zeros(4, 8)
     with pytest.raises(TypeError, match="unknown tile knobs.*blockm"):
         grouped_wgrad(a, b, torch.tensor([0, 4], dtype=torch.int32), backend="triton", blockm=16)
+
+
+def test_grouped_wgrad_refuses_backends_it_cannot_run():
+    """backend='gluon' off Hopper (here: CPU tensors) names why and the fix; an unknown backend lists the names."""
+    from comet_megatron.kernels import grouped_wgrad
+
+    a, b = torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="backend='gluon' cannot run here.*backend='auto'"):
+        grouped_wgrad(a, b, offsets, backend="gluon")
+    with pytest.raises(ValueError, match="backend='gluon' cannot run here.*16-bit"):
+        grouped_wgrad(a.float(), b.float(), offsets, backend="gluon")
+    with pytest.raises(ValueError, match="unknown backend 'cublas'.*grouped_mm, triton, gluon"):
+        grouped_wgrad(a, b, offsets, backend="cublas")

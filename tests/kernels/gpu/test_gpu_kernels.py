@@ -166,6 +166,10 @@ def test_timing_world1_vs_grouped_mm(shape):
     ("triton", [300, 0, 517, 64], 256, 192, torch.float32, 128),  # 128 x 128 tiles, TMA store
     ("triton", [600, 0, 1500, 700], 256, 320, torch.bfloat16, 256),  # 128 x 256 tiles (>= 512 rows per expert)
     ("triton", [300, 5, 517], 200, 192, torch.bfloat16, 128),  # M not a multiple of 128: 64 x 128, register store
+    # the Gluon kernel writing (Hopper): one MMA warpgroup (< 256 mean rows), two; bf16 (16-byte accesses), fp32
+    ("gluon", [300, 0, 517, 64], 256, 192, torch.bfloat16, None),
+    ("gluon", [600, 0, 1500, 700], 200, 320, torch.bfloat16, None),
+    ("gluon", [300, 5, 517, 1], 200, 64, torch.float32, None),
 ])
 def test_grouped_wgrad_backends_bf16(backend, rows, m_dim, n_dim, out_dtype, block_n):
     """The wgrad backends against a float64 per-expert loop (an expert without rows, one with a few), each of
@@ -174,6 +178,8 @@ def test_grouped_wgrad_backends_bf16(backend, rows, m_dim, n_dim, out_dtype, blo
     from comet_megatron.kernels import grouped_wgrad
     from comet_megatron.kernels.wgrad import grouped_wgrad_tiles
 
+    if backend == "gluon" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon weight-gradient kernel is Hopper-only (other GPUs keep the Triton backend)")
     gen = torch.Generator(device="cuda").manual_seed(3)
     a = torch.randn(sum(rows), m_dim, device="cuda", generator=gen).to(torch.bfloat16)
     b = torch.randn(sum(rows), n_dim, device="cuda", generator=gen).to(torch.bfloat16)
