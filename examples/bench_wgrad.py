@@ -28,7 +28,8 @@ not added (cuBLAS beta = 0, the Triton kernels' `overwrite`), traffic = the fp32
 reference path's backward computes where no `main_grad` takes them, and `bench kernels`' `wgrad` rows): `grouped_mm`
 (cuBLAS's grouped GEMM, K split by expert), `triton` (the Triton backend with its tiles, `grouped_wgrad_tiles`)
 and `--configs` variants (keyword sets for `grouped_wgrad`: block_m, block_n, block_k, group_m, num_warps,
-num_stages, tma_out), `--ws-configs` variants (the Gluon kernel writing the bf16 output); speed vs `grouped_mm`,
+num_stages, tma_out), `--ws-configs` variants (`grouped_wgrad`'s "gluon" backend: the Gluon kernel writing the
+bf16 output, knobs of `wgrad_ws_plan`); speed vs `grouped_mm`,
 each result checked against it.
 """
 
@@ -188,18 +189,11 @@ def main(argv=None) -> int:
 
 
 def _gluon_bf16(a, b, dev_offsets, cfg):
-    """The Gluon weight-gradient kernel writing a fresh [El, M, N] gradient in a's dtype (its `overwrite` mode)."""
-    import torch
+    """The Gluon weight-gradient kernel writing a fresh [El, M, N] gradient in a's dtype: grouped_wgrad's "gluon"
+    backend, `cfg` its knobs (`wgrad_ws_plan`'s)."""
+    from comet_megatron.kernels.wgrad import grouped_wgrad
 
-    from comet_megatron.kernels.gluon_wgrad import grouped_wgrad_ws
-    from comet_megatron.kernels.wgrad import outputs_aligned
-
-    el, m_dim, n_dim = dev_offsets.numel() - 1, a.shape[1], b.shape[1]
-    out = torch.empty(el, m_dim, n_dim, dtype=a.dtype, device=a.device)
-    offs = torch.arange(el, dtype=torch.int64, device=a.device) * (m_dim * n_dim)
-    aligned = outputs_aligned(out.view(-1), [e * m_dim * n_dim for e in range(el)], n_dim)
-    grouped_wgrad_ws(a, b, dev_offsets, out.view(-1), offs, overwrite=True, **{"aligned": aligned, **cfg})
-    return out
+    return grouped_wgrad(a, b, dev_offsets, backend="gluon", **cfg)
 
 
 def _bf16_records(name, tokens, linear, a, b, dev_offsets, counts, configs, rows_split, ws_configs=()) -> list:

@@ -163,7 +163,7 @@ if HAVE_GLUON:
                             pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M: gl.constexpr,
                             OVERWRITE: gl.constexpr, PRE: gl.constexpr, EPI_WARPS: gl.constexpr,
                             NACC: gl.constexpr, SPLIT: gl.constexpr, NCH: gl.constexpr,
-                            ALIGNED: gl.constexpr, VEC: gl.constexpr):
+                            ALIGNED: gl.constexpr, VEC: gl.constexpr, TMA_STORE: gl.constexpr):
         """Each MMA warpgroup's BM x BN part of the tile in NCH chunks of rows: the old main_grad chunk is read PRE
         chunks ahead of the one added and stored (PRE = 2: the first two read before the accumulator is waited for,
         so those reads run while the MMA warpgroup finishes the tile; PRE = 1 fewer registers). The parts come
@@ -175,7 +175,7 @@ if HAVE_GLUON:
         layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPW_N, TPW_N], [EPI_WARPS, 1], [1, 0])
         rows_l: gl.constexpr = gl.SliceLayout(1, layout)
         cols_l: gl.constexpr = gl.SliceLayout(0, layout)
-        for i in range(mine):
+        for i in range(0 if TMA_STORE else mine):  # TMA_STORE: the MMA warpgroups store their own parts
             e, tm, tn = _item(pid + i * nprog, tiles_m, tiles_n, GROUP_M)
             nrows = gl.load(row_offsets_ptr + e + 1) - gl.load(row_offsets_ptr + e)
             live = nrows > 0
@@ -225,9 +225,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _mma_partition(a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
-                       acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M: gl.constexpr, NB: gl.constexpr,
-                       NACC: gl.constexpr, SPLIT: gl.constexpr, H: gl.constexpr):
-        """One warpgroup's BM rows of each tile: the H-th of SPLIT warpgroups sharing the ring's b blocks."""
+                       acc_empty, pid, nprog, mine, tiles_m, tiles_n, c_desc, c_rows_ptr, m_dim,
+                       GROUP_M: gl.constexpr, NB: gl.constexpr, NACC: gl.constexpr, SPLIT: gl.constexpr,
+                       H: gl.constexpr, TMA_STORE: gl.constexpr):
+        """One warpgroup's BM rows of each tile: the H-th of SPLIT warpgroups sharing the ring's b blocks.
+        TMA_STORE: the part is rounded to the output's 16-bit type in the warpgroup's own staging buffer and
+        leaves through an asynchronous TMA store (waited before the next part is staged) instead of going to the
+        epilogue warps."""
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
@@ -248,12 +252,22 @@ if HAVE_GLUON:
                 consumer += 1
             acc = warpgroup_mma_wait(0, (acc,))
             mbarrier.arrive(empty.index((consumer + NB - 1) % NB), count=1, pred=nblk > 0)
+            if TMA_STORE:
+                row0 = (tm * SPLIT + H) * BM
+                tma.store_wait(pendings=0)  # this warpgroup's previous part has left the staging buffer
+                acc_bufs.index(H).store(acc.to(c_desc.dtype))
+                fence_async_shared()
+                if row0 < m_dim:  # (M is a multiple of BM: a part is wholly inside its expert or past it)
+                    c_row = gl.load(c_rows_ptr + e) + row0
+                    tma.async_copy_shared_to_global(c_desc, [c_row, tn * BN], acc_bufs.index(H))
             # The hand-off: one barrier pair per buffer (SPLIT = 1: tiles take the NACC buffers in turn), or per
             # warpgroup (SPLIT = 2). With two warpgroups and one buffer, warpgroup 0 waits until the epilogue has
             # read warpgroup 1's part of the previous tile and warpgroup 1 until it has read warpgroup 0's part
             # of this one: each waits for a phase at most one ahead of the barrier's, so the wait's parity
             # cannot alias (a shared barrier pair would let warpgroup 0 run two hand-offs ahead and hang).
-            if SPLIT == 1:
+            if TMA_STORE:
+                pass
+            elif SPLIT == 1:
                 j = i % NACC
                 mbarrier.wait(acc_empty.index(j), ((i // NACC) & 1) ^ 1)
                 bar = j
@@ -268,15 +282,20 @@ if HAVE_GLUON:
                 else:
                     mbarrier.wait(acc_empty.index(0), i & 1)
                 bar = H
-            acc_bufs.index(j).store(acc)  # read back by the epilogue warps' generic loads: no proxy fence
-            mbarrier.arrive(acc_ready.index(bar), count=1)
+            if not TMA_STORE:
+                acc_bufs.index(j).store(acc)  # read back by the epilogue warps' generic loads: no proxy fence
+                mbarrier.arrive(acc_ready.index(bar), count=1)
+        if TMA_STORE:
+            tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _wgrad_ws_kernel(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, m_dim, n_dim, num_experts,
+    def _wgrad_ws_kernel(a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, m_dim, n_dim, num_experts, c_desc,
+                         c_rows_ptr,
                          GROUP_M: gl.constexpr, NB: gl.constexpr, OVERWRITE: gl.constexpr, PRE: gl.constexpr,
                          EPI_WARPS: gl.constexpr, EPI_REGS: gl.constexpr, LOAD_REGS: gl.constexpr, NACC: gl.constexpr,
                          SPLIT: gl.constexpr, MMA_REGS: gl.constexpr, NCH: gl.constexpr,
-                         ALIGNED: gl.constexpr, VEC: gl.constexpr, num_warps: gl.constexpr):
+                         ALIGNED: gl.constexpr, VEC: gl.constexpr, TMA_STORE: gl.constexpr,
+                         num_warps: gl.constexpr):
         BK: gl.constexpr = a_desc.block_type.shape[0]
         BM: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[1]
@@ -284,8 +303,11 @@ if HAVE_GLUON:
         gl.static_assert(BM == 64 or BM == 128)
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NB * SPLIT] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NB] + b_desc.block_type.shape, b_desc.layout)
-        acc_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], gl.float32)
-        acc_bufs = gl.allocate_shared_memory(gl.float32, [NACC, BM, BN], acc_smem_layout)
+        if TMA_STORE:  # one 16-bit staging buffer per MMA warpgroup, in the output descriptor's layout
+            acc_bufs = gl.allocate_shared_memory(c_desc.dtype, [SPLIT] + c_desc.block_type.shape, c_desc.layout)
+        else:  # the fp32 parts handed to the epilogue warps
+            acc_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BN], gl.float32)
+            acc_bufs = gl.allocate_shared_memory(gl.float32, [NACC, BM, BN], acc_smem_layout)
         ready = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
         tail_bars = gl.allocate_shared_memory(gl.int64, [NT, 1], mbarrier.MBarrierLayout())
@@ -312,10 +334,12 @@ if HAVE_GLUON:
         if SPLIT == 1:
             gl.warp_specialize([
                 (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
-                                  acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H0)),
+                                  acc_empty, pid, nprog, mine, tiles_m, tiles_n, c_desc, c_rows_ptr, m_dim, GROUP_M, NB,
+                                  NACC, SPLIT, H0, TMA_STORE)),
                 (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
                                        acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
-                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED, VEC)),
+                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED, VEC,
+                                       TMA_STORE)),
                 (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
                                    nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
                 (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
@@ -325,12 +349,15 @@ if HAVE_GLUON:
             # are written out: Gluon (3.6, 3.8) cannot bind these argument tuples to names and reuse them.)
             gl.warp_specialize([
                 (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
-                                  acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H0)),
+                                  acc_empty, pid, nprog, mine, tiles_m, tiles_n, c_desc, c_rows_ptr, m_dim, GROUP_M, NB,
+                                  NACC, SPLIT, H0, TMA_STORE)),
                 (_mma_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, acc_bufs, acc_ready,
-                                  acc_empty, pid, nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NACC, SPLIT, H1)),
+                                  acc_empty, pid, nprog, mine, tiles_m, tiles_n, c_desc, c_rows_ptr, m_dim, GROUP_M, NB,
+                                  NACC, SPLIT, H1, TMA_STORE)),
                 (_epilogue_partition, (a_desc, b_desc, row_offsets_ptr, c_ptr, c_offsets_ptr, acc_bufs, acc_ready,
                                        acc_empty, pid, nprog, mine, tiles_m, tiles_n, m_dim, n_dim, GROUP_M, OVERWRITE,
-                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED, VEC)),
+                                       PRE, EPI_WARPS, NACC, SPLIT, NCH, ALIGNED, VEC,
+                                       TMA_STORE)),
                 (_load_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
                                    nprog, mine, tiles_m, tiles_n, GROUP_M, NB, NT, SPLIT)),
                 (_tail_partition, (a_desc, b_desc, row_offsets_ptr, a_bufs, b_bufs, ready, empty, tail_bars, pid,
@@ -362,7 +389,29 @@ def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor
 # below: H100, examples/bench_wgrad.py --rows routed (docs/BENCHMARKS.md, fifteenth session), two against one:
 # adding 1.03-1.50x from 512 rows (Mixtral, Phi-3.5-MoE, Qwen2-MoE), 1.00x at ~273, 0.91-0.93x at 256 and ~136;
 # writing 1.02-1.30x from 256 rows, 0.94-1.02x at ~136.
-TWO_MMA_MIN_ROWS = {"add": 384, "write": 256}
+# A 16-bit output (grouped_wgrad's fresh gradient): two at every size (at ~136 rows 0.98-1.06x of cuBLAS against
+# one warpgroup's 0.77-0.83x, sixteenth session).
+TWO_MMA_MIN_ROWS = {"add": 384, "write": 256, "write16": 0}
+
+
+def _tma_store_refusal(out_rows, out_base, overwrite, m_dim, n_dim, block_m, experts) -> str | None:
+    """None when the parts can leave through TMA stores (`out_rows` given: the outputs as rows of one 2-D view and
+    each output's first row, `kernels.wgrad.tma_output_rows`), else why not."""
+    if out_rows is None:
+        return "no out_rows (the outputs as rows of one 2-D view, and each output's first row) were given"
+    view, first_rows = out_rows
+    if not overwrite:
+        return "the TMA store writes: it cannot add into main_grad (overwrite=False)"
+    if view.dtype not in (torch.bfloat16, torch.float16) or view.dtype != out_base.dtype:
+        return f"the TMA store stages 16-bit parts (outputs of {view.dtype})"
+    if view.dim() != 2 or view.shape[1] != n_dim or view.stride(1) != 1 or (view.stride(0) * 2) % 16 \
+            or view.data_ptr() % 16:
+        return f"out_rows' view must be [rows, N={n_dim}] with 16-byte aligned rows (TMA)"
+    if m_dim % block_m:
+        return f"M={m_dim} is not a multiple of block_m={block_m} (a part would cross into the next output)"
+    if first_rows.numel() != experts or first_rows.dtype not in (torch.int32, torch.int64):
+        return f"out_rows gives {first_rows.numel()} first rows ({first_rows.dtype}) for {experts} outputs"
+    return None
 
 
 def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
@@ -371,7 +420,7 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
                   mma_warpgroups: int | None = None, epilogue_warps: int | None = None,
                   epilogue_chunks: int | None = None, epilogue_regs: int | None = None, load_regs: int | None = None,
                   mma_regs: int | None = None, maxnreg: int | None = None, aligned: bool = False,
-                  epilogue_vec: int | None = None,
+                  epilogue_vec: int | None = None, out_rows: tuple | None = None, tma_store: bool | None = None,
                   programs: int | None = None, sms: int | None = None):
     """The checked launch of `grouped_wgrad_ws`: (kernel, grid, args, constexprs), or None when there is nothing
     to compute (no experts, an empty dimension, no operand rows). Also what examples/compile_sm90.py compiles
@@ -395,7 +444,8 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
             or out_offsets.dtype != torch.int64:
         raise ValueError("grouped_wgrad_ws: fp32 outputs (any float type when writing), int64 element offsets")
     if mma_warpgroups is None:
-        min_rows = TWO_MMA_MIN_ROWS["write" if overwrite else "add"]
+        mode = ("write16" if out_base.element_size() == 2 else "write") if overwrite else "add"
+        min_rows = TWO_MMA_MIN_ROWS[mode]
         mma_warpgroups = 2 if block_m == 64 and rows >= min_rows * max(experts, 1) else 1
     if acc_buffers not in (1, 2) or prefetch not in (1, 2) or mma_warpgroups not in (1, 2):
         raise ValueError(f"acc_buffers={acc_buffers}, prefetch={prefetch}, mma_warpgroups={mma_warpgroups}: "
@@ -404,8 +454,9 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
         raise ValueError(f"mma_warpgroups=2 takes block_m=64 (64-row parts of 128-row tiles) and 2 epilogue warps "
                          f"(12 warps of 168 registers; got block_m={block_m}, epilogue_warps={epilogue_warps})")
     epilogue_chunks = epilogue_chunks or (8 if mma_warpgroups == 2 else 2)
-    # elements per epilogue access: 16 bytes of the output where `aligned`
-    epilogue_vec = epilogue_vec or (16 // out_base.element_size() if aligned else 4)
+    # elements per epilogue access: 4 (16 bytes of fp32 where `aligned`; 8 bytes of a 16-bit output: the 16-byte
+    # accesses of 8 bf16 ran 0.96-1.01x of these, docs/BENCHMARKS.md sixteenth session)
+    epilogue_vec = epilogue_vec or 4
     if epilogue_vec not in (1, 2, 4, 8) or epilogue_vec > block_n:
         raise ValueError(f"epilogue_vec={epilogue_vec}: 1, 2, 4 or 8 elements per access")
     if epilogue_chunks not in (1, 2, 4, 8) or epilogue_chunks * 8 > block_m:
@@ -423,8 +474,14 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     epilogue_regs = epilogue_regs or (200 if epilogue_warps == 4 else 152)
     load_regs = load_regs or (40 if epilogue_warps == 4 else 24)
     maxnreg = maxnreg or (168 if epilogue_warps == 4 else 128)
+    tma_store_why = _tma_store_refusal(out_rows, out_base, overwrite, m_dim, n_dim, block_m, experts)
+    if tma_store and tma_store_why:
+        raise ValueError(f"grouped_wgrad_ws: tma_store=True but {tma_store_why}")
+    tma_store = tma_store_why is None if tma_store is None else bool(tma_store)
     stage_bytes = (mma_warpgroups * block_m + block_n) * block_k * a.element_size()
-    nb = min(num_stages, (SMEM_BYTES - acc_buffers * block_m * block_n * 4) // stage_bytes)
+    staging = (mma_warpgroups * block_m * block_n * out_base.element_size() if tma_store
+               else acc_buffers * block_m * block_n * 4)
+    nb = min(num_stages, (SMEM_BYTES - staging) // stage_bytes)
     if nb < 2:
         raise ValueError(f"num_stages={num_stages}: {nb} stages of {block_k}-row blocks fit next to the epilogue")
     gdt = _gl_dtype(a.dtype)
@@ -435,9 +492,15 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     total = experts * triton.cdiv(m_dim, block_m * mma_warpgroups) * triton.cdiv(n_dim, block_n)
     sms = sms or torch.cuda.get_device_properties(a.device).multi_processor_count
     grid = (max(1, min(programs or sms, total)),)
-    args = (a_desc, b_desc, row_offsets, out_base, out_offsets, m_dim, n_dim, experts)
+    if tma_store:
+        view, first_rows = out_rows
+        c_desc = GluonDescriptor.from_tensor(view, [block_m, block_n], gl.NVMMASharedLayout.get_default_for(
+            [block_m, block_n], _gl_dtype(view.dtype)))
+    else:  # placeholders the kernel does not touch
+        c_desc, first_rows = a_desc, row_offsets
+    args = (a_desc, b_desc, row_offsets, out_base, out_offsets, m_dim, n_dim, experts, c_desc, first_rows)
     constexprs = dict(GROUP_M=group_m, NB=nb, OVERWRITE=bool(overwrite), PRE=prefetch, EPI_WARPS=epilogue_warps,
                       EPI_REGS=epilogue_regs, LOAD_REGS=load_regs, NACC=acc_buffers, SPLIT=mma_warpgroups,
                       MMA_REGS=mma_regs or 0, NCH=epilogue_chunks,
-                      ALIGNED=bool(aligned), VEC=epilogue_vec, num_warps=4, maxnreg=maxnreg)
+                      ALIGNED=bool(aligned), VEC=epilogue_vec, TMA_STORE=tma_store, num_warps=4, maxnreg=maxnreg)
     return _wgrad_ws_kernel, grid, args, constexprs

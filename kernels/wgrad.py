@@ -80,8 +80,10 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
         if why is not None:
             raise ValueError(f"grouped_wgrad: backend='gluon' cannot run here ({why}); use backend='auto'")
         if num_experts:
+            # the outputs as [El * M, N] rows: 16-bit parts leave through TMA stores (where M allows)
+            first_rows = torch.arange(num_experts, dtype=torch.int32, device=a.device) * m_dim
             grouped_wgrad_ws(a, b, expert_offsets, out.view(-1), offsets, overwrite=True,
-                             **{"aligned": aligned, **tiles})
+                             **{"aligned": aligned, "out_rows": (out.view(-1, n_dim), first_rows), **tiles})
         return out
     # the fresh output seen as [El * M, N] rows, expert e's from row e * M, for the TMA store epilogue (TMA's
     # rule: 16-byte rows)

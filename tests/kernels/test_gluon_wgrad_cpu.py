@@ -131,19 +131,42 @@ def test_plan_refuses_what_two_mma_warpgroups_cannot_take():
         _plan(64, epilogue_chunks=3)
 
 
-def test_plan_epilogue_accesses_are_16_bytes_where_aligned():
-    """The epilogue's elements per access: 16 bytes of the output type where the caller promises alignment (4
-    fp32, 8 bf16: a fresh bf16 gradient, `grouped_wgrad(backend="gluon")`), 4 otherwise; the knob wins; bad
-    values and adding into a bf16 output are refused."""
+def test_plan_epilogue_access_width():
+    """The epilogue's elements per access: 4 (16 bytes of fp32 where the caller promises alignment; 8 bytes of a
+    16-bit output, measured ahead of 8 elements); the knob wins; bad values and adding into a bf16 output are
+    refused."""
     assert _plan(64)[3]["VEC"] == 4
     assert _plan(64, aligned=True)[3]["VEC"] == 4
-    assert _plan(64, aligned=True, overwrite=True, out_dtype=torch.bfloat16)[3]["VEC"] == 8
-    assert _plan(64, overwrite=True, out_dtype=torch.bfloat16)[3]["VEC"] == 4
-    assert _plan(64, aligned=True, overwrite=True, out_dtype=torch.bfloat16, epilogue_vec=4)[3]["VEC"] == 4
+    assert _plan(64, aligned=True, overwrite=True, out_dtype=torch.bfloat16)[3]["VEC"] == 4
+    assert _plan(64, aligned=True, overwrite=True, out_dtype=torch.bfloat16, epilogue_vec=8)[3]["VEC"] == 8
     with pytest.raises(ValueError, match="epilogue_vec=3"):
         _plan(64, epilogue_vec=3)
     with pytest.raises(ValueError, match="fp32 outputs"):
         _plan(64, out_dtype=torch.bfloat16)
+
+
+def test_plan_stores_16_bit_parts_through_tma_where_it_can():
+    """A fresh 16-bit output given as rows (`out_rows`, grouped_wgrad's gluon backend) leaves through TMA stores from
+    the MMA warpgroups, with two of them at any size; the staging buffers (16-bit) leave room for the ring; where
+    the store cannot be used the epilogue warps write it (or, forced, the plan says why)."""
+    m, n, experts = 128, 256, 4
+    out = torch.zeros(experts * m * n, dtype=torch.bfloat16)
+    rows = (out.view(-1, n), torch.arange(experts, dtype=torch.int32) * m)
+    _, _, args, k = _plan(64, overwrite=True, out_dtype=torch.bfloat16, out_rows=rows)
+    assert k["TMA_STORE"] and k["SPLIT"] == 2 and args[-1] is rows[1]
+    assert k["NB"] == 6  # (6 x 24 KB of operands) + 2 x 32 KB of bf16 parts
+    one = _plan(64, overwrite=True, out_dtype=torch.bfloat16, out_rows=rows, mma_warpgroups=1)[3]
+    assert one["TMA_STORE"] and one["NB"] == 8  # 8 x 20 KB + one 32 KB part
+    assert not _plan(64, overwrite=True, out_dtype=torch.bfloat16)[3]["TMA_STORE"]  # no rows given
+    assert not _plan(64, overwrite=True, out_dtype=torch.bfloat16, out_rows=rows, tma_store=False)[3]["TMA_STORE"]
+    assert not _plan(64, overwrite=True, out_dtype=torch.bfloat16, out_rows=rows, m=96)[3]["TMA_STORE"]
+    with pytest.raises(ValueError, match="tma_store=True but no out_rows"):
+        _plan(64, overwrite=True, out_dtype=torch.bfloat16, tma_store=True)
+    with pytest.raises(ValueError, match="M=96 is not a multiple of block_m=64"):
+        _plan(64, overwrite=True, out_dtype=torch.bfloat16, out_rows=rows, m=96, tma_store=True)
+    with pytest.raises(ValueError, match="16-bit parts"):
+        fp32 = torch.zeros(experts * m * n)
+        _plan(64, overwrite=True, out_rows=(fp32.view(-1, n), rows[1]), tma_store=True)
 
 
 def test_outputs_aligned_is_what_the_kernels_may_be_told():

@@ -170,6 +170,7 @@ def test_timing_world1_vs_grouped_mm(shape):
     ("gluon", [300, 0, 517, 64], 256, 192, torch.bfloat16, None),
     ("gluon", [600, 0, 1500, 700], 200, 320, torch.bfloat16, None),
     ("gluon", [300, 5, 517, 1], 200, 64, torch.float32, None),
+    ("gluon", [600, 0, 1500, 700, 3], 192, 320, torch.bfloat16, None),  # TMA stores, a 128-row tile half past M
 ])
 def test_grouped_wgrad_backends_bf16(backend, rows, m_dim, n_dim, out_dtype, block_n):
     """The wgrad backends against a float64 per-expert loop (an expert without rows, one with a few), each of
@@ -195,6 +196,35 @@ def test_grouped_wgrad_backends_bf16(backend, rows, m_dim, n_dim, out_dtype, blo
     for e in range(len(rows)):
         want = a[offs[e]:offs[e + 1]].double().t() @ b[offs[e]:offs[e + 1]].double()
         assert rel_err(got[e].double(), want) < 1e-2, e
+
+
+@pytest.mark.parametrize("knobs", [{}, {"tma_store": False}, {"mma_warpgroups": 1}, {"mma_warpgroups": 1, "tma_store": False},
+                                   {"tma_store": False, "epilogue_vec": 8}, {"programs": 3}])
+def test_grouped_wgrad_gluon_layouts(knobs):
+    """grouped_wgrad's Gluon backend in each way it can leave the parts (TMA stores of 16-bit parts from the MMA
+    warpgroups, or the epilogue warps; one or two MMA warpgroups; 16-byte accesses) against float64: M = 192 (the
+    second warpgroup's part of the last 128-row tile lies past M and is not stored), N = 320 (the TMA store clips
+    the last 256-wide tile), an expert without rows (zeros), one with 3; the output's memory NaN-poisoned before."""
+    from comet_megatron.kernels import grouped_wgrad
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon weight-gradient kernel is Hopper-only (other GPUs keep the Triton backend)")
+    rows, m_dim, n_dim = [600, 0, 1500, 700, 3], 192, 320
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    a = torch.randn(sum(rows), m_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    b = torch.randn(sum(rows), n_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    offs = [0] + torch.cumsum(torch.tensor(rows), 0).tolist()
+    offsets = torch.tensor(offs, dtype=torch.int32, device="cuda")
+    for _ in range(2):  # the second call reuses the first's (poisoned) block
+        poison = torch.full((len(rows), m_dim, n_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+        del poison
+        got = grouped_wgrad(a, b, offsets, backend="gluon", **knobs)
+        torch.cuda.synchronize()
+        for e in range(len(rows)):
+            want = a[offs[e]:offs[e + 1]].double().t() @ b[offs[e]:offs[e + 1]].double()
+            assert not got[e].isnan().any(), e
+            assert rel_err(got[e].double(), want) < 1e-2, e
+        del got
 
 
 def test_accumulate_into_compiled():
