@@ -35,6 +35,8 @@ Hopper only (wgmma); the interpreter cannot run Gluon. `gluon_wgrad_supported` s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -366,12 +368,13 @@ if HAVE_GLUON:
 
 
 def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, out_base: torch.Tensor,
-                     out_offsets: torch.Tensor, *, overwrite: bool = False, **knobs) -> None:
+                     out_offsets: torch.Tensor, *, overwrite: bool = False, checked: bool = False, **knobs) -> None:
     """out_e (+)= a[rows_e]^T @ b[rows_e] for every expert e (`grouped_wgrad_accumulate`'s contract: a [R, M],
     b [R, N] rows in expert order, row_offsets [El + 1] int32/int64 device tensor, out_base flat fp32 (any float
     type with `overwrite`), out_offsets [El] int64 element offsets of each contiguous [M, N] output). Refuses what
-    `gluon_wgrad_supported` refuses, with its reason. No host synchronisation. `knobs`: `wgrad_ws_plan`'s."""
-    why = gluon_wgrad_supported(a, b, knobs.get("block_n", 256), knobs.get("block_m", 64))
+    `gluon_wgrad_supported` refuses, with its reason (`checked`: the caller has asked it already, with these
+    operands and tiles). No host synchronisation. `knobs`: `wgrad_ws_plan`'s."""
+    why = None if checked else gluon_wgrad_supported(a, b, knobs.get("block_n", 256), knobs.get("block_m", 64))
     if why is not None:
         raise ValueError(f"grouped_wgrad_ws: {why}")
     plan = wgrad_ws_plan(a, b, row_offsets, out_base, out_offsets, overwrite=overwrite, **knobs)
@@ -392,6 +395,17 @@ def grouped_wgrad_ws(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor
 # A 16-bit output (grouped_wgrad's fresh gradient): two at every size (at ~136 rows 0.98-1.06x of cuBLAS against
 # one warpgroup's 0.77-0.83x, sixteenth session).
 TWO_MMA_MIN_ROWS = {"add": 384, "write": 256, "write16": 0}
+
+
+@functools.lru_cache(maxsize=64)
+def _smem_layout(rows: int, cols: int, dtype: torch.dtype):
+    """The shared-memory layout of a [rows, cols] TMA block of `dtype` (cached: host time per call)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], _gl_dtype(dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _tma_store_refusal(out_rows, out_base, overwrite, m_dim, n_dim, block_m, experts) -> str | None:
@@ -484,18 +498,14 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     nb = min(num_stages, (SMEM_BYTES - staging) // stage_bytes)
     if nb < 2:
         raise ValueError(f"num_stages={num_stages}: {nb} stages of {block_k}-row blocks fit next to the epilogue")
-    gdt = _gl_dtype(a.dtype)
-    a_desc = GluonDescriptor.from_tensor(a, [block_k, block_m],
-                                         gl.NVMMASharedLayout.get_default_for([block_k, block_m], gdt))
-    b_desc = GluonDescriptor.from_tensor(b, [block_k, block_n],
-                                         gl.NVMMASharedLayout.get_default_for([block_k, block_n], gdt))
+    a_desc = GluonDescriptor.from_tensor(a, [block_k, block_m], _smem_layout(block_k, block_m, a.dtype))
+    b_desc = GluonDescriptor.from_tensor(b, [block_k, block_n], _smem_layout(block_k, block_n, a.dtype))
     total = experts * triton.cdiv(m_dim, block_m * mma_warpgroups) * triton.cdiv(n_dim, block_n)
-    sms = sms or torch.cuda.get_device_properties(a.device).multi_processor_count
+    sms = sms or _sm_count(a.device)
     grid = (max(1, min(programs or sms, total)),)
     if tma_store:
         view, first_rows = out_rows
-        c_desc = GluonDescriptor.from_tensor(view, [block_m, block_n], gl.NVMMASharedLayout.get_default_for(
-            [block_m, block_n], _gl_dtype(view.dtype)))
+        c_desc = GluonDescriptor.from_tensor(view, [block_m, block_n], _smem_layout(block_m, block_n, view.dtype))
     else:  # placeholders the kernel does not touch
         c_desc, first_rows = a_desc, row_offsets
     args = (a_desc, b_desc, row_offsets, out_base, out_offsets, m_dim, n_dim, experts, c_desc, first_rows)

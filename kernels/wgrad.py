@@ -6,7 +6,8 @@ caller may defer (Megatron's `backward_dw` / `--delay-wgrad-compute`) to overlap
 Backends: "triton" (`grouped_wgrad_accumulate` writing into the output: one program per output tile and
 expert, K loop over the expert's rows, no waits), "grouped_mm" (CUDA `torch._grouped_mm` with offsets,
 bf16), "gluon" (`gluon_wgrad.grouped_wgrad_ws` writing: the warp-specialised Hopper kernel), "loop" (a torch loop
-over experts; the CPU fallback). "auto" = grouped_mm on Hopper in bf16, else triton.
+over experts; the CPU fallback). "auto" = gluon where it writes through TMA stores (`gluon_fresh_ok`), else
+grouped_mm on Hopper in bf16, else triton.
 
 `grouped_wgrad_accumulate`: the same products ADDED into fp32 buffers (Megatron's `main_grad`s, separate
 slices of one storage, in any order) in one launch for all experts: each program starts its accumulator from
@@ -55,9 +56,15 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     (rows, m_dim), n_dim = a.shape, b.shape[1]
     out_dtype = out_dtype or a.dtype
     if backend == "auto":
-        # cuBLAS's grouped GEMM (K split by expert) on Hopper in bf16; the Triton kernel elsewhere
-        backend = "grouped_mm" if (a.is_cuda and a.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-                                   and torch.cuda.get_device_capability(a.device)[0] >= 9) else "triton"
+        # the Gluon kernel where it writes through TMA stores (Hopper); else cuBLAS's grouped GEMM (K split by
+        # expert) on Hopper in bf16; the Triton kernel elsewhere
+        if gluon_fresh_ok(a, b, out_dtype):
+            backend = "gluon"
+        elif (a.is_cuda and a.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+              and torch.cuda.get_device_capability(a.device)[0] >= 9):
+            backend = "grouped_mm"
+        else:
+            backend = "triton"
     if backend == "loop":
         offs = expert_offsets.tolist()
         return torch.stack([
@@ -71,8 +78,10 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     if backend not in ("triton", "gluon"):
         raise ValueError(f"unknown backend {backend!r}: auto, grouped_mm, triton, gluon or loop")
     out = torch.empty(num_experts, m_dim, n_dim, dtype=out_dtype, device=a.device)
-    offsets = torch.arange(num_experts, dtype=torch.int64, device=a.device) * (m_dim * n_dim)
-    aligned = outputs_aligned(out.view(-1), [e * m_dim * n_dim for e in range(num_experts)], n_dim)
+    # each expert's output: element offset e * M * N, first row e * M of the [El * M, N] view (cached: constant)
+    offsets, first_rows = _fresh_output_index(num_experts, m_dim, n_dim, a.device)
+    # every output 16-byte aligned with 16-byte rows (`outputs_aligned` for these offsets, without the loop)
+    aligned = out.data_ptr() % 16 == 0 and (n_dim * out.element_size()) % 16 == 0
     if backend == "gluon":
         from .gluon_wgrad import gluon_wgrad_supported, grouped_wgrad_ws
 
@@ -81,19 +90,47 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
             raise ValueError(f"grouped_wgrad: backend='gluon' cannot run here ({why}); use backend='auto'")
         if num_experts:
             # the outputs as [El * M, N] rows: 16-bit parts leave through TMA stores (where M allows)
-            first_rows = torch.arange(num_experts, dtype=torch.int32, device=a.device) * m_dim
-            grouped_wgrad_ws(a, b, expert_offsets, out.view(-1), offsets, overwrite=True,
+            grouped_wgrad_ws(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, checked=True,
                              **{"aligned": aligned, "out_rows": (out.view(-1, n_dim), first_rows), **tiles})
         return out
     # the fresh output seen as [El * M, N] rows, expert e's from row e * M, for the TMA store epilogue (TMA's
     # rule: 16-byte rows)
     out_rows = None
     if use_tma(a) and num_experts and m_dim and (n_dim * out.element_size()) % 16 == 0:
-        out_rows = (out.view(-1, n_dim), torch.arange(num_experts, dtype=torch.int32, device=a.device) * m_dim)
+        out_rows = (out.view(-1, n_dim), first_rows)
     knobs = {**grouped_wgrad_tiles(a, num_experts, m_dim, out_rows is not None), **tiles}
     grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, out_rows=out_rows,
                              aligned=aligned, **knobs)
     return out
+
+
+def gluon_fresh_ok(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """Whether `grouped_wgrad`'s "gluon" backend writes these gradients (a [R, M], b [R, N]) the way it was
+    measured ahead of cuBLAS's grouped GEMM: Hopper, 16-bit operands TMA can load, a 16-bit output leaving through
+    TMA stores (M a multiple of 64). H100, the three model shapes at 2048-16384 tokens: 0.96-1.15x of
+    `torch._grouped_mm`, 1.25-1.35x at Qwen2-MoE's ~136 rows per expert (docs/BENCHMARKS.md, sixteenth session).
+    COMET_KERNELS_GLUON=0 turns it off."""
+    if out_dtype not in (torch.bfloat16, torch.float16) or a.dim() != 2 or a.shape[1] % 64 or not a.is_cuda:
+        return False
+    from .gluon_wgrad import gluon_wgrad_supported
+
+    return gluon_wgrad_supported(a, b) is None
+
+
+_FRESH_INDEX: dict = {}
+
+
+def _fresh_output_index(experts: int, m_dim: int, n_dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int64 element offsets e * M * N, int32 first rows e * M) of `experts` back-to-back [M, N] outputs, on
+    `device`; cached (the kernels only read them): two small launches fewer per call."""
+    key = (experts, m_dim, n_dim, str(device))
+    hit = _FRESH_INDEX.get(key)
+    if hit is None:
+        if len(_FRESH_INDEX) >= 256:
+            _FRESH_INDEX.clear()
+        e = torch.arange(experts, dtype=torch.int64)
+        hit = _FRESH_INDEX[key] = ((e * (m_dim * n_dim)).to(device), (e * m_dim).to(torch.int32).to(device))
+    return hit
 
 
 @triton.jit

@@ -26,6 +26,20 @@ def test_default_knobs_compile_for_sm90_without_spilling():
     assert len(lines) == 4 and all("168 registers" in ln and "shared" in ln for ln in lines), res.stdout
 
 
+def test_bf16_outputs_compile_with_tma_stores_and_with_the_epilogue_warps():
+    """A fresh bf16 gradient (grouped_wgrad's gluon backend): the parts leave through TMA stores from the MMA
+    warpgroups (two 32 KB 16-bit staging buffers instead of the 64 KB fp32 hand-off buffer; same ring depth), or
+    through the epilogue warps."""
+    res = _run("--out-dtype", "bfloat16", "--mode", "write", "--knobs", '[{}, {"tma_store": false}]')
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 2 and all("168 registers" in ln for ln in lines), res.stdout  # spills: at most --max-stack
+    shared = [int(ln.split("shared ")[1].split()[0]) for ln in lines]
+    assert shared[0] < shared[1], res.stdout
+    res = _run("--out-dtype", "bfloat16", "--mode", "add")
+    assert res.returncode == 2 and "written, not added" in res.stderr
+
+
 def test_a_knob_set_that_cannot_be_built_fails_with_the_reason():
     res = _run("--knobs", '[{"block_m": 128, "block_n": 512}]', "--mode", "add")
     assert res.returncode == 1

@@ -227,6 +227,30 @@ def test_grouped_wgrad_gluon_layouts(knobs):
         del got
 
 
+def test_layer_bf16_weight_gradients_take_the_gluon_kernel_on_hopper():
+    """experts.grouped_linear_wgrad (the layer's bf16 weight gradients where no main_grad takes them): on Hopper
+    with 16-bit operands and M a multiple of 64 it runs the Gluon kernel (`gluon_fresh_ok`), against float64 per
+    expert, [out, in] layout; an expert without rows gets zeros."""
+    from comet_megatron.experts import grouped_linear_wgrad
+    from comet_megatron.kernels.wgrad import gluon_fresh_ok
+
+    counts = [700, 0, 130, 1500]
+    gen = torch.Generator(device="cuda").manual_seed(21)
+    grad_y = torch.randn(sum(counts), 384, device="cuda", generator=gen).to(torch.bfloat16)
+    x = torch.randn(sum(counts), 200, device="cuda", generator=gen).to(torch.bfloat16)
+    assert gluon_fresh_ok(grad_y, x, torch.bfloat16) == (torch.cuda.get_device_capability()[0] == 9)
+    assert not gluon_fresh_ok(grad_y[:, :320 - 1], x, torch.bfloat16)  # M not a multiple of 64: cuBLAS
+    got = grouped_linear_wgrad(grad_y, x, counts, torch.bfloat16)
+    assert got.shape == (4, 384, 200) and got.dtype == torch.bfloat16
+    offs = [0] + torch.cumsum(torch.tensor(counts), 0).tolist()
+    for e in range(4):
+        want = grad_y[offs[e]:offs[e + 1]].double().t() @ x[offs[e]:offs[e + 1]].double()
+        if counts[e]:
+            assert rel_err(got[e].double(), want) < 1e-2, e
+        else:
+            assert not got[e].any(), e
+
+
 def test_accumulate_into_compiled():
     """The one-launch main_grad accumulation, compiled: fp32 destinations scattered in one buffer (reversed,
     with gaps), bf16 source, against float64."""
