@@ -89,9 +89,12 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
         if why is not None:
             raise ValueError(f"grouped_wgrad: backend='gluon' cannot run here ({why}); use backend='auto'")
         if num_experts:
-            # the outputs as [El * M, N] rows: 16-bit parts leave through TMA stores (where M allows)
+            # the outputs as [El * M, N] rows: 16-bit parts leave through TMA stores (where M allows); wide outputs
+            # sweep more row blocks per column block (see GLUON_FRESH_GROUP_M)
+            group_m = GLUON_FRESH_GROUP_M["wide" if m_dim < n_dim else "tall"]
             grouped_wgrad_ws(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, checked=True,
-                             **{"aligned": aligned, "out_rows": (out.view(-1, n_dim), first_rows), **tiles})
+                             **{"aligned": aligned, "out_rows": (out.view(-1, n_dim), first_rows),
+                                "group_m": group_m, **tiles})
         return out
     # the fresh output seen as [El * M, N] rows, expert e's from row e * M, for the TMA store epilogue (TMA's
     # rule: 16-byte rows)
@@ -102,6 +105,13 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     grouped_wgrad_accumulate(a, b, expert_offsets, out.view(-1), offsets, overwrite=True, out_rows=out_rows,
                              aligned=aligned, **knobs)
     return out
+
+
+# The Gluon backend's tile order: GROUP_M row blocks of 128 sweep the column blocks together. Outputs wider than
+# tall (M < N: dW1 as [H, 2F], fc2's [H, F]) take larger groups: H100, Mixtral / Phi-3.5-MoE dW1 as [H, 2F] at
+# 2048 / 8192 tokens, 0.93-1.07x of cuBLAS with 8, 0.94-1.11x with 16, 0.99-1.14x with 32 (one call, 3 rounds;
+# docs/BENCHMARKS.md sixteenth session); tall outputs keep 8 (1.07-1.15x).
+GLUON_FRESH_GROUP_M = {"wide": 32, "tall": 8}
 
 
 def gluon_fresh_ok(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
