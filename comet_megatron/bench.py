@@ -5,6 +5,7 @@ Variants (same weights, same random tokens, bf16):
                         user without Transformer Engine runs
     megatron+grouped    Megatron's alltoall dispatcher + comet's grouped-GEMM experts (cuBLAS
                         torch._grouped_mm): the strongest baseline available without Transformer Engine
+                        (comet's expert module: its weight gradients take comet's kernels as the layer's do)
     comet-reference     the comet layer on its reference transport (collectives + grouped GEMM)
     comet-fused         the comet layer on its fused Triton kernels
 and, where both comet variants ran, a "comet (auto)" row: a copy of the one `--comet-transport auto` runs at
