@@ -149,7 +149,7 @@ def main(argv=None) -> int:
 
                     variants[f"gluon-ws {json.dumps(cfg, sort_keys=True)}"] = (
                         lambda cfg=cfg: grouped_wgrad_ws(a, b, dev_offsets, base, out_offsets, overwrite=ow,
-                                                         **{"aligned": aligned, **cfg}))
+                                                         **{"aligned": aligned, **_rows_for(cfg, out_rows), **cfg}))
                 # correctness: each variant once from zero (overwrite: from NaN, never read) against cublas-addmm
                 start = float("nan") if ow else 0.0
                 flat.fill_(start)
@@ -186,6 +186,11 @@ def main(argv=None) -> int:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                            triton=triton.__version__, records=records), fh, indent=1)
     return 0
+
+
+def _rows_for(cfg, out_rows) -> dict:
+    """The main_grads as rows for a Gluon variant that asks for the TMA store (`{"tma_store": true}`)."""
+    return {"out_rows": out_rows} if cfg.get("tma_store") and out_rows is not None else {}
 
 
 def _gluon_bf16(a, b, dev_offsets, cfg):

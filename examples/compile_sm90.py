@@ -84,8 +84,8 @@ def compile_knobs(knobs: dict, overwrite: bool, shape=(4096, 512, 1024), experts
     row_offsets = torch.zeros(experts + 1, dtype=torch.int32)
     out = torch.empty(experts * m_dim * n_dim, dtype=getattr(torch, out_dtype))
     out_offsets = torch.arange(experts, dtype=torch.int64) * (m_dim * n_dim)
-    if out.element_size() == 2:  # a fresh 16-bit gradient: its rows for the TMA store (grouped_wgrad's)
-        knobs = {"out_rows": (out.view(-1, n_dim), torch.arange(experts, dtype=torch.int32) * m_dim), **knobs}
+    # the outputs as rows for the TMA store (grouped_wgrad's; the default for 16-bit outputs, `tma_store` for fp32)
+    knobs = {"out_rows": (out.view(-1, n_dim), torch.arange(experts, dtype=torch.int32) * m_dim), **knobs}
     kernel, grid, args, constexprs = gluon_wgrad.wgrad_ws_plan(a, b, row_offsets, out, out_offsets,
                                                                 overwrite=overwrite, sms=sms, **knobs)
     compiled = kernel.warmup(*args, grid=grid, **constexprs)

@@ -227,7 +227,11 @@ if HAVE_GLUON:
 
 
 def _gl_dtype(dtype: torch.dtype):
-    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+    """Gluon's type for a 16-bit or fp32 torch dtype (refuses others rather than mislabel them)."""
+    types = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+    if dtype not in types:
+        raise ValueError(f"no Gluon shared-memory type for {dtype}: bf16, fp16 or fp32")
+    return types[dtype]
 
 
 def grouped_gemm_rows(a: torch.Tensor, w: torch.Tensor, layout, num_rows: int, *, prob: torch.Tensor | None = None,

@@ -416,8 +416,8 @@ def _tma_store_refusal(out_rows, out_base, overwrite, m_dim, n_dim, block_m, exp
     view, first_rows = out_rows
     if not overwrite:
         return "the TMA store writes: it cannot add into main_grad (overwrite=False)"
-    if view.dtype not in (torch.bfloat16, torch.float16) or view.dtype != out_base.dtype:
-        return f"the TMA store stages 16-bit parts (outputs of {view.dtype})"
+    if view.dtype not in (torch.bfloat16, torch.float16, torch.float32) or view.dtype != out_base.dtype:
+        return f"the TMA store takes 16-bit or fp32 outputs of out_base's type (got {view.dtype})"
     if view.dim() != 2 or view.shape[1] != n_dim or view.stride(1) != 1 or (view.stride(0) * 2) % 16 \
             or view.data_ptr() % 16:
         return f"out_rows' view must be [rows, N={n_dim}] with 16-byte aligned rows (TMA)"
@@ -491,7 +491,9 @@ def wgrad_ws_plan(a: torch.Tensor, b: torch.Tensor, row_offsets: torch.Tensor, o
     tma_store_why = _tma_store_refusal(out_rows, out_base, overwrite, m_dim, n_dim, block_m, experts)
     if tma_store and tma_store_why:
         raise ValueError(f"grouped_wgrad_ws: tma_store=True but {tma_store_why}")
-    tma_store = tma_store_why is None if tma_store is None else bool(tma_store)
+    if tma_store is None:  # by default for 16-bit outputs (fp32: staging twice the size, measured opt-in)
+        tma_store = tma_store_why is None and out_base.element_size() == 2
+    tma_store = bool(tma_store)
     stage_bytes = (mma_warpgroups * block_m + block_n) * block_k * a.element_size()
     staging = (mma_warpgroups * block_m * block_n * out_base.element_size() if tma_store
                else acc_buffers * block_m * block_n * 4)

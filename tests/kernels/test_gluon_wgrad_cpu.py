@@ -164,9 +164,17 @@ def test_plan_stores_16_bit_parts_through_tma_where_it_can():
         _plan(64, overwrite=True, out_dtype=torch.bfloat16, tma_store=True)
     with pytest.raises(ValueError, match="M=96 is not a multiple of block_m=64"):
         _plan(64, overwrite=True, out_dtype=torch.bfloat16, out_rows=rows, m=96, tma_store=True)
-    with pytest.raises(ValueError, match="16-bit parts"):
-        fp32 = torch.zeros(experts * m * n)
-        _plan(64, overwrite=True, out_rows=(fp32.view(-1, n), rows[1]), tma_store=True)
+    # fp32 (a step's first micro-batch writing main_grad): only when asked, two 64 KB staging buffers, 4 stages
+    fp32 = torch.zeros(experts * m * n)
+    f32_rows = (fp32.view(-1, n), rows[1])
+    assert not _plan(64, overwrite=True, out_rows=f32_rows)[3]["TMA_STORE"]
+    k32 = _plan(64, overwrite=True, out_rows=f32_rows, tma_store=True, mma_warpgroups=2)[3]
+    assert k32["TMA_STORE"] and k32["NB"] == 4
+    with pytest.raises(ValueError, match="cannot add into main_grad"):
+        _plan(64, out_rows=f32_rows, tma_store=True)
+    with pytest.raises(ValueError, match="16-bit or fp32 outputs"):
+        f64 = torch.zeros(experts * m * n, dtype=torch.float64)
+        _plan(64, overwrite=True, out_dtype=torch.float64, out_rows=(f64.view(-1, n), rows[1]), tma_store=True)
 
 
 def test_outputs_aligned_is_what_the_kernels_may_be_told():

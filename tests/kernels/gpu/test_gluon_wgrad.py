@@ -53,6 +53,26 @@ def test_grouped_wgrad_ws(overwrite, knobs, dtype, gap, request):
     case.check()
 
 
+@pytest.mark.parametrize("knobs", [{}, {"mma_warpgroups": 1}, {"programs": 3}, {"mma_warpgroups": 2, "programs": 5}])
+def test_grouped_wgrad_ws_writes_fp32_main_grads_through_tma_stores(knobs, request):
+    """`tma_store=True` with fp32 main_grads (a step's first micro-batch): each MMA warpgroup stores its fp32 part
+    through TMA into the main_grads seen as rows (`tma_output_rows`; reversed, two rows of NaN between them); M =
+    320: the second warpgroup's part of the last 128-row tile lies past M and must not be stored (the gaps stay
+    NaN); the main_grads NaN before (never read)."""
+    from comet_megatron.kernels.wgrad import tma_output_rows
+
+    gen = torch.Generator(device="cuda").manual_seed(seed_from(request.node.nodeid))
+    m_dim, n_dim = 320, 200
+    case = wgrad_case([300, 0, 17, 517, 64, 128, 1], m_dim, n_dim, 2 * n_dim, gen, True)
+    host_offsets = case.out_offsets.tolist()
+    rows = tma_output_rows(case.base, host_offsets, m_dim, n_dim)
+    assert rows is not None
+    grouped_wgrad_ws(case.a, case.b, case.device_offsets, case.base, case.out_offsets, overwrite=True,
+                     aligned=outputs_aligned(case.base, host_offsets, n_dim), out_rows=rows, tma_store=True, **knobs)
+    torch.cuda.synchronize()
+    case.check()
+
+
 def test_grouped_wgrad_ws_repeated_calls_large():
     """A Mixtral-like slice (many tiles per program, int64 row offsets), added twice (two tile sets): the second
     call adds on top of the first (no state kept between launches), against float64."""
