@@ -166,7 +166,8 @@ def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtyp
 
     rows = ExpertRows.of(counts)
     if grad_y.is_cuda and gluon_fresh_ok(grad_y, x, out_dtype):
-        return grouped_wgrad(grad_y, x, rows.device_offsets(x.device), backend="gluon", out_dtype=out_dtype)
+        return grouped_wgrad(grad_y, x, rows.device_offsets(x.device), backend="gluon", out_dtype=out_dtype,
+                             _checked=True)
     if _grouped_mm_shape_ok(x, grad_y.shape[-1]):
         offs = rows.device_offsets(x.device, leading_zero=False)
         return torch._grouped_mm(grad_y.t(), x, offs=offs).to(out_dtype)

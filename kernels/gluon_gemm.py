@@ -20,6 +20,7 @@ every other case keeps the Triton kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -79,9 +80,15 @@ def gluon_unavailable(device) -> str | None:
     device = torch.device(device)
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "Gluon needs a compiled CUDA kernel (no interpreter)"
-    if torch.cuda.get_device_capability(device)[0] != 9:
+    if _capability_major(device) != 9:
         return "the Gluon kernel uses Hopper's wgmma (compute capability 9.x)"
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _capability_major(device: torch.device) -> int:
+    """The device's compute capability (major), asked once per device (host time of every Gluon call's check)."""
+    return torch.cuda.get_device_capability(device)[0]
 
 
 if HAVE_GLUON:

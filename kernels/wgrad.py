@@ -38,7 +38,7 @@ from .operands import use_tma
 
 
 def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor, *, backend: str = "auto",
-                  out_dtype: torch.dtype | None = None, **tiles) -> torch.Tensor:
+                  out_dtype: torch.dtype | None = None, _checked: bool = False, **tiles) -> torch.Tensor:
     """C[e] = a[off[e]:off[e+1]]^T @ b[off[e]:off[e+1]] for every local expert e.
 
     a: [R, M], b: [R, N] (row-major rows in receive order); expert_offsets: [El+1] int32 device tensor
@@ -59,7 +59,7 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
         # the Gluon kernel where it writes through TMA stores (Hopper); else cuBLAS's grouped GEMM (K split by
         # expert) on Hopper in bf16; the Triton kernel elsewhere
         if gluon_fresh_ok(a, b, out_dtype):
-            backend = "gluon"
+            backend, _checked = "gluon", True
         elif (a.is_cuda and a.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
               and torch.cuda.get_device_capability(a.device)[0] >= 9):
             backend = "grouped_mm"
@@ -85,7 +85,9 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, expert_offsets: torch.Tensor
     if backend == "gluon":
         from .gluon_wgrad import gluon_wgrad_supported, grouped_wgrad_ws
 
-        why = gluon_wgrad_supported(a, b, tiles.get("block_n", 256), tiles.get("block_m", 64))
+        # (`_checked`: the caller asked gluon_fresh_ok, which asks the same with the default tiles)
+        why = None if _checked and not tiles else gluon_wgrad_supported(a, b, tiles.get("block_n", 256),
+                                                                          tiles.get("block_m", 64))
         if why is not None:
             raise ValueError(f"grouped_wgrad: backend='gluon' cannot run here ({why}); use backend='auto'")
         if num_experts:
