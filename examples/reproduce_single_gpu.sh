@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU: the measurements behind the README's status figures, into one folder (about 20 minutes on an H100).
+# One GPU: the measurements behind the README's status figures, into one folder (about 25 minutes on an H100).
 #
 #   examples/reproduce_single_gpu.sh [OUT_DIR]        (default: single-gpu-results/<UTC date-time>)
 #
@@ -9,11 +9,14 @@
 #   as a step's first one (gradients just zeroed)  -> OUT/layer-<shape>/bench.{json,png}, OUT/layer-<shape>.log
 # Stage 2 (kernels): each fused kernel alone vs cuBLAS and vs the unfused pipeline, world size 1
 #   -> OUT/kernels/..., OUT/kernels.log
+# Stage 2b (weight gradients): examples/bench_wgrad.py --rows routed, the expert weight gradients added into fp32
+#   main_grad (cuBLAS per expert, grouped GEMM + add, the Triton and Gluon kernels) and written as a fresh bf16
+#   gradient (cuBLAS's grouped GEMM, the Triton and Gluon backends)  -> OUT/wgrad-{main-grad,bf16}.{json,log}
 # Stage 3 (end to end): comet-megatron pretrain on configs/qwen2-moe-a2.7b-4l.yaml, one process, comet vs
 #   alltoall (tokens/s medians, loss curves)  -> OUT/e2e/e2e.{json,png}, OUT/e2e.log
 #
 # Knobs (environment): PYTHON (default: the bootstrap venv, else python3), SHAPES, TOKENS, E2E_STEPS (12),
-#   SKIP_LAYER=1, SKIP_KERNELS=1, SKIP_E2E=1, DRY_RUN=1 (print the commands, run nothing).
+#   SKIP_LAYER=1, SKIP_KERNELS=1, SKIP_WGRAD=1, SKIP_E2E=1, DRY_RUN=1 (print the commands, run nothing).
 # Several GPUs of one host: examples/run_ep_matrix.sh.
 set -uo pipefail
 
@@ -42,6 +45,17 @@ run() {  # run "$@" (a comet-megatron subcommand) with its output in LOG; DRY_RU
     return "${PIPESTATUS[0]}"
 }
 
+run_py() {  # run "$@" (a script of this repository and its arguments) with its output in LOG; DRY_RUN=1 prints it
+    local log="$1"; shift
+    if [[ "${DRY_RUN:-0}" == "1" ]]; then
+        echo "+ $PYTHON $*"
+        return 0
+    fi
+    echo "== $*  (log: $log)"
+    "$PYTHON" "$@" 2>&1 | tee "$log"
+    return "${PIPESTATUS[0]}"
+}
+
 if [[ "${DRY_RUN:-0}" != "1" ]]; then
     SMI="${NVIDIA_SMI:-nvidia-smi}"
     if ! command -v "$SMI" >/dev/null 2>&1 || ! "$SMI" -L >/dev/null 2>&1; then
@@ -60,6 +74,12 @@ fi
 if [[ "${SKIP_KERNELS:-0}" != "1" ]]; then
     run "$OUT/kernels.log" bench kernels --world 1 --tokens 2048 8192 --shapes "${shapes[@]}" \
         --out "$OUT/kernels" || failed=1
+fi
+if [[ "${SKIP_WGRAD:-0}" != "1" ]]; then
+    run_py "$OUT/wgrad-main-grad.log" examples/bench_wgrad.py --rows routed --ws-configs '[{}]' \
+        --shapes "${shapes[@]}" --tokens "${tokens[@]}" --out "$OUT/wgrad-main-grad.json" || failed=1
+    run_py "$OUT/wgrad-bf16.log" examples/bench_wgrad.py --rows routed --target bf16 --ws-configs '[{}]' \
+        --shapes "${shapes[@]}" --tokens "${tokens[@]}" --out "$OUT/wgrad-bf16.json" || failed=1
 fi
 if [[ "${SKIP_E2E:-0}" != "1" ]]; then
     run "$OUT/e2e.log" bench ep e2e --config configs/qwen2-moe-a2.7b-4l.yaml --steps "${E2E_STEPS:-12}" --nproc 1 \
