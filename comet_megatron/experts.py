@@ -161,11 +161,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts, reversed_exper
 def grouped_linear_wgrad(grad_y: torch.Tensor, x: torch.Tensor, counts, out_dtype: torch.dtype) -> torch.Tensor:
     """Weight gradient of `grouped_linear(x, weight, counts)`: dW[e] = grad_y[e]^T @ x[e], [G, N, K]
     (the [out, in] layout of `weight`). On Hopper the Gluon weight-gradient kernel writes it where it applies
-    (`kernels.wgrad.gluon_fresh_ok`: 0.96-1.35x of cuBLAS's grouped GEMM), else cuBLAS's grouped GEMM."""
+    (`kernels.wgrad.gluon_fresh_ok`: 0.98-1.37x of cuBLAS's grouped GEMM), else cuBLAS's grouped GEMM."""
     from comet_megatron.kernels.wgrad import gluon_fresh_ok, grouped_wgrad
 
     rows = ExpertRows.of(counts)
-    if grad_y.is_cuda and gluon_fresh_ok(grad_y, x, out_dtype):
+    if gluon_fresh_ok(grad_y, x, out_dtype):  # (False off CUDA)
         return grouped_wgrad(grad_y, x, rows.device_offsets(x.device), backend="gluon", out_dtype=out_dtype,
                              _checked=True)
     if _grouped_mm_shape_ok(x, grad_y.shape[-1]):

@@ -231,7 +231,7 @@ if HAVE_GLUON:
                        GROUP_M: gl.constexpr, NB: gl.constexpr, NACC: gl.constexpr, SPLIT: gl.constexpr,
                        H: gl.constexpr, TMA_STORE: gl.constexpr):
         """One warpgroup's BM rows of each tile: the H-th of SPLIT warpgroups sharing the ring's b blocks.
-        TMA_STORE: the part is rounded to the output's 16-bit type in the warpgroup's own staging buffer and
+        TMA_STORE: the part is rounded to the output's type in the warpgroup's own staging buffer and
         leaves through an asynchronous TMA store (waited before the next part is staged) instead of going to the
         epilogue warps."""
         BK: gl.constexpr = a_desc.block_type.shape[0]
@@ -418,8 +418,8 @@ def _tma_store_refusal(out_rows, out_base, overwrite, m_dim, n_dim, block_m, exp
         return "the TMA store writes: it cannot add into main_grad (overwrite=False)"
     if view.dtype not in (torch.bfloat16, torch.float16, torch.float32) or view.dtype != out_base.dtype:
         return f"the TMA store takes 16-bit or fp32 outputs of out_base's type (got {view.dtype})"
-    if view.dim() != 2 or view.shape[1] != n_dim or view.stride(1) != 1 or (view.stride(0) * 2) % 16 \
-            or view.data_ptr() % 16:
+    row_bytes = view.stride(0) * view.element_size() if view.dim() == 2 else 0
+    if view.dim() != 2 or view.shape[1] != n_dim or view.stride(1) != 1 or row_bytes % 16 or view.data_ptr() % 16:
         return f"out_rows' view must be [rows, N={n_dim}] with 16-byte aligned rows (TMA)"
     if m_dim % block_m:
         return f"M={m_dim} is not a multiple of block_m={block_m} (a part would cross into the next output)"

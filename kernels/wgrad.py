@@ -119,8 +119,8 @@ GLUON_FRESH_GROUP_M = {"wide": 32, "tall": 8}
 def gluon_fresh_ok(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> bool:
     """Whether `grouped_wgrad`'s "gluon" backend writes these gradients (a [R, M], b [R, N]) the way it was
     measured ahead of cuBLAS's grouped GEMM: Hopper, 16-bit operands TMA can load, a 16-bit output leaving through
-    TMA stores (M a multiple of 64). H100, the three model shapes at 2048-16384 tokens: 0.96-1.15x of
-    `torch._grouped_mm`, 1.25-1.35x at Qwen2-MoE's ~136 rows per expert (docs/BENCHMARKS.md, sixteenth session).
+    TMA stores (M a multiple of 64). H100, the three model shapes at 2048-16384 tokens: 0.98-1.37x of
+    `torch._grouped_mm` (docs/BENCHMARKS.md, sixteenth session).
     COMET_KERNELS_GLUON=0 turns it off."""
     if out_dtype not in (torch.bfloat16, torch.float16) or a.dim() != 2 or a.shape[1] % 64 or not a.is_cuda:
         return False
